@@ -1,0 +1,53 @@
+"""One store record per line: compact JSON ending in a CRC-32 of the rest of the object.
+
+A line looks like `{"op":"resolve","id":"import/x.3","value":…,"t":…,"crc":"1a2b3c4d"}`, so `jq`
+reads it, and a torn or altered line is detected without parsing the JSON first.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+
+_CRC_KEY = b',"crc":"'
+_SUFFIX_LEN = len(_CRC_KEY) + 8 + 2  # ,"crc":"xxxxxxxx"}
+
+
+class DamagedRecordError(ValueError):
+    """A line that is not a whole record (torn, truncated or altered)."""
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """Serialise a non-empty record to one newline-terminated, checksummed line.
+
+    Raises TypeError (orjson's JSONEncodeError) when a value is not JSON-serialisable.
+    """
+    body = orjson.dumps(record)
+    return b'%s%s%08x"}\n' % (body[:-1], _CRC_KEY, zlib.crc32(body))
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one line (without its newline), verifying its checksum first."""
+    if len(line) <= _SUFFIX_LEN or line[-_SUFFIX_LEN:-10] != _CRC_KEY or line[-2:] != b'"}':
+        raise DamagedRecordError("no checksum at the end of the line")
+    body = line[:-_SUFFIX_LEN] + b"}"
+    try:
+        expected = int(line[-10:-2], 16)
+    except ValueError:
+        raise DamagedRecordError("checksum is not hexadecimal") from None
+    if zlib.crc32(body) != expected:
+        raise DamagedRecordError("checksum mismatch")
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DamagedRecordError(f"not JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise DamagedRecordError("not a JSON object")
+    return record
+
+
+def normalize(value: Any) -> Any:
+    """The value as it reads back from the store (tuples become lists, and so on)."""
+    return orjson.loads(orjson.dumps(value))

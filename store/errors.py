@@ -1,0 +1,49 @@
+"""Errors raised by promise stores: each names the file, line or promise a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class StoreError(Exception):
+    """Base class of every store failure; the runtime never retries or settles on these."""
+
+
+class StoreCorruptedError(StoreError):
+    """A damaged line before the last one: the file is left untouched for a human to inspect."""
+
+    def __init__(self, path: Path, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: store is damaged ({reason}); the file was left untouched")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store for writing."""
+
+    def __init__(self, path: Path, owner: str) -> None:
+        super().__init__(f"{path}: store is held by another worker ({owner})")
+        self.path = path
+        self.owner = owner
+
+
+class StoreWriteError(StoreError):
+    """An append or a sync failed; the caller was told nothing succeeded."""
+
+
+class PromiseNotFoundError(StoreError, KeyError):
+    def __init__(self, promise_id: str) -> None:
+        super().__init__(promise_id)
+        self.promise_id = promise_id
+
+    def __str__(self) -> str:
+        return f"no promise with id {self.promise_id!r}"
+
+
+class PromiseConflictError(StoreError):
+    """The same id asked for with another param, or settled twice with different outcomes."""
+
+    def __init__(self, promise_id: str, message: str) -> None:
+        super().__init__(f"promise {promise_id}: {message}")
+        self.promise_id = promise_id

@@ -1,0 +1,411 @@
+"""The file-locked, append-only JSON-lines promise store.
+
+Layout: `<path>` holds one checksummed record per line (see codec.py); `<path>.lock` is the
+filelock every appender takes; `<path>.owner` names the process holding the store exclusively;
+`<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened.
+
+Locking: a *shared* store takes the lock around every append (about 100 µs), so any number of
+processes can append to one file. An *exclusive* store takes it once at open and holds it until
+close, so a durable settle costs one write plus one fdatasync; that is how a workflow worker
+opens its store, and it makes a second worker on the same store fail fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import filelock
+
+from . import failpoints
+from .codec import DamagedRecordError, decode, encode, normalize
+from .errors import StoreCorruptedError, StoreError, StoreLockedError, StoreWriteError
+from .log import (
+    InvalidRecordError,
+    apply,
+    check_attempt,
+    check_create,
+    check_reopen,
+    check_settle,
+    snapshot_record,
+)
+from .promise import Promise, State
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_CHUNK = 1 << 20
+
+
+class Durability(str, Enum):
+    """How far a settle is on its way to the disk when `resolve`/`reject` return.
+
+    FULL: fdatasync'ed; survives a process kill and a power loss (the default).
+    NONE: written to the OS page cache only; survives a process kill, not a power loss or a
+    kernel crash. Meant for tests and benchmarks.
+    """
+
+    FULL = "full"
+    NONE = "none"
+
+
+class JsonlStore:
+    """Durable promises in one append-only JSON-lines file.
+
+    `exclusive=True` holds the store's lock from open to close (one writer, the fast path);
+    `readonly=True` only reads: it never takes the lock, never repairs, and stops at a torn tail.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = Durability.FULL,
+        exclusive: bool = False,
+        readonly: bool = False,
+        lock_timeout: float = 30.0,
+    ) -> None:
+        if exclusive and readonly:
+            raise ValueError("a store cannot be both exclusive and readonly")
+        self.path = Path(path)
+        self.durability = Durability(durability)
+        self._exclusive = exclusive
+        self._readonly = readonly
+        self._lock_timeout = lock_timeout
+        self._lock = None if readonly else filelock.FileLock(f"{self.path}.lock")
+        self._holding_lock = False
+        self._failed: OSError | None = None
+        self._index: dict[str, Promise] = {}
+        self._offset = 0  # bytes of whole, indexed lines
+        self._lines = 0
+        self._fd = -1
+        self._ino = 0
+        self._open()
+
+    # -- public interface ------------------------------------------------------------------
+
+    def create(self, promise_id: str, param: Any) -> Promise:
+        """Create a pending promise, or return the existing one if it has the same param."""
+        param = self._normalize(promise_id, "param", param)
+        existing = self.get(promise_id)
+        if existing is not None:
+            check_create(existing, param)
+            return existing
+        return self._locked(self._create, promise_id, param)
+
+    def start_attempt(self, promise_id: str) -> int:
+        """Record that an attempt of a pending promise begins; return its number (1, 2, …)."""
+        return self._locked(self._start_attempt, promise_id)
+
+    def resolve(self, promise_id: str, value: Any) -> Promise:
+        """Settle with a value, durably; the same value again is a no-op."""
+        value = self._normalize(promise_id, "value", value)
+        return self._locked(self._settle, promise_id, State.RESOLVED, value)
+
+    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
+        """Settle with an error (a dict, or an exception described as type and message)."""
+        if isinstance(error, BaseException):
+            error = {"type": type(error).__name__, "message": str(error)}
+        error = self._normalize(promise_id, "error", error)
+        return self._locked(self._settle, promise_id, State.REJECTED, error)
+
+    def reopen(self, promise_id: str, reason: str) -> Promise:
+        """Make a rejected promise pending again (an operator's retry); the log keeps the rejection."""
+        return self._locked(self._reopen, promise_id, reason)
+
+    def get(self, promise_id: str) -> Promise | None:
+        self._refresh()
+        return self._index.get(promise_id)
+
+    def list(self, prefix: str = "") -> list[Promise]:
+        """Promises whose id starts with `prefix`, in creation order."""
+        self._refresh()
+        return [p for pid, p in self._index.items() if pid.startswith(prefix)]
+
+    def compact(self) -> None:
+        """Rewrite the file with one record per promise and swap it in atomically."""
+        self._locked(self._compact)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._exclusive and self._holding_lock:
+            self._lock.release()
+            self._holding_lock = False
+
+    def __enter__(self) -> JsonlStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "exclusive" if self._exclusive else "readonly" if self._readonly else "shared"
+        return f"JsonlStore({str(self.path)!r}, {mode}, durability={self.durability.value})"
+
+    # -- opening and reading ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a directory, not a store file")
+        try:
+            self._fd = self._open_fd()
+            if self._exclusive:
+                self._acquire_exclusive()
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"{self.path}: cannot open store ({exc.strerror})") from exc
+        try:
+            if self._readonly:
+                self._load_from_start()
+            else:
+                self._locked(self._load_from_start)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_fd(self) -> int:
+        if self._readonly:
+            return os.open(self.path, os.O_RDONLY)
+        flags = os.O_RDWR | os.O_APPEND
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return os.open(self.path, flags)
+        _fsync_dir(self.path.parent)
+        return fd
+
+    def _acquire_exclusive(self) -> None:
+        owner_file = Path(f"{self.path}.owner")
+        try:
+            self._lock.acquire(timeout=self._lock_timeout)
+        except filelock.Timeout:
+            owner = _read_text(owner_file) or "owner unknown"
+            raise StoreLockedError(self.path, owner) from None
+        self._holding_lock = True
+        owner_file.write_text(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+    def _load_from_start(self) -> None:
+        self._index = {}
+        self._offset = 0
+        self._lines = 0
+        self._ino = os.fstat(self._fd).st_ino
+        self._load_new_lines()
+
+    def _refresh(self) -> None:
+        """Index what other processes appended (or re-read a file another process compacted)."""
+        if self._exclusive:
+            return  # we hold the lock: nobody else has written since we did
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: store file disappeared") from None
+        if st.st_ino != self._ino:
+            os.close(self._fd)
+            self._fd = self._open_fd()
+            self._load_from_start()
+        elif st.st_size != self._offset:
+            self._load_new_lines()
+
+    def _load_new_lines(self) -> None:
+        """Index whole lines from the last offset; deal with a damaged or unfinished last line."""
+        damaged: tuple[int, int, str] | None = None  # line number, offset, reason
+        lineno = self._lines
+        for start, line, complete in _iter_lines(self._fd, self._offset):
+            if damaged is not None:
+                raise StoreCorruptedError(self.path, damaged[0], damaged[2])
+            lineno += 1
+            try:
+                if not complete:
+                    raise DamagedRecordError("line has no end (torn write)")
+                apply(self._index, decode(line))
+            except DamagedRecordError as exc:
+                damaged = (lineno, start, str(exc))
+                continue
+            except (InvalidRecordError, KeyError, TypeError) as exc:
+                raise StoreCorruptedError(self.path, lineno, f"invalid record: {exc}") from None
+            self._offset = start + len(line) + 1
+            self._lines = lineno
+        if damaged is not None and self._holding_lock:
+            self._cut_torn_tail(*damaged)
+
+    def _cut_torn_tail(self, lineno: int, start: int, reason: str) -> None:
+        """Move a torn last line aside into `<store>.torn-<n>`, then truncate it away."""
+        size = os.fstat(self._fd).st_size
+        tail = os.pread(self._fd, size - start, start)
+        n = 1
+        while (side := Path(f"{self.path}.torn-{n}")).exists():
+            n += 1
+        side_fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(side_fd, tail)
+            os.fsync(side_fd)
+        finally:
+            os.close(side_fd)
+        os.ftruncate(self._fd, start)
+        os.fsync(self._fd)
+        _fsync_dir(self.path.parent)
+        log.warning(
+            "%s:%d: cut off a torn last line (%d bytes, %s); its bytes are saved in %s",
+            self.path, lineno, len(tail), reason, side,
+        )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` holding the store lock, with the index refreshed under it."""
+        if self._readonly:
+            raise StoreError(f"{self.path}: store was opened read-only")
+        if self._failed is not None:
+            raise StoreWriteError(
+                f"{self.path}: an earlier sync failed ({self._failed.strerror}); reopen the store"
+            )
+        if self._holding_lock:
+            return fn(*args)
+        try:
+            self._lock.acquire(timeout=self._lock_timeout)
+        except filelock.Timeout:
+            owner = _read_text(Path(f"{self.path}.owner")) or "owner unknown"
+            raise StoreLockedError(self.path, owner) from None
+        self._holding_lock = True
+        try:
+            if self._ino:
+                self._refresh()
+            return fn(*args)
+        finally:
+            self._holding_lock = False
+            self._lock.release()
+
+    def _create(self, promise_id: str, param: Any) -> Promise:
+        existing = self._index.get(promise_id)
+        if existing is not None:
+            check_create(existing, param)
+            return existing
+        return self._append({"op": "create", "id": promise_id, "param": param, "t": time.time()})
+
+    def _start_attempt(self, promise_id: str) -> int:
+        promise = check_attempt(self._index.get(promise_id), promise_id)
+        n = promise.attempts + 1
+        self._append({"op": "attempt", "id": promise_id, "n": n, "t": time.time()})
+        return n
+
+    def _settle(self, promise_id: str, state: State, outcome: Any) -> Promise:
+        existing = self._index.get(promise_id)
+        if not check_settle(existing, promise_id, state, outcome):
+            return existing
+        if state is State.RESOLVED:
+            record = {"op": "resolve", "id": promise_id, "value": outcome, "t": time.time()}
+        else:
+            record = {"op": "reject", "id": promise_id, "error": outcome, "t": time.time()}
+        return self._append(record, sync=True)
+
+    def _reopen(self, promise_id: str, reason: str) -> Promise:
+        check_reopen(self._index.get(promise_id), promise_id)
+        record = {"op": "reopen", "id": promise_id, "reason": reason, "t": time.time()}
+        return self._append(record, sync=True)
+
+    def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
+        """Write one record (one write() call), sync it if asked, then fold it into the index."""
+        line = encode(record)
+        if failpoints.armed:
+            self._torn_write_failpoint(record, line)
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:
+            self._undo_partial_write()
+            raise StoreWriteError(
+                f"{self.path}: cannot append to the store ({exc.strerror}); nothing was written"
+            ) from exc
+        if written != len(line):
+            self._undo_partial_write()
+            raise StoreWriteError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+        if sync and self.durability is Durability.FULL:
+            self._sync()
+        self._offset += written
+        self._lines += 1
+        apply(self._index, record)
+        return self._index[record["id"]]
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            # The kernel may have dropped the dirty pages: retrying would report a false success.
+            self._failed = exc
+            raise StoreWriteError(f"{self.path}: fdatasync failed ({exc.strerror})") from exc
+
+    def _undo_partial_write(self) -> None:
+        try:
+            os.ftruncate(self._fd, self._offset)
+        except OSError:
+            log.exception("%s: could not cut a partial write; the next open will", self.path)
+
+    def _torn_write_failpoint(self, record: dict[str, Any], line: bytes) -> None:
+        """`store.append` failpoint: write half the line, then pause to be killed mid-write."""
+        key = f"{record['op']}:{record['id']}"
+        if failpoints.action("store.append", key) is not None:
+            os.write(self._fd, line[: len(line) // 2])
+            failpoints.hit("store.append", key)
+
+    def _normalize(self, promise_id: str, what: str, value: Any) -> Any:
+        try:
+            return normalize(value)
+        except TypeError as exc:
+            raise TypeError(f"promise {promise_id}: {what} is not JSON-serializable: {exc}") from None
+
+    def _compact(self) -> None:
+        tmp = Path(f"{self.path}.compact")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            chunk: list[bytes] = []
+            for promise in self._index.values():
+                chunk.append(encode(snapshot_record(promise)))
+                if len(chunk) >= 1024:
+                    os.write(fd, b"".join(chunk))
+                    chunk.clear()
+            os.write(fd, b"".join(chunk))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        os.close(self._fd)
+        self._fd = self._open_fd()
+        self._load_from_start()
+
+
+def _iter_lines(fd: int, offset: int) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield (offset, line without newline, complete) from `offset` to the end of the file."""
+    buf = b""
+    base = offset
+    while data := os.pread(fd, _CHUNK, offset):
+        offset += len(data)
+        buf += data
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            yield base + start, buf[start:end], True
+            start = end + 1
+        buf = buf[start:]
+        base += start
+    if buf:
+        yield base, buf, False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""

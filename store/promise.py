@@ -1,0 +1,40 @@
+"""The durable promise: the unit the store keeps and the runtime replays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class State(str, Enum):
+    PENDING = "pending"
+    RESOLVED = "resolved"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """A snapshot of one promise; stores hand out new snapshots, never mutate one.
+
+    `attempts` counts every attempt ever started. `attempts_at_reopen` is the count when an
+    operator last reopened a rejected promise, so a retry budget restarts without losing history.
+    """
+
+    id: str
+    param: Any
+    state: State = State.PENDING
+    value: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    attempts_at_reopen: int = 0
+    created_at: float = 0.0
+    settled_at: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.state is not State.PENDING
+
+    @property
+    def attempts_since_reopen(self) -> int:
+        return self.attempts - self.attempts_at_reopen
