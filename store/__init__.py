@@ -1,6 +1,7 @@
 """Durable promises: the only layer of the engine that touches the disk."""
 
 from .base import PromiseStore
+from .codec import normalize
 from .errors import (
     PromiseConflictError,
     PromiseNotFoundError,
@@ -24,4 +25,5 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "normalize",
 ]

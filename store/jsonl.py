@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +41,7 @@ T = TypeVar("T")
 _CHUNK = 1 << 20
 
 
-class Durability(str, Enum):
+class Durability(StrEnum):
     """How far a settle is on its way to the disk when `resolve`/`reject` return.
 
     FULL: fdatasync'ed; survives a process kill and a power loss (the default).
@@ -114,7 +114,7 @@ class JsonlStore:
         return self._locked(self._settle, promise_id, State.REJECTED, error)
 
     def reopen(self, promise_id: str, reason: str) -> Promise:
-        """Make a rejected promise pending again (an operator's retry); the log keeps the rejection."""
+        """Make a rejected promise pending again (an operator's retry); the log keeps the error."""
         return self._locked(self._reopen, promise_id, reason)
 
     def get(self, promise_id: str) -> Promise | None:
@@ -356,7 +356,9 @@ class JsonlStore:
         try:
             return normalize(value)
         except TypeError as exc:
-            raise TypeError(f"promise {promise_id}: {what} is not JSON-serializable: {exc}") from None
+            raise TypeError(
+                f"promise {promise_id}: {what} is not JSON-serializable: {exc}"
+            ) from None
 
     def _compact(self) -> None:
         tmp = Path(f"{self.path}.compact")

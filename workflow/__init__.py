@@ -1,0 +1,33 @@
+"""The durable runtime: workflows are generators replayed over a promise store."""
+
+from .context import Call, Context, StepInfo, current_step
+from .errors import (
+    EngineError,
+    NonDeterminismError,
+    StepError,
+    WorkflowConflictError,
+    WorkflowInterrupted,
+)
+from .registry import describe, lookup, register
+from .retry import RetryPolicy
+from .runner import AttemptsExhaustedError, Runner, StepEvent, run
+
+__all__ = [
+    "AttemptsExhaustedError",
+    "Call",
+    "Context",
+    "EngineError",
+    "NonDeterminismError",
+    "RetryPolicy",
+    "Runner",
+    "StepError",
+    "StepEvent",
+    "StepInfo",
+    "WorkflowConflictError",
+    "WorkflowInterrupted",
+    "current_step",
+    "describe",
+    "lookup",
+    "register",
+    "run",
+]

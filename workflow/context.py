@@ -1,0 +1,73 @@
+"""What a workflow body sees: `ctx.run(...)` makes durable calls with deterministic ids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from .retry import RetryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A durable call a workflow yields; the runner sends back its result."""
+
+    promise_id: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retry: RetryPolicy | None
+
+
+class Context:
+    """Hands out the ids `<parent id>.<n>` in call order, so a replay finds the same ids again."""
+
+    __slots__ = ("_next", "promise_id")
+
+    def __init__(self, promise_id: str) -> None:
+        self.promise_id = promise_id
+        self._next = 0
+
+    def run(
+        self, fn: Callable[..., Any], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any
+    ) -> Call:
+        """A durable call of `fn(*args, **kwargs)`: yield it to get its result.
+
+        `fn` is a plain function (a step, retried per `retry`) or a generator function taking a
+        Context first (a sub-workflow, replayed like the root).
+        """
+        call = Call(f"{self.promise_id}.{self._next}", fn, args, kwargs, retry)
+        self._next += 1
+        return call
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """Who is running: the promise id and attempt number of the step, and the run's dependencies."""
+
+    promise_id: str
+    attempt: int
+    fn: str
+    dependencies: Mapping[str, Any]
+
+    def dependency(self, name: str) -> Any:
+        try:
+            return self.dependencies[name]
+        except KeyError:
+            raise LookupError(
+                f"step {self.fn} ({self.promise_id}) needs the dependency {name!r}; "
+                f"pass it to the Runner (has: {sorted(self.dependencies)})"
+            ) from None
+
+
+_current_step: ContextVar[StepInfo] = ContextVar("current_step")
+
+
+def current_step() -> StepInfo:
+    """The step being executed; only valid inside a step function."""
+    try:
+        return _current_step.get()
+    except LookupError:
+        raise RuntimeError("current_step() called outside a durable step") from None

@@ -1,0 +1,65 @@
+"""Errors of the workflow runtime.
+
+`StepError` is the one error a workflow sees at its `yield`: a step (or sub-workflow) that was
+rejected, now or in an earlier run. The `EngineError`s never settle a promise: they mean the code
+or the store is not what the recorded history expects, or the run was asked to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StepError(Exception):
+    """A durable call that ended rejected; the same error is raised on every replay."""
+
+    def __init__(self, promise_id: str, fn: str, error: dict[str, Any]) -> None:
+        self.promise_id = promise_id
+        self.fn = fn
+        self.error = error
+        attempts = error.get("attempts")
+        tries = f" after {attempts} attempt{'s' * (attempts != 1)}" if attempts else ""
+        super().__init__(
+            f"step '{fn}' ({promise_id}) failed{tries}: {error.get('type')}: {error.get('message')}"
+        )
+
+
+class EngineError(Exception):
+    """Raised by the runtime itself; never stored as a workflow's outcome."""
+
+
+class NonDeterminismError(EngineError):
+    """On replay, the call at a position is not the one recorded there."""
+
+    def __init__(self, promise_id: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"non-deterministic workflow: call {promise_id} was recorded as {expected}, "
+            f"but the code now calls {actual}"
+        )
+        self.promise_id = promise_id
+        self.expected = expected
+        self.actual = actual
+
+
+class WorkflowConflictError(EngineError):
+    """A root id already holds a workflow with another function, version or arguments."""
+
+    def __init__(self, root_id: str, stored: Any, requested: Any) -> None:
+        super().__init__(
+            f"workflow {root_id} already exists with {_describe(stored)}; "
+            f"refusing to run it with {_describe(requested)} (use another id)"
+        )
+        self.root_id = root_id
+        self.stored = stored
+        self.requested = requested
+
+
+class WorkflowInterrupted(EngineError):
+    """The run was asked to stop between two steps; the next run resumes where this one stopped."""
+
+
+def _describe(param: Any) -> str:
+    if isinstance(param, dict) and "fn" in param:
+        kwargs = param.get("kwargs", {})
+        return f"{param['fn']} v{param.get('v')} args={param.get('args')} kwargs={kwargs}"
+    return repr(param)

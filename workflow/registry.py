@@ -1,0 +1,65 @@
+"""Durable functions by name and version, so a store can say which code wrote it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    fn: Callable[..., Any]
+    name: str
+    version: int
+    is_workflow: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        # A generator function is a (sub-)workflow driven by replay; anything else is a step.
+        object.__setattr__(self, "is_workflow", inspect.isgeneratorfunction(self.fn))
+
+
+_by_fn: dict[Callable[..., Any], Registered] = {}
+_by_name: dict[tuple[str, int], Registered] = {}
+
+
+def register(
+    fn: F | None = None, *, name: str | None = None, version: int = 1
+) -> F | Callable[[F], F]:
+    """Register a workflow or step under a stable name (default: module.qualname) and version.
+
+    Bump the version when a change would replay differently; a store written by the old
+    version is then refused instead of silently mixed with the new code.
+    """
+
+    def add(f: F) -> F:
+        entry = Registered(f, name or f"{f.__module__}.{f.__qualname__}", version)
+        clash = _by_name.get((entry.name, entry.version))
+        if clash is not None and clash.fn is not f:
+            raise ValueError(f"{entry.name} v{entry.version} is already registered to {clash.fn!r}")
+        _by_fn[f] = entry
+        _by_name[(entry.name, entry.version)] = entry
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def describe(fn: Callable[..., Any]) -> Registered:
+    """The registered name and version of `fn`; an unregistered function is module.qualname v1."""
+    entry = _by_fn.get(fn)
+    if entry is None:
+        entry = Registered(fn, f"{fn.__module__}.{fn.__qualname__}", 1)
+        _by_fn[fn] = entry
+    return entry
+
+
+def lookup(name: str, version: int) -> Callable[..., Any]:
+    """The function registered as `name` v`version`, or a KeyError saying what is registered."""
+    entry = _by_name.get((name, version))
+    if entry is None:
+        known = sorted(f"v{v}" for (n, v) in _by_name if n == name)
+        raise KeyError(f"no function {name} v{version} is registered (known: {known or 'none'})")
+    return entry.fn

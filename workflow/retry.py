@@ -1,0 +1,76 @@
+"""Retry policy of a step: exponential backoff with tenacity, counted in durable attempts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tenacity
+
+from store import StoreError
+
+from .errors import EngineError
+
+log = logging.getLogger("workflow.retry")
+
+# Failures of the engine itself are never retried as if the step had failed.
+_NEVER_RETRIED: tuple[type[BaseException], ...] = (StoreError, EngineError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how soon a failing step runs again (defaults in the style of Temporal).
+
+    `max_attempts` counts every attempt started, including one cut short by a crash, so a step
+    that kills its worker every time is eventually rejected instead of looping forever.
+    """
+
+    max_attempts: int = 10
+    initial: float = 1.0
+    factor: float = 2.0
+    max_interval: float = 30.0
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        if self.initial < 0 or self.factor < 1 or self.max_interval < 0:
+            raise ValueError(f"invalid backoff: {self}")
+
+    def retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, Exception) and not isinstance(
+            exc, _NEVER_RETRIED + self.non_retryable
+        )
+
+    def retrying(
+        self,
+        *,
+        attempts_done: int,
+        on_retry: Callable[[int, BaseException, float], None],
+        sleep: Callable[[float], Any],
+    ) -> tenacity.Retrying:
+        """A tenacity Retrying for what is left of the budget after `attempts_done` attempts.
+
+        Tenacity numbers its attempts from 1; attempt k of this Retrying is durable attempt
+        `attempts_done + k - 1` (its first attempt is the failure that brought us here), so the
+        backoff is shifted to continue from there.
+        """
+        first = attempts_done
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_attempts - first + 1),
+            wait=tenacity.wait_exponential(
+                multiplier=self.initial * self.factor ** (first - 1),
+                exp_base=self.factor,
+                max=self.max_interval,
+            ),
+            retry=tenacity.retry_if_exception(self.retryable),
+            before_sleep=lambda state: on_retry(
+                first + state.attempt_number - 1,
+                state.outcome.exception(),
+                state.upcoming_sleep,
+            ),
+            sleep=sleep,
+            reraise=True,
+        )

@@ -1,0 +1,242 @@
+"""Drives workflows: replays stored results, executes what is missing, retries, persists.
+
+A root call and every call it yields become promises. A settled promise is never executed
+again: its value is sent back into the generator (or its error thrown there). A pending one is
+executed: a generator function is driven the same way (a sub-workflow), a plain function is a
+step, run with durable attempts and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from store import Promise, PromiseStore, State, StoreError, normalize
+
+from .context import Call, Context, StepInfo, _current_step
+from .errors import (
+    EngineError,
+    NonDeterminismError,
+    StepError,
+    WorkflowConflictError,
+    WorkflowInterrupted,
+)
+from .registry import Registered, describe
+from .retry import RetryPolicy
+
+log = logging.getLogger("workflow.runner")
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    """What the runner reports as it goes: replayed, started, retrying, resolved, rejected."""
+
+    kind: str
+    promise_id: str
+    fn: str
+    attempt: int | None = None
+    error: str | None = None
+    delay: float | None = None
+
+
+class AttemptsExhaustedError(Exception):
+    """Every attempt of the budget was started and none finished (each one's process died)."""
+
+
+class Runner:
+    """Runs workflows over a promise store.
+
+    `dependencies` are handed to steps through `current_step().dependency(name)`;
+    `on_event` receives a StepEvent per step transition; `should_stop` is asked before each new
+    step and, when true, ends the run with WorkflowInterrupted (nothing is settled).
+    """
+
+    def __init__(
+        self,
+        store: PromiseStore,
+        *,
+        retry: RetryPolicy | None = None,
+        dependencies: Mapping[str, Any] | None = None,
+        on_event: Callable[[StepEvent], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        self.store = store
+        self.retry = retry or RetryPolicy()
+        self.dependencies = dict(dependencies or {})
+        self._on_event = on_event
+        self._should_stop = should_stop
+        self._sleep = sleep
+
+    def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run (or resume, or just return the stored result of) the workflow `root_id`."""
+        return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+
+    # -- one durable call ------------------------------------------------------------------
+
+    def _call(self, call: Call, root: bool = False) -> Any:
+        entry = describe(call.fn)
+        param = {"fn": entry.name, "v": entry.version, "args": call.args}
+        if call.kwargs:
+            param["kwargs"] = call.kwargs
+        promise = self.store.get(call.promise_id)
+        if promise is None:
+            promise = self.store.create(call.promise_id, param)
+        else:
+            self._check_same_call(promise, entry, param, root)
+        if promise.state is State.RESOLVED:
+            self._emit("replayed", call, entry)
+            return promise.value
+        if promise.state is State.REJECTED:
+            self._emit("replayed", call, entry)
+            raise StepError(call.promise_id, entry.name, promise.error)
+        if entry.is_workflow:
+            return self._drive(call, entry)
+        if self._should_stop is not None and self._should_stop():
+            raise WorkflowInterrupted(f"stopped before {call.promise_id}; run again to resume")
+        return self._execute_step(call, entry, promise)
+
+    def _check_same_call(
+        self, promise: Promise, entry: Registered, param: dict[str, Any], root: bool
+    ) -> None:
+        """Replay must meet the call that was recorded at this id, or refuse to go on."""
+        stored = promise.param
+        if root:
+            if stored != normalize(param):
+                raise WorkflowConflictError(promise.id, stored, normalize(param))
+            return
+        recorded = f"{stored.get('fn')} v{stored.get('v')}"
+        if recorded != f"{entry.name} v{entry.version}":
+            raise NonDeterminismError(promise.id, recorded, f"{entry.name} v{entry.version}")
+        if stored != normalize(param):
+            raise NonDeterminismError(
+                promise.id,
+                f"{recorded} with args {stored.get('args')}",
+                f"{entry.name} v{entry.version} with args {normalize(param['args'])}",
+            )
+
+    # -- workflows -------------------------------------------------------------------------
+
+    def _drive(self, call: Call, entry: Registered) -> Any:
+        """Step a generator through its durable calls, feeding back results or errors."""
+        gen = call.fn(Context(call.promise_id), *call.args, **call.kwargs)
+        send: Any = None
+        throw: StepError | None = None
+        try:
+            while True:
+                try:
+                    yielded = gen.send(send) if throw is None else gen.throw(throw)
+                except StopIteration as done:
+                    return self._resolve(call, entry, done.value)
+                except Exception as exc:  # the body raised, or let a StepError through
+                    if isinstance(exc, EngineError | StoreError):
+                        raise
+                    self._fail(call, entry, exc)
+                if not isinstance(yielded, Call):
+                    raise TypeError(
+                        f"workflow {entry.name} ({call.promise_id}) yielded {yielded!r}; "
+                        "yield ctx.run(...) instead"
+                    )
+                try:
+                    send, throw = self._call(yielded), None
+                except StepError as exc:
+                    send, throw = None, exc
+        finally:
+            gen.close()
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _execute_step(self, call: Call, entry: Registered, promise: Promise) -> Any:
+        policy = call.retry or self.retry
+        done = promise.attempts_since_reopen
+        if done >= policy.max_attempts:
+            self._fail(call, entry, AttemptsExhaustedError(
+                f"all {done} attempts were started and none finished (the process died)"
+            ))
+        try:
+            value = self._attempt(call, entry)
+        except Exception as exc:
+            value = self._retry_after(exc, call, entry, policy, done + 1)
+        return self._resolve(call, entry, value)
+
+    def _attempt(self, call: Call, entry: Registered) -> Any:
+        """One attempt: recorded durably before the function runs, so crashes count too."""
+        attempt = self.store.start_attempt(call.promise_id)
+        self._emit("started", call, entry, attempt=attempt)
+        token = _current_step.set(
+            StepInfo(call.promise_id, attempt, entry.name, self.dependencies)
+        )
+        try:
+            return call.fn(*call.args, **call.kwargs)
+        finally:
+            _current_step.reset(token)
+
+    def _retry_after(
+        self, exc: Exception, call: Call, entry: Registered, policy: RetryPolicy, done: int
+    ) -> Any:
+        """After a failed attempt, retry with tenacity while the policy allows; else reject."""
+        if policy.retryable(exc) and done < policy.max_attempts:
+            failures = [exc]
+
+            def attempt() -> Any:
+                # Tenacity's first attempt re-raises the failure that brought us here, so the
+                # happy path never pays for tenacity and its backoff starts from that failure.
+                if failures:
+                    raise failures.pop()
+                return self._attempt(call, entry)
+
+            retrying = policy.retrying(
+                attempts_done=done,
+                on_retry=lambda n, err, delay: self._log_retry(call, entry, n, err, delay),
+                sleep=self._sleep,
+            )
+            try:
+                return retrying(attempt)
+            except Exception as last:
+                exc = last
+        if isinstance(exc, EngineError | StoreError):
+            raise exc
+        self._fail(call, entry, exc)
+
+    def _log_retry(
+        self, call: Call, entry: Registered, attempt: int, exc: BaseException, delay: float
+    ) -> None:
+        log.warning(
+            "step '%s' (%s) failed with '%s: %s' (attempt %d; retrying in %g s)",
+            entry.name, call.promise_id, type(exc).__name__, exc, attempt, delay,
+        )
+        self._emit("retrying", call, entry, attempt=attempt, error=str(exc), delay=delay)
+
+    # -- settling --------------------------------------------------------------------------
+
+    def _resolve(self, call: Call, entry: Registered, value: Any) -> Any:
+        try:
+            promise = self.store.resolve(call.promise_id, value)
+        except TypeError as exc:  # the result cannot be stored: a bug in the step, not retried
+            self._fail(call, entry, exc)
+        self._emit("resolved", call, entry)
+        return promise.value
+
+    def _fail(self, call: Call, entry: Registered, exc: BaseException) -> None:
+        """Reject the call's promise with `exc` and raise the StepError every replay will raise."""
+        current = self.store.get(call.promise_id)
+        error = {"type": type(exc).__name__, "message": str(exc)}
+        if current is not None and current.attempts:
+            error["attempts"] = current.attempts
+        self.store.reject(call.promise_id, error)
+        self._emit("rejected", call, entry, error=f"{error['type']}: {error['message']}")
+        raise StepError(call.promise_id, entry.name, error) from exc
+
+    def _emit(self, kind: str, call: Call, entry: Registered, **detail: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(StepEvent(kind, call.promise_id, entry.name, **detail))
+
+
+def run(
+    store: PromiseStore, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """Run or resume the workflow `root_id` with default settings (see Runner for options)."""
+    return Runner(store).run(root_id, fn, *args, **kwargs)
