@@ -52,6 +52,11 @@ class StepInfo:
     fn: str
     dependencies: Mapping[str, Any]
 
+    @property
+    def parent_id(self) -> str:
+        """The id of the workflow that made this call (ids are `<parent id>.<n>`)."""
+        return self.promise_id.rpartition(".")[0]
+
     def dependency(self, name: str) -> Any:
         try:
             return self.dependencies[name]

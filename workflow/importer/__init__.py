@@ -1,0 +1,16 @@
+"""The bulk import application: sources, batches, the SQLite sink, and the workflow."""
+
+from .app import import_records, process_batch, summarize
+from .sink import Sink
+from .sources import SourceError, file_source, plan_batches, synthetic_source
+
+__all__ = [
+    "Sink",
+    "SourceError",
+    "file_source",
+    "import_records",
+    "plan_batches",
+    "process_batch",
+    "summarize",
+    "synthetic_source",
+]

@@ -1,0 +1,65 @@
+"""The bulk import workflow: the seed's plain loop, one durable step per batch."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Generator
+from typing import Any
+
+from store import failpoints
+
+from ..context import Context, current_step
+from ..registry import register
+from .sources import plan_batches, read_batch
+
+
+@register(name="import_records")
+def import_records(
+    ctx: Context, source: dict[str, Any], batch_size: int
+) -> Generator[Any, Any, dict[str, Any]]:
+    """Import `source` in batches of `batch_size`; resumable at the first unfinished batch."""
+    results = []
+    for i, batch in enumerate(plan_batches(source, batch_size)):
+        results.append((yield ctx.run(process_batch, i, batch)))
+    return summarize(results)
+
+
+@register(name="process_batch")
+def process_batch(i: int, batch: dict[str, Any]) -> dict[str, Any]:
+    """Import batch `i` into the sink, exactly once however often it is invoked.
+
+    If an earlier invocation committed but died before its promise was resolved, the commit row
+    is found and its summary returned without writing again.
+    """
+    step = current_step()
+    sink = step.dependency("sink")
+    execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid())
+    committed = sink.find_commit(step.promise_id)
+    if committed is not None:
+        sink.finish_execution(execution, "found_commit")
+        return committed
+    failpoints.hit("batch.fail", f"{i}/{step.attempt}")
+    return sink.commit_batch(
+        step.promise_id,
+        step.parent_id,
+        i,
+        read_batch(batch),
+        execution,
+        halfway=lambda: failpoints.hit("batch.mid", str(i)),
+    )
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the batch summaries; `reasons` counts skipped records by reason."""
+    reasons: Counter[str] = Counter()
+    for r in results:
+        reasons.update(r["reasons"])
+    return {
+        "total_records": sum(r["records"] for r in results),
+        "total_processed": sum(r["processed"] for r in results),
+        "total_skipped": sum(r["skipped"] for r in results),
+        "skipped_reasons": dict(sorted(reasons.items())),
+        "batch_count": len(results),
+        "batches": results,
+    }

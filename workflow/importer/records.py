@@ -1,0 +1,36 @@
+"""Row-level validation of input records: each problem has a short, countable reason."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REQUIRED_FIELDS = ("id", "name", "email")
+MAX_FIELD_CHARS = 65_536
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+# Reasons a record is skipped (counted in the summary, stored in the sink's `skipped` table).
+MISSING_ID = "missing_id"
+MISSING_NAME = "missing_name"
+INVALID_EMAIL = "invalid_email"
+FIELD_TOO_LARGE = "field_too_large"
+WRONG_FIELD_COUNT = "wrong_field_count"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+DUPLICATE_ID = "duplicate_id"
+
+
+def problem_with(record: dict[str, Any]) -> str | None:
+    """Why `record` cannot be imported, or None if it can."""
+    record_id = record.get("id")
+    if record_id is None or str(record_id).strip() == "":
+        return MISSING_ID
+    if any(isinstance(v, str) and len(v) > MAX_FIELD_CHARS for v in record.values()):
+        return FIELD_TOO_LARGE
+    name = record.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return MISSING_NAME
+    email = record.get("email")
+    if not isinstance(email, str) or not _EMAIL.fullmatch(email):
+        return INVALID_EMAIL
+    return None

@@ -1,0 +1,187 @@
+"""The import's real database: SQLite, written so that anyone can check the invariants from it.
+
+Tables: `records` (one row per imported record, keyed by its id), `skipped` (one row per input
+record that was not imported, with the reason), `batch_commits` (one row per committed batch,
+keyed by its promise id, written in the same transaction as its rows) and `executions` (one row
+per invocation of the batch step, committed when it starts, finished when its batch commits).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import records
+from .sources import Row
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    import_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    name TEXT,
+    email TEXT,
+    extra TEXT,
+    UNIQUE (import_id, position)
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    import_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    record_id TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (import_id, position)
+);
+CREATE TABLE IF NOT EXISTS batch_commits (
+    promise_id TEXT PRIMARY KEY,
+    import_id TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    committed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    promise_id TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    outcome TEXT
+);
+"""
+_ID_CHUNK = 500
+
+
+class Sink:
+    """The SQLite sink; a batch's rows and its commit row are one durable transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def start_execution(self, promise_id: str, batch: int, attempt: int, pid: int) -> int:
+        """Record that a batch step starts. Survives a process kill at once; becomes durable
+        against power loss with the next synchronous commit (the batch's own)."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            cursor = self._db.execute(
+                "INSERT INTO executions (promise_id, batch, attempt, pid, started_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (promise_id, batch, attempt, pid, time.time()),
+            )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+        return cursor.lastrowid
+
+    def find_commit(self, promise_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT summary FROM batch_commits WHERE promise_id = ?", (promise_id,)
+        ).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def finish_execution(self, execution: int, outcome: str) -> None:
+        self._db.execute(
+            "UPDATE executions SET finished_at = ?, outcome = ? WHERE id = ?",
+            (time.time(), outcome, execution),
+        )
+
+    def commit_batch(
+        self,
+        promise_id: str,
+        import_id: str,
+        batch: int,
+        rows: Iterable[Row],
+        execution: int,
+        halfway: Callable[[], None] = lambda: None,
+    ) -> dict[str, Any]:
+        """Write a batch's rows, skipped rows and commit row in one transaction; return its summary.
+
+        `halfway` runs after half the rows are inserted, before the commit (a failpoint).
+        """
+        rows = list(rows)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            good, skipped = self._classify(rows)
+            half = len(good) // 2
+            self._insert_records(import_id, batch, good[:half])
+            halfway()
+            self._insert_records(import_id, batch, good[half:])
+            self._db.executemany(
+                "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)",
+                [(import_id, r.position, batch, r.line, r.record_id, reason) for r, reason in skipped],
+            )
+            summary = {
+                "batch": batch,
+                "records": len(rows),
+                "processed": len(good),
+                "skipped": len(skipped),
+                "reasons": dict(sorted(Counter(reason for _, reason in skipped).items())),
+            }
+            self._db.execute(
+                "INSERT INTO batch_commits VALUES (?, ?, ?, ?, ?)",
+                (promise_id, import_id, batch, orjson.dumps(summary).decode(), time.time()),
+            )
+            self.finish_execution(execution, "committed")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return summary
+
+    def _classify(self, rows: list[Row]) -> tuple[list[Row], list[tuple[Row, str]]]:
+        """Split rows into importable ones and skipped ones; a repeated id is a duplicate."""
+        ids = [r.record_id for r in rows if r.problem is None]
+        taken = self._existing_ids(ids)
+        good: list[Row] = []
+        skipped: list[tuple[Row, str]] = []
+        for row in rows:
+            if row.problem is not None:
+                skipped.append((row, row.problem))
+            elif row.record_id in taken:
+                skipped.append((row, records.DUPLICATE_ID))
+            else:
+                taken.add(row.record_id)
+                good.append(row)
+        return good, skipped
+
+    def _existing_ids(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[i : i + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                r[0] for r in self._db.execute(f"SELECT id FROM records WHERE id IN ({marks})", chunk)
+            )
+        return found
+
+    def _insert_records(self, import_id: str, batch: int, rows: list[Row]) -> None:
+        self._db.executemany(
+            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.record_id, import_id, r.position, batch, r.record.get("name"),
+                    r.record.get("email"), _extra(r.record),
+                )
+                for r in rows
+            ],
+        )
+
+
+def _extra(record: dict[str, Any]) -> str | None:
+    extra = {k: v for k, v in record.items() if k not in records.REQUIRED_FIELDS}
+    return orjson.dumps(extra).decode() if extra else None

@@ -1,0 +1,284 @@
+"""Input sources, streamed: a deterministic synthetic generator, CSV files and JSON-lines files.
+
+A source is a small JSON descriptor; a batch is the source plus a range (record positions for
+the synthetic source, byte offsets for files). Workflows pass descriptors, never records, so
+the promise store grows with the number of batches, not with the number of records.
+
+File-level problems (missing, unreadable, empty, unknown extension, bad header, broken CSV
+quoting, invalid UTF-8) raise SourceError naming file and line; planning reads the whole file
+first, so they stop an import before any batch runs. Row-level problems become skipped rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from . import records
+
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
+SYNTHETIC_INVALID_EVERY = 20  # record i has a malformed email when i % 20 == 13: exactly 5%
+SYNTHETIC_INVALID_AT = 13
+csv.field_size_limit(CSV_FIELD_LIMIT)  # larger fields are a row-level problem, not a parse error
+
+
+class SourceError(Exception):
+    """A problem with the input as a whole; names the file (and line when known)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], message: str, line: int | None = None
+    ) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input record: its position among the records, the file line it starts on, and either
+    the record or the reason it is skipped."""
+
+    position: int
+    line: int
+    record: dict[str, Any] | None
+    problem: str | None = None
+
+    @property
+    def record_id(self) -> str | None:
+        if self.record is None or self.record.get("id") is None:
+            return None
+        return str(self.record["id"])
+
+
+# -- descriptors ------------------------------------------------------------------------------
+
+
+def synthetic_source(count: int) -> dict[str, Any]:
+    return {"kind": "synthetic", "records": count}
+
+
+def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe an input file by absolute path, kind, size and SHA-256 of its content."""
+    path = Path(path)
+    kind = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(path.suffix.lower())
+    if kind is None:
+        raise SourceError(path, f"unknown extension {path.suffix!r} (use .csv or .jsonl)")
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise SourceError(path, "no such file") from None
+    except IsADirectoryError:
+        raise SourceError(path, "is a directory, not an input file") from None
+    except OSError as exc:
+        raise SourceError(path, f"cannot read ({exc.strerror})") from None
+    if size == 0:
+        raise SourceError(path, "file is empty: nothing to import")
+    return {"kind": kind, "path": str(path.resolve()), "size": size, "sha256": digest.hexdigest()}
+
+
+def source_label(source: dict[str, Any]) -> str:
+    """A short human name used in default workflow ids."""
+    if source["kind"] == "synthetic":
+        return f"synthetic-{source['records']}"
+    return f"{Path(source['path']).stem}-{source['sha256'][:12]}"
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+_plans: dict[bytes, tuple[dict[str, Any], ...]] = {}
+
+
+def plan_batches(source: dict[str, Any], batch_size: int) -> tuple[dict[str, Any], ...]:
+    """The batch descriptors of `source`; reads a whole file once per process (then cached)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+    key = orjson.dumps([source, batch_size], option=orjson.OPT_SORT_KEYS)
+    if key not in _plans:
+        if source["kind"] == "synthetic":
+            plan = _plan_synthetic(source, batch_size)
+        else:
+            plan = _plan_file(source, batch_size)
+        _plans[key] = tuple(plan)
+    return _plans[key]
+
+
+def _plan_synthetic(source: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
+    count = source["records"]
+    for start in range(0, count, batch_size):
+        yield {"source": source, "start": start, "stop": min(count, start + batch_size)}
+
+
+def _plan_file(source: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
+    _check_unchanged(source)
+    batch: dict[str, Any] | None = None
+    for row, start, end in _FILE_READERS[source["kind"]](source, 0, source["size"], 1, 0):
+        if batch is None:
+            batch = {"source": source, "offset": start, "line": row.line,
+                     "position": row.position, "records": 0}
+        batch["end"] = end
+        batch["records"] += 1
+        if batch["records"] == batch_size:
+            yield batch
+            batch = None
+    if batch is not None:
+        yield batch
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def read_batch(descriptor: dict[str, Any]) -> Iterator[Row]:
+    """The rows of one batch, streamed."""
+    source = descriptor["source"]
+    if source["kind"] == "synthetic":
+        for i in range(descriptor["start"], descriptor["stop"]):
+            record = synthetic_record(i)
+            yield Row(i, i + 1, record, records.problem_with(record))
+        return
+    _check_unchanged(source)
+    read = _FILE_READERS[source["kind"]]
+    for row, _start, _end in read(
+        source, descriptor["offset"], descriptor["end"], descriptor["line"], descriptor["position"]
+    ):
+        yield row
+
+
+def synthetic_record(i: int) -> dict[str, Any]:
+    """Record i of the synthetic source; every 20th (i % 20 == 13) has a malformed email."""
+    at = "." if i % SYNTHETIC_INVALID_EVERY == SYNTHETIC_INVALID_AT else "@"
+    return {"id": f"r{i:09d}", "name": f"Person {i}", "email": f"user{i}{at}example.com"}
+
+
+def _check_unchanged(source: dict[str, Any]) -> None:
+    try:
+        size = os.stat(source["path"]).st_size
+    except OSError as exc:
+        raise SourceError(source["path"], f"cannot read ({exc.strerror})") from None
+    if size != source["size"]:
+        raise SourceError(
+            source["path"],
+            f"input changed since the import started ({source['size']} -> {size} bytes)",
+        )
+
+
+class _Lines:
+    """Decoded lines of the byte range [offset, end), remembering where the last one ended."""
+
+    def __init__(self, f: BinaryIO, path: str, offset: int, end: int, line: int) -> None:
+        f.seek(offset)
+        self._f = f
+        self._path = path
+        self._end = end
+        self.pos = offset
+        self.line = line - 1  # number of the last line read
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= self._end or not (raw := self._f.readline()):
+            raise StopIteration
+        self.pos += len(raw)
+        self.line += 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                self._path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", self.line
+            ) from None
+
+
+# A file reader yields (row, start offset, end offset) for each record in a byte range.
+
+
+def _jsonl_rows(
+    source: dict[str, Any], offset: int, end: int, line: int, position: int
+) -> Iterator[tuple[Row, int, int]]:
+    with _open(source) as f:
+        lines = _Lines(f, source["path"], offset, end, line)
+        start = offset
+        for text in lines:
+            if text.strip():  # blank lines are not records
+                yield _jsonl_row(text, position, lines.line), start, lines.pos
+                position += 1
+            start = lines.pos
+
+
+def _jsonl_row(text: str, position: int, line: int) -> Row:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return Row(position, line, None, records.MALFORMED_JSON)
+    if not isinstance(value, dict):
+        return Row(position, line, None, records.NOT_AN_OBJECT)
+    return Row(position, line, value, records.problem_with(value))
+
+
+def _csv_rows(
+    source: dict[str, Any], offset: int, end: int, line: int, position: int
+) -> Iterator[tuple[Row, int, int]]:
+    path = source["path"]
+    with _open(source) as f:
+        header_lines = _Lines(f, path, 0, source["size"], 1)
+        header = _next_csv_record(csv.reader(header_lines, strict=True), header_lines, path)
+        if header is None:
+            return
+        header[0] = header[0].removeprefix("\ufeff")
+        _check_header(path, header)
+        if offset < header_lines.pos:
+            offset, line = header_lines.pos, header_lines.line + 1
+        lines = _Lines(f, path, offset, end, line)
+        reader = csv.reader(lines, strict=True)
+        while True:
+            start, first_line = lines.pos, lines.line + 1
+            cells = _next_csv_record(reader, lines, path)
+            if cells is None:
+                return
+            if cells:  # a blank line is not a record
+                yield _csv_row(header, cells, position, first_line), start, lines.pos
+                position += 1
+
+
+def _next_csv_record(reader: Any, lines: _Lines, path: str) -> list[str] | None:
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        raise SourceError(path, f"malformed CSV ({exc})", lines.line) from None
+
+
+def _check_header(path: str, header: list[str]) -> None:
+    missing = [name for name in records.REQUIRED_FIELDS if name not in header]
+    if missing:
+        raise SourceError(path, f"header lacks the column(s) {', '.join(missing)}", 1)
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise SourceError(path, f"header repeats the column(s) {', '.join(duplicates)}", 1)
+
+
+def _csv_row(header: list[str], cells: list[str], position: int, line: int) -> Row:
+    record = dict(zip(header, cells, strict=False))
+    if len(cells) != len(header):
+        return Row(position, line, record, records.WRONG_FIELD_COUNT)
+    return Row(position, line, record, records.problem_with(record))
+
+
+def _open(source: dict[str, Any]) -> BinaryIO:
+    try:
+        return open(source["path"], "rb")
+    except OSError as exc:
+        raise SourceError(source["path"], f"cannot read ({exc.strerror})") from None
+
+
+_FILE_READERS = {"csv": _csv_rows, "jsonl": _jsonl_rows}

@@ -1,0 +1,114 @@
+"""The import worker: the child process the supervisor spawns, restarts and kills.
+
+It opens the store exclusively (one worker per store), checks the input, and runs or replays
+`import_records`. It knows nothing of kills; it reports what it does as JSON lines on the
+progress fd and ends with an exit status from `exitcodes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from store import Durability, JsonlStore, StoreError
+from workflow import EngineError, RetryPolicy, Runner, StepError, StepEvent, WorkflowInterrupted
+
+from . import exitcodes
+from .app import import_records
+from .sink import Sink
+from .sources import SourceError, plan_batches
+
+log = logging.getLogger("workflow.importer")
+STORE_FILE = "store.jsonl"
+SINK_FILE = "import.db"
+
+
+class Progress:
+    """JSON-lines events for the supervisor on an inherited fd (or nowhere)."""
+
+    def __init__(self, fd: int | None, root_id: str) -> None:
+        self._fd = fd
+        self._prefix = root_id + "."
+
+    def send(self, event: str, **fields: Any) -> None:
+        if self._fd is not None:
+            os.write(self._fd, orjson.dumps({"event": event, **fields}) + b"\n")
+
+    def step(self, e: StepEvent) -> None:
+        suffix = e.promise_id.removeprefix(self._prefix)
+        batch = int(suffix) if suffix.isdigit() else None
+        self.send("step", kind=e.kind, id=e.promise_id, batch=batch, attempt=e.attempt,
+                  error=e.error, delay=e.delay)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m workflow.importer", description=__doc__)
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--id", required=True, help="root promise id of the import")
+    p.add_argument("--source", type=orjson.loads, required=True, help="source descriptor (JSON)")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--progress-fd", type=int, default=None)
+    p.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts)
+    p.add_argument("--retry-initial", type=float, default=RetryPolicy.initial)
+    p.add_argument("--lock-timeout", type=float, default=10.0)
+    p.add_argument("--durability", choices=[d.value for d in Durability], default="full")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="worker %(process)d: %(message)s")
+    stop = _stop_on_signals()
+    progress = Progress(args.progress_fd, args.id)
+    progress.send("started", pid=os.getpid())
+    try:
+        plan_batches(args.source, args.batch_size)  # file-level problems stop us before any batch
+        with JsonlStore(args.state_dir / STORE_FILE, exclusive=True,
+                        lock_timeout=args.lock_timeout, durability=args.durability) as store:
+            sink = Sink(args.state_dir / SINK_FILE)
+            try:
+                runner = Runner(
+                    store,
+                    retry=RetryPolicy(max_attempts=args.max_attempts, initial=args.retry_initial,
+                                      non_retryable=(SourceError,)),
+                    dependencies={"sink": sink},
+                    on_event=progress.step,
+                    should_stop=lambda: stop["requested"],
+                )
+                runner.run(args.id, import_records, args.source, args.batch_size)
+            finally:
+                sink.close()
+    except WorkflowInterrupted as exc:
+        return _end(progress, exitcodes.INTERRUPTED, str(exc))
+    except StepError as exc:
+        return _end(progress, exitcodes.FAILED, str(exc))
+    except (SourceError, EngineError, StoreError) as exc:
+        return _end(progress, exitcodes.FATAL, str(exc))
+    progress.send("finished", pid=os.getpid())
+    return exitcodes.OK
+
+
+def _end(progress: Progress, code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    progress.send("ended", pid=os.getpid(), code=code, error=message)
+    return code
+
+
+def _stop_on_signals() -> dict[str, bool]:
+    """SIGTERM/SIGINT ask for a stop between batches: the batch in flight finishes first."""
+    stop = {"requested": False}
+
+    def request(signum: int, _frame: object) -> None:
+        stop["requested"] = True
+        log.info("%s received: stopping after the batch in flight", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, request)
+    signal.signal(signal.SIGINT, request)
+    return stop
