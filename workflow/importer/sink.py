@@ -123,7 +123,7 @@ class Sink:
             self._insert_records(import_id, batch, good[half:])
             self._db.executemany(
                 "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)",
-                [(import_id, r.position, batch, r.line, r.record_id, reason) for r, reason in skipped],
+                [(import_id, r.position, batch, r.line, r.record_id, why) for r, why in skipped],
             )
             summary = {
                 "batch": batch,
@@ -164,9 +164,8 @@ class Sink:
         for i in range(0, len(ids), _ID_CHUNK):
             chunk = ids[i : i + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
-            found.update(
-                r[0] for r in self._db.execute(f"SELECT id FROM records WHERE id IN ({marks})", chunk)
-            )
+            query = f"SELECT id FROM records WHERE id IN ({marks})"
+            found.update(r[0] for r in self._db.execute(query, chunk))
         return found
 
     def _insert_records(self, import_id: str, batch: int, rows: list[Row]) -> None:
