@@ -1,7 +1,7 @@
 """The file-locked, append-only JSON-lines promise store.
 
 Layout: `<path>` holds one checksummed record per line (see codec.py); `<path>.lock` is the
-filelock every appender takes; `<path>.owner` names the process holding the store exclusively;
+filelock every appender takes; `<path>.lock.owner` names the last process to hold it exclusively;
 `<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened.
 
 Locking: a *shared* store takes the lock around every append (about 100 µs), so any number of
@@ -20,11 +20,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-import filelock
-
 from . import failpoints
 from .codec import DamagedRecordError, decode, encode, normalize
 from .errors import StoreCorruptedError, StoreError, StoreLockedError, StoreWriteError
+from .locking import LockHeldError, OwnedLock
 from .log import (
     InvalidRecordError,
     apply,
@@ -76,7 +75,7 @@ class JsonlStore:
         self._exclusive = exclusive
         self._readonly = readonly
         self._lock_timeout = lock_timeout
-        self._lock = None if readonly else filelock.FileLock(f"{self.path}.lock")
+        self._lock = None if readonly else OwnedLock(f"{self.path}.lock")
         self._holding_lock = False
         self._failed: OSError | None = None
         self._index: dict[str, Promise] = {}
@@ -181,14 +180,14 @@ class JsonlStore:
         return fd
 
     def _acquire_exclusive(self) -> None:
-        owner_file = Path(f"{self.path}.owner")
-        try:
-            self._lock.acquire(timeout=self._lock_timeout)
-        except filelock.Timeout:
-            owner = _read_text(owner_file) or "owner unknown"
-            raise StoreLockedError(self.path, owner) from None
+        self._acquire_lock(record_owner=True)
         self._holding_lock = True
-        owner_file.write_text(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+    def _acquire_lock(self, *, record_owner: bool = False) -> None:
+        try:
+            self._lock.acquire(self._lock_timeout, record_owner=record_owner)
+        except LockHeldError as exc:
+            raise StoreLockedError(self.path, exc.owner) from None
 
     def _load_from_start(self) -> None:
         self._index = {}
@@ -267,11 +266,7 @@ class JsonlStore:
             )
         if self._holding_lock:
             return fn(*args)
-        try:
-            self._lock.acquire(timeout=self._lock_timeout)
-        except filelock.Timeout:
-            owner = _read_text(Path(f"{self.path}.owner")) or "owner unknown"
-            raise StoreLockedError(self.path, owner) from None
+        self._acquire_lock()
         self._holding_lock = True
         try:
             if self._ino:
@@ -404,10 +399,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""

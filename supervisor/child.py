@@ -1,0 +1,129 @@
+"""One worker process: spawned in its own process group, watched through pipes, reaped.
+
+The worker writes JSON-lines events on a progress pipe; its stderr is relayed line by line and
+its last lines kept for error reports. It dies with the supervisor (PR_SET_PDEATHSIG), so an
+orphan never runs on beside a new supervisor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("supervisor")
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: ask the kernel to SIGKILL us when the supervisor dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+@dataclass
+class ChildEnd:
+    pid: int
+    returncode: int  # negative: killed by that signal
+
+    @property
+    def signal(self) -> signal.Signals | None:
+        return signal.Signals(-self.returncode) if self.returncode < 0 else None
+
+    def describe(self) -> str:
+        sig = self.signal
+        return f"killed by {sig.name}" if sig else f"exit code {self.returncode}"
+
+
+@dataclass
+class Child:
+    process: subprocess.Popen[bytes]
+    progress_fd: int
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    _buffers: dict[int, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def spawn(cls, args: list[str], env: dict[str, str]) -> Child:
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, **env, "DURABLE_FAILPOINT_FD": str(write_fd)}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        parent = os.getpid()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "workflow.importer", *args, "--progress-fd", str(write_fd)],
+                env=env,
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                process_group=0,
+                preexec_fn=lambda: _die_with_parent(parent),
+            )
+        finally:
+            os.close(write_fd)
+        return cls(process, read_fd)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        selector.register(self.progress_fd, selectors.EVENT_READ, "progress")
+        selector.register(self.process.stderr.fileno(), selectors.EVENT_READ, "stderr")
+
+    def read(self, fd: int) -> tuple[list[bytes], bool]:
+        """Whole lines now readable on `fd`, and whether it reached end of file."""
+        data = os.read(fd, 65536)
+        buf = self._buffers.get(fd, b"") + data
+        *lines, rest = buf.split(b"\n")
+        self._buffers[fd] = rest
+        if not data and rest:
+            lines.append(rest)
+        return lines, not data
+
+    def events(self, lines: list[bytes]) -> Iterator[dict[str, Any]]:
+        for line in lines:
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError:
+                log.warning("worker %d wrote a garbled progress line: %r", self.pid, line[:200])
+
+    def relay_stderr(self, lines: list[bytes]) -> None:
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            self.stderr_tail.append(text)
+            print(text, file=sys.stderr, flush=True)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, sig)
+
+    def reap(self) -> ChildEnd:
+        """Clear the worker's process group of anything left, then reap the worker.
+
+        Called once its pipes are closed. Until it is reaped, the worker's pid (the group id)
+        cannot be reused, so the group kill cannot hit a stranger.
+        """
+        self.signal_group(signal.SIGKILL)
+        returncode = self.process.wait()
+        os.close(self.progress_fd)
+        self.process.stderr.close()
+        return ChildEnd(self.pid, returncode)
+
+    def last_error(self) -> str:
+        errors = [line for line in self.stderr_tail if line.strip()]
+        return errors[-1] if errors else ""

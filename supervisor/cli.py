@@ -1,0 +1,164 @@
+"""Command line: `python -m supervisor run|status|retry` (argument parsing and dispatch only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from workflow.importer import SourceError, file_source, plan_batches, synthetic_source
+from workflow.importer.sources import source_label
+from workflow.retry import RetryPolicy
+
+from .faults import random_kills
+from .live import LiveLine
+from .status import retry_failed, show_status
+from .supervise import Settings, StateDirBusyError, Supervisor
+
+DEFAULT_RECORDS = 1000
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_STATE_DIR = Path(".durable")
+EXIT_FAILED = 1
+EXIT_BUSY = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor",
+        description="Run a bulk import as a supervised, crash-resumable worker process.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run (or resume) an import under supervision")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--records", type=_non_negative,
+                        help=f"synthetic records to import (default {DEFAULT_RECORDS})")
+    source.add_argument("--input", type=Path, help="a .csv or .jsonl file to import")
+    run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
+    run.add_argument("--kill-at-batch", type=_non_negative, action="append", default=[],
+                     metavar="K", help="SIGKILL the worker while batch K is in flight (repeatable)")
+    run.add_argument("--kill-random", type=_non_negative, default=0, metavar="N",
+                     help="N SIGKILLs at random moments")
+    run.add_argument("--seed", type=int, default=None, help="seed for --kill-random")
+    run.add_argument("--fail-at-batch", type=_non_negative, default=None, metavar="K",
+                     help="make the first attempt of batch K fail (shows retry with backoff)")
+    _common(run)
+    run.add_argument("--max-restarts", type=_non_negative, default=10,
+                     help="give up after this many unplanned restarts in a row (default 10)")
+    run.add_argument("--restart-backoff", type=_non_negative_float, default=0.5, metavar="S",
+                     help="first delay before an unplanned restart, doubled each time (default 0.5)")
+    run.add_argument("--max-attempts", type=_positive, default=RetryPolicy.max_attempts,
+                     help="attempts of a batch before it fails for good")
+    run.add_argument("--retry-initial", type=_non_negative_float, default=RetryPolicy.initial,
+                     metavar="S", help="first retry delay of a failing batch (default 1 s)")
+    run.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="S",
+                     help="how long a stopping worker may finish its batch before SIGKILL")
+    run.add_argument("--durability", choices=["full", "none"], default="full",
+                     help="'none' skips fdatasync: survives kills, not power loss (benchmarks)")
+
+    status = commands.add_parser("status", help="show an import's progress; changes nothing")
+    _common(status)
+    retry = commands.add_parser("retry", help="reopen the failed batch of an import so `run` resumes it")
+    _common(retry)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help="holds store.jsonl and import.db (default ./.durable)")
+    p.add_argument("--id", help="workflow id (default: derived from the input and batch size)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="supervisor: %(message)s")
+    if args.command == "run":
+        return _run(parser, args)
+    if args.id is None:
+        parser.error(f"{args.command} needs --id (see `status` of a run, or its report)")
+    if args.command == "status":
+        return show_status(args.state_dir, args.id, as_json=args.json)
+    return retry_failed(args.state_dir, args.id, as_json=args.json)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        source = file_source(args.input) if args.input else synthetic_source(
+            DEFAULT_RECORDS if args.records is None else args.records
+        )
+        batch_count = len(plan_batches(source, args.batch_size))
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch] if k is not None and k >= batch_count]
+    if beyond:
+        parser.error(f"batch {beyond[0]} is beyond the last batch ({batch_count - 1}); "
+                     f"the import has {batch_count} batch(es)")
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        state_dir=args.state_dir.resolve(),
+        root_id=args.id or f"import/{source_label(source)}-b{args.batch_size}",
+        source=source,
+        batch_size=args.batch_size,
+        batch_count=batch_count,
+        kill_at_batches=set(args.kill_at_batch),
+        random_kills=random_kills(args.kill_random, args.seed),
+        fail_at_batch=args.fail_at_batch,
+        max_restarts=args.max_restarts,
+        restart_backoff=args.restart_backoff,
+        max_attempts=args.max_attempts,
+        retry_initial=args.retry_initial,
+        grace=args.grace,
+        durability=args.durability,
+    )
+    live = LiveLine.for_stderr()
+    try:
+        report = Supervisor(settings, live).run()
+    except StateDirBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    finally:
+        if live is not None:
+            live.close()
+    _print(report.as_json() if args.json else report.as_text(), args.json)
+    if report.result is not None:
+        return 0
+    print(f"error: {report.error}", file=sys.stderr)
+    if report.interrupted_by:
+        return 128 + signal.Signals[report.interrupted_by].value
+    return EXIT_FAILED
+
+
+def _print(report: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    else:
+        print(report)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value

@@ -1,0 +1,53 @@
+"""Which kills a run delivers, and where: pure decisions, so tests can check them without processes.
+
+`--kill-at-batch K` arms the worker's `batch.mid` failpoint: the worker announces itself halfway
+through batch K's rows, before its transaction commits, and waits; the supervisor SIGKILLs it.
+So the kill lands while batch K is in flight every time, not by luck of timing.
+
+`--kill-random N` draws N kills from a seeded generator. Each is one of
+  - "timed": SIGKILL after a random delay since the child started (startup, replay, mid-batch,
+    between batches: wherever it falls);
+  - "store-write": arm the store's `store.append` failpoint on the resolve of a batch that is
+    about to run, so the worker is killed halfway through writing that store line.
+The choices are reproducible with `--seed`; the exact moment of a timed kill is real time.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RandomKill:
+    kind: str  # "timed" or "store-write"
+    fraction: float  # timed: when, as a fraction of the expected remaining run time
+    batch_offset: int  # store-write: how many batches after the first unfinished one
+
+
+def random_kills(count: int, seed: int | None) -> list[RandomKill]:
+    rng = random.Random(seed)
+    kills = []
+    for _ in range(count):
+        kind = "store-write" if rng.random() < 0.3 else "timed"
+        kills.append(RandomKill(kind, rng.random(), rng.randrange(3)))
+    return kills
+
+
+def failpoints_for(
+    pause_batches: set[int], kill: RandomKill | None, root_id: str, next_batch: int, batches: int
+) -> list[dict[str, str]]:
+    """The failpoints to arm in the next child (DURABLE_FAILPOINTS entries)."""
+    points = [{"name": "batch.mid", "key": str(b), "action": "pause"} for b in sorted(pause_batches)]
+    if kill is not None and kill.kind == "store-write":
+        batch = min(next_batch + kill.batch_offset, batches - 1)
+        key = f"resolve:{root_id}.{batch}"
+        points.append({"name": "store.append", "key": key, "action": "pause"})
+    return points
+
+
+def fail_once_at(batch: int | None) -> list[dict[str, str]]:
+    """`--fail-at-batch K`: the first attempt of batch K raises (and is retried with backoff)."""
+    if batch is None:
+        return []
+    return [{"name": "batch.fail", "key": f"{batch}/1", "action": "raise"}]

@@ -1,0 +1,28 @@
+"""A one-line live progress display for people, on stderr when it is a terminal."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+
+class LiveLine:
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self._stream = stream
+
+    @classmethod
+    def for_stderr(cls) -> LiveLine | None:
+        return cls() if sys.stderr.isatty() else None
+
+    def update(self, done: int, total: int, report: Any) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        self._stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] batch {done}/{total}  "
+            f"kills {len(report.kills)}  restarts {report.restarts}\x1b[K"
+        )
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.write("\n")
+        self._stream.flush()

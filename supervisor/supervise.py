@@ -1,0 +1,334 @@
+"""The supervision loop: spawn the worker, watch it, kill it when asked, restart it, report.
+
+Restarts: after a kill of ours, at once; after an unplanned death (a crash or a signal from
+elsewhere), with exponential backoff, and at most `max_restarts` times in a row. A worker that
+ends with a status no restart can change (bad input, a failed batch, a conflicting id) ends the
+run. The result is read from the store, never taken from the worker's word.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from store import JsonlStore, State
+from store.locking import LockHeldError, OwnedLock
+from workflow.importer import exitcodes
+from workflow.importer.worker import STORE_FILE
+
+from .child import Child, ChildEnd
+from .faults import RandomKill, fail_once_at, failpoints_for
+from .report import ChildReport, KillReport, RunReport
+
+log = logging.getLogger("supervisor")
+MAX_BACKOFF_S = 30.0
+STARTUP_GUESS_S = 0.15
+BATCH_GUESS_S = 0.005
+
+
+class StateDirBusyError(Exception):
+    """Another supervisor runs on this state dir."""
+
+
+@dataclass
+class Settings:
+    state_dir: Path
+    root_id: str
+    source: dict[str, Any]
+    batch_size: int
+    batch_count: int
+    kill_at_batches: set[int] = field(default_factory=set)
+    random_kills: list[RandomKill] = field(default_factory=list)
+    fail_at_batch: int | None = None
+    max_restarts: int = 10
+    restart_backoff: float = 0.5
+    max_attempts: int = 10
+    retry_initial: float = 1.0
+    grace: float = 10.0
+    lock_timeout: float = 10.0
+    durability: str = "full"
+
+
+@dataclass
+class _Watch:
+    """What the supervisor learns about one child while it runs."""
+
+    report: ChildReport
+    kill: KillReport | None = None
+    batch_in_flight: int | None = None
+    batch_started_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, live: Any = None) -> None:
+        self.s = settings
+        self.report = RunReport(settings.root_id, str(settings.state_dir))
+        self.stop_signal: signal.Signals | None = None
+        self._live = live
+        self._pending_pauses = set(settings.kill_at_batches)
+        self._random = list(settings.random_kills)
+        self._batch_seconds = BATCH_GUESS_S
+        self._wakeup_r = -1
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        started = time.monotonic()
+        lock = OwnedLock(self.s.state_dir / "supervisor.lock")
+        try:
+            lock.acquire(0, record_owner=True)
+        except LockHeldError as exc:
+            raise StateDirBusyError(
+                f"{self.s.state_dir}: another supervisor is running here ({exc.owner})"
+            ) from None
+        try:
+            with self._signals_forwarded():
+                self._loop()
+        finally:
+            lock.release()
+            self.report.elapsed_s = time.monotonic() - started
+        return self.report
+
+    def _loop(self) -> None:
+        unplanned = 0
+        while True:
+            next_batch = self._resolved_batches()
+            kill = self._random.pop(0) if self._random else None
+            child = self._spawn(kill, next_batch)
+            deadline = self._timed_kill_deadline(kill, next_batch)
+            watch = self._watch(child, deadline)
+            end = child.reap()
+            watch.report.exit = end.describe()
+            self.report.children.append(watch.report)
+            self._log_end(end, watch)
+            if watch.kill is not None:
+                self.report.kills.append(watch.kill)
+                if watch.kill.kind == "kill-at-batch" and kill is not None:
+                    self._random.insert(0, kill)  # the random kill did not happen; keep it
+                self.report.restarts += 1
+                continue
+            if kill is not None:
+                self._random.insert(0, kill)
+            if self.stop_signal is not None:
+                self.report.interrupted_by = self.stop_signal.name
+                self.report.error = (
+                    f"interrupted by {self.stop_signal.name}; worker {end.pid} {end.describe()}; "
+                    f"{self._resolved_batches()} of {self.s.batch_count} batches done; "
+                    "run the same command again to resume"
+                )
+                return
+            if end.returncode == exitcodes.OK:
+                self._finish(end)
+                return
+            if end.returncode not in exitcodes.RESTARTABLE and end.returncode > 0:
+                self.report.error = watch.report.error or child.last_error() or end.describe()
+                return
+            unplanned += 1
+            if unplanned > self.s.max_restarts:
+                self.report.error = (
+                    f"gave up after {self.s.max_restarts} restarts: worker {end.pid} "
+                    f"{end.describe()}; last error: {child.last_error() or 'none'}"
+                )
+                return
+            self.report.restarts += 1
+            delay = min(MAX_BACKOFF_S, self.s.restart_backoff * 2 ** (unplanned - 1))
+            log.warning("restarting the worker in %g s (restart %d of at most %d)",
+                        delay, unplanned, self.s.max_restarts)
+            if self._sleep_unless_signalled(delay):
+                self.report.interrupted_by = self.stop_signal.name
+                self.report.error = f"interrupted by {self.stop_signal.name} while waiting to restart"
+                return
+
+    def _finish(self, end: ChildEnd) -> None:
+        root = self._store_promise(self.s.root_id)
+        if root is None or root.state is not State.RESOLVED:
+            self.report.error = f"worker {end.pid} exited 0 but the import's result is not stored"
+            return
+        self.report.result = root.value
+        self.report.undelivered_kills.extend(
+            f"kill at batch {b}: the batch was already done" for b in sorted(self._pending_pauses)
+        )
+        self.report.undelivered_kills.extend(
+            f"random {k.kind} kill: the import finished first" for k in self._random
+        )
+
+    # -- one child -----------------------------------------------------------------------
+
+    def _spawn(self, kill: RandomKill | None, next_batch: int) -> Child:
+        points = failpoints_for(
+            self._pending_pauses, kill, self.s.root_id, next_batch, self.s.batch_count
+        ) + fail_once_at(self.s.fail_at_batch)
+        env = {"DURABLE_FAILPOINTS": orjson.dumps(points).decode()} if points else {}
+        args = [
+            "--state-dir", str(self.s.state_dir), "--id", self.s.root_id,
+            "--source", orjson.dumps(self.s.source).decode(),
+            "--batch-size", str(self.s.batch_size),
+            "--max-attempts", str(self.s.max_attempts),
+            "--retry-initial", str(self.s.retry_initial),
+            "--lock-timeout", str(self.s.lock_timeout),
+            "--durability", self.s.durability,
+        ]
+        child = Child.spawn(args, env)
+        log.debug("spawned worker %d with failpoints %s", child.pid, points)
+        return child
+
+    def _timed_kill_deadline(self, kill: RandomKill | None, next_batch: int) -> float | None:
+        if kill is None or kill.kind != "timed":
+            return None
+        remaining = (self.s.batch_count - next_batch) * self._batch_seconds
+        return time.monotonic() + kill.fraction * (STARTUP_GUESS_S + remaining)
+
+    def _watch(self, child: Child, kill_deadline: float | None) -> _Watch:
+        """Follow the child until its pipes close, delivering kills and forwarded signals."""
+        watch = _Watch(ChildReport(child.pid, exit="running"))
+        selector = selectors.DefaultSelector()
+        child.register(selector)
+        selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
+        open_pipes = 2
+        grace_deadline: float | None = None
+        forwarded = False
+        try:
+            while open_pipes:
+                if self.stop_signal is not None and not forwarded:
+                    child.signal_group(signal.SIGTERM)
+                    forwarded = True
+                    grace_deadline = time.monotonic() + self.s.grace
+                    kill_deadline = None
+                deadline = min(filter(None, [kill_deadline, grace_deadline]), default=None)
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = selector.select(timeout)
+                now = time.monotonic()
+                if kill_deadline is not None and now >= kill_deadline and watch.kill is None:
+                    self._kill(child, watch, "timed", watch.batch_in_flight)
+                    kill_deadline = None
+                if grace_deadline is not None and now >= grace_deadline:
+                    log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
+                    child.signal_group(signal.SIGKILL)
+                    grace_deadline = None
+                for key, _ in ready:
+                    if key.data == "signal":
+                        os.read(self._wakeup_r, 512)
+                        continue
+                    lines, eof = child.read(key.fd)
+                    if key.data == "stderr":
+                        child.relay_stderr(lines)
+                    else:
+                        for event in child.events(lines):
+                            self._on_event(event, child, watch)
+                    if eof:
+                        selector.unregister(key.fd)
+                        open_pipes -= 1
+        finally:
+            selector.close()
+        return watch
+
+    def _on_event(self, event: dict[str, Any], child: Child, watch: _Watch) -> None:
+        kind = event.get("event")
+        if kind == "step" and event.get("batch") is not None:
+            self._on_batch_step(event, watch)
+        elif kind == "failpoint" and watch.kill is None:
+            name, key = event.get("name"), event.get("key", "")
+            if name == "batch.mid" and key.isdigit() and int(key) in self._pending_pauses:
+                self._pending_pauses.discard(int(key))
+                self._kill(child, watch, "kill-at-batch", int(key))
+            elif name == "store.append":
+                batch = key.rpartition(".")[2]
+                self._kill(child, watch, "store-write", int(batch) if batch.isdigit() else None)
+        elif kind == "ended":
+            watch.report.error = event.get("error")
+
+    def _on_batch_step(self, event: dict[str, Any], watch: _Watch) -> None:
+        batch, step = event["batch"], event.get("kind")
+        now = time.monotonic()
+        if step == "started":
+            watch.batch_in_flight, watch.batch_started_at = batch, now
+        elif step == "resolved":
+            watch.report.executed.append(batch)
+            if watch.batch_in_flight == batch:
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - watch.batch_started_at)
+            watch.batch_in_flight = None
+            if self._live is not None:
+                self._live.update(batch + 1, self.s.batch_count, self.report)
+        elif step == "replayed":
+            watch.report.replayed += 1
+
+    def _kill(self, child: Child, watch: _Watch, kind: str, batch: int | None) -> None:
+        child.signal_group(signal.SIGKILL)
+        watch.kill = KillReport(child.pid, kind, batch)
+
+    def _log_end(self, end: ChildEnd, watch: _Watch) -> None:
+        why = f" ({watch.kill.kind} kill of ours)" if watch.kill else ""
+        log.info("worker %d %s%s: ran %d batch(es), replayed %d", end.pid, end.describe(), why,
+                 len(watch.report.executed), watch.report.replayed)
+
+    # -- store and signals ---------------------------------------------------------------
+
+    def _store_promise(self, promise_id: str) -> Any:
+        path = self.s.state_dir / STORE_FILE
+        if not path.exists():
+            return None
+        with JsonlStore(path, readonly=True) as store:
+            return store.get(promise_id)
+
+    def _resolved_batches(self) -> int:
+        path = self.s.state_dir / STORE_FILE
+        if not path.exists():
+            return 0
+        prefix = self.s.root_id + "."
+        with JsonlStore(path, readonly=True) as store:
+            return sum(
+                1 for p in store.list(prefix)
+                if p.state is State.RESOLVED and "." not in p.id[len(prefix):]
+            )
+
+    def _signals_forwarded(self) -> _SignalForwarding:
+        return _SignalForwarding(self)
+
+    def _sleep_unless_signalled(self, seconds: float) -> bool:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wakeup_r, selectors.EVENT_READ)
+        end = time.monotonic() + seconds
+        try:
+            while self.stop_signal is None and (left := end - time.monotonic()) > 0:
+                selector.select(left)
+        finally:
+            selector.close()
+        return self.stop_signal is not None
+
+
+class _SignalForwarding:
+    """SIGINT/SIGTERM set `stop_signal` and wake the loop, which forwards SIGTERM to the worker."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    def __enter__(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        os.set_blocking(r, False)
+        self._fds = (r, w)
+        self._sup._wakeup_r = r
+        self._old_wakeup = signal.set_wakeup_fd(w)
+
+        def on_signal(signum: int, _frame: object) -> None:
+            self._sup.stop_signal = signal.Signals(signum)
+            print(f"{signal.Signals(signum).name}: stopping the worker after its batch in flight",
+                  file=sys.stderr)
+
+        self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._old_wakeup)
+        for fd in self._fds:
+            os.close(fd)
