@@ -10,6 +10,9 @@ So the kill lands while batch K is in flight every time, not by luck of timing.
   - "store-write": arm the store's `store.append` failpoint on the resolve of a batch that is
     about to run, so the worker is killed halfway through writing that store line.
 The choices are reproducible with `--seed`; the exact moment of a timed kill is real time.
+A timed kill waits for the child to finish a drawn number of new batches (zero: it lands in
+startup or replay), then a drawn fraction of a batch's duration, so it lands mid-batch or
+between batches whatever the speed of the machine.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class RandomKill:
     kind: str  # "timed" or "store-write"
-    fraction: float  # timed: when, as a fraction of the expected remaining run time
+    share: float  # timed: which share of its part of the remaining batches to let finish first
+    delay: float  # timed: then wait this fraction of a batch (or of start-up)
     batch_offset: int  # store-write: how many batches after the first unfinished one
+
+    def batches_before(self, remaining: int, kills_left: int) -> int:
+        """How many new batches a timed kill lets finish; kills share the remaining batches."""
+        return int(self.share * remaining / max(1, kills_left))
 
 
 def random_kills(count: int, seed: int | None) -> list[RandomKill]:
@@ -30,7 +38,7 @@ def random_kills(count: int, seed: int | None) -> list[RandomKill]:
     kills = []
     for _ in range(count):
         kind = "store-write" if rng.random() < 0.3 else "timed"
-        kills.append(RandomKill(kind, rng.random(), rng.randrange(3)))
+        kills.append(RandomKill(kind, rng.random(), rng.random(), rng.randrange(3)))
     return kills
 
 

@@ -66,6 +66,9 @@ class _Watch:
     kill: KillReport | None = None
     batch_in_flight: int | None = None
     batch_started_at: float = 0.0
+    timed_kill_after: int | None = None  # new batches to let finish before a timed kill
+    timed_kill_delay: float = 0.0  # then this fraction of a batch
+    kill_deadline: float | None = None
 
 
 class Supervisor:
@@ -104,8 +107,10 @@ class Supervisor:
             next_batch = self._resolved_batches()
             kill = self._random.pop(0) if self._random else None
             child = self._spawn(kill, next_batch)
-            deadline = self._timed_kill_deadline(kill, next_batch)
-            watch = self._watch(child, deadline)
+            watch = _Watch(ChildReport(child.pid, exit="running"))
+            if kill is not None and kill.kind == "timed":
+                self._arm_timed_kill(watch, kill, next_batch)
+            self._watch(child, watch)
             end = child.reap()
             watch.report.exit = end.describe()
             self.report.children.append(watch.report)
@@ -181,15 +186,15 @@ class Supervisor:
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
         return child
 
-    def _timed_kill_deadline(self, kill: RandomKill | None, next_batch: int) -> float | None:
-        if kill is None or kill.kind != "timed":
-            return None
-        remaining = (self.s.batch_count - next_batch) * self._batch_seconds
-        return time.monotonic() + kill.fraction * (STARTUP_GUESS_S + remaining)
+    def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_batch: int) -> None:
+        remaining = self.s.batch_count - next_batch
+        watch.timed_kill_after = kill.batches_before(remaining, len(self._random) + 1)
+        watch.timed_kill_delay = kill.delay
+        if watch.timed_kill_after == 0:
+            watch.kill_deadline = time.monotonic() + kill.delay * STARTUP_GUESS_S
 
-    def _watch(self, child: Child, kill_deadline: float | None) -> _Watch:
+    def _watch(self, child: Child, watch: _Watch) -> None:
         """Follow the child until its pipes close, delivering kills and forwarded signals."""
-        watch = _Watch(ChildReport(child.pid, exit="running"))
         selector = selectors.DefaultSelector()
         child.register(selector)
         selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
@@ -202,14 +207,15 @@ class Supervisor:
                     child.signal_group(signal.SIGTERM)
                     forwarded = True
                     grace_deadline = time.monotonic() + self.s.grace
-                    kill_deadline = None
-                deadline = min(filter(None, [kill_deadline, grace_deadline]), default=None)
+                    watch.kill_deadline = None
+                deadline = min(filter(None, [watch.kill_deadline, grace_deadline]), default=None)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = selector.select(timeout)
                 now = time.monotonic()
-                if kill_deadline is not None and now >= kill_deadline and watch.kill is None:
-                    self._kill(child, watch, "timed", watch.batch_in_flight)
-                    kill_deadline = None
+                if watch.kill_deadline is not None and now >= watch.kill_deadline:
+                    if watch.kill is None:
+                        self._kill(child, watch, "timed", watch.batch_in_flight)
+                    watch.kill_deadline = None
                 if grace_deadline is not None and now >= grace_deadline:
                     log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
                     child.signal_group(signal.SIGKILL)
@@ -229,7 +235,6 @@ class Supervisor:
                         open_pipes -= 1
         finally:
             selector.close()
-        return watch
 
     def _on_event(self, event: dict[str, Any], child: Child, watch: _Watch) -> None:
         kind = event.get("event")
@@ -256,6 +261,8 @@ class Supervisor:
             if watch.batch_in_flight == batch:
                 self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - watch.batch_started_at)
             watch.batch_in_flight = None
+            if watch.timed_kill_after == len(watch.report.executed):
+                watch.kill_deadline = now + watch.timed_kill_delay * self._batch_seconds
             if self._live is not None:
                 self._live.update(batch + 1, self.s.batch_count, self.report)
         elif step == "replayed":

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Check the invariants of DESIGN.md for one import, from its store file and its database alone.
+
+Independent of the engine's code on purpose (stdlib only): it parses the JSON lines itself,
+verifies their checksums, and queries the SQLite sink directly. Prints a JSON verdict and exits
+1 on any violation.
+
+    python scripts/audit.py --state-dir .durable --id import/synthetic-1000-b100 --records 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sqlite3
+import sys
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def load_store(path: Path) -> dict[str, dict[str, Any]]:
+    """Fold the store's lines into {id: {state, settled_at, value, attempts}}; a bad line before
+    the last is a violation of its own (raised)."""
+    promises: dict[str, dict[str, Any]] = {}
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        body, _, crc = line.rpartition(b',"crc":"')
+        if not crc.endswith(b'"}') or zlib.crc32(body + b"}") != int(crc[:-2], 16):
+            if n == len(lines):
+                break  # a torn tail: the next writer moves it aside
+            raise ValueError(f"{path}:{n}: damaged line before the last")
+        rec = json.loads(body + b"}")
+        pid, op = rec["id"], rec["op"]
+        if op == "create":
+            promises[pid] = {"state": "pending", "attempts": 0, "settled_at": None, "value": None}
+        elif op == "promise":
+            promises[pid] = {"state": rec["state"], "attempts": rec["attempts"],
+                             "settled_at": rec["settled"], "value": rec["value"]}
+        elif op == "attempt":
+            promises[pid]["attempts"] = rec["n"]
+        elif op in ("resolve", "reject"):
+            promises[pid].update(state=op + "d" if op == "resolve" else "rejected",
+                                 settled_at=rec["t"], value=rec.get("value"))
+        elif op == "reopen":
+            promises[pid].update(state="pending", settled_at=None)
+    return promises
+
+
+def count_input(records: int | None, input_path: Path | None) -> int:
+    if input_path is None:
+        return records or 0
+    with open(input_path, newline="", encoding="utf-8-sig") as f:
+        if input_path.suffix == ".csv":
+            rows = [r for r in csv.reader(f) if r]
+            return max(0, len(rows) - 1)
+        return sum(1 for line in f if line.strip())
+
+
+def audit(state_dir: Path, root: str, expected_records: int, finished: bool = True) -> dict[str, Any]:
+    violations: list[str] = []
+    promises = load_store(state_dir / "store.jsonl")
+    prefix = root + "."
+    batches = {int(k[len(prefix):]): v for k, v in promises.items()
+               if k.startswith(prefix) and k[len(prefix):].isdigit()}
+    db = sqlite3.connect(state_dir / "import.db")
+    execs = db.execute(
+        "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
+        "WHERE promise_id LIKE ? ORDER BY started_at, id", (prefix + "%",)).fetchall()
+    commits = Counter(r[0] for r in db.execute(
+        "SELECT promise_id FROM batch_commits WHERE import_id = ?", (root,)))
+
+    # 1. Nothing done twice: no execution of a batch starts after its promise was resolved,
+    #    and each batch commits once.
+    for _id, batch, _a, pid, started, _f, _o in execs:
+        settled = batches.get(batch, {}).get("settled_at")
+        if settled is not None and started > settled:
+            violations.append(f"batch {batch} ran again (pid {pid}) after it was resolved")
+    for promise_id, n in commits.items():
+        if n != 1:
+            violations.append(f"{promise_id} committed {n} times")
+    committed_runs = Counter(r[0] for r in execs if r[6] == "committed")
+    for promise_id, n in committed_runs.items():
+        if n > 1:
+            violations.append(f"{promise_id} has {n} committed executions")
+
+    # 2 and 5. Nothing lost, nothing duplicated: every input position is imported or skipped once.
+    imported = db.execute("SELECT position FROM records WHERE import_id = ?", (root,)).fetchall()
+    skipped = db.execute("SELECT position FROM skipped WHERE import_id = ?", (root,)).fetchall()
+    seen = Counter(p for (p,) in imported + skipped)
+    dupes = [p for p, n in seen.items() if n > 1]
+    if dupes:
+        violations.append(f"{len(dupes)} input records are in the sink more than once (e.g. {dupes[0]})")
+    if finished:
+        missing = expected_records - len(set(seen) & set(range(expected_records)))
+        if missing:
+            violations.append(
+                f"{missing} of {expected_records} input records are neither imported nor skipped"
+            )
+        extra = set(seen) - set(range(expected_records))
+        if extra:
+            violations.append(f"{len(extra)} sink rows have positions outside the input")
+        root_promise = promises.get(root)
+        if root_promise is None or root_promise["state"] != "resolved":
+            violations.append(f"root {root} is not resolved")
+        else:
+            result = root_promise["value"]
+            expect = {"total_records": expected_records, "total_processed": len(imported),
+                      "total_skipped": len(skipped), "batch_count": len(batches)}
+            for key, want in expect.items():
+                if result.get(key) != want:
+                    violations.append(f"summary {key} is {result.get(key)}, the sink says {want}")
+        unresolved = [b for b, p in batches.items() if p["state"] != "resolved"]
+        if unresolved:
+            violations.append(f"batches not resolved: {sorted(unresolved)[:5]}")
+        if set(commits) != {prefix + str(b) for b in batches}:
+            violations.append("batch_commits do not match the resolved batches")
+
+    # 3. Forward progress: each worker starts at the first batch that was unresolved when it
+    #    started, and then moves forward one batch at a time.
+    by_pid: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+    order: list[int] = []
+    for row in execs:
+        if row[3] not in by_pid:
+            order.append(row[3])
+        by_pid[row[3]].append(row)
+    for pid in order:
+        rows = by_pid[pid]
+        first_start = rows[0][4]
+        resolved_before = sum(1 for p in batches.values()
+                              if p["settled_at"] is not None and p["settled_at"] < first_start)
+        if rows[0][1] != resolved_before:
+            violations.append(f"worker {pid} started at batch {rows[0][1]}, "
+                              f"not at the first unfinished batch {resolved_before}")
+        for prev, cur in itertools.pairwise(rows):
+            if cur[1] not in (prev[1], prev[1] + 1):
+                violations.append(f"worker {pid} jumped from batch {prev[1]} to {cur[1]}")
+
+    # 4. One worker at a time: once executions move on to another pid, the earlier pid never
+    #    executes again.
+    pids = [row[3] for row in execs]
+    runs = [p for i, p in enumerate(pids) if i == 0 or p != pids[i - 1]]
+    if len(runs) != len(set(runs)):
+        violations.append("executions of two workers interleave")
+
+    return {
+        "ok": not violations,
+        "violations": violations,
+        "batches": len(batches),
+        "workers": len(order),
+        "executions": len(execs),
+        "reruns_of_completed_batches": sum(1 for v in violations if "ran again" in v),
+        "imported": len(imported),
+        "skipped": len(skipped),
+        "duplicate_rows": len(dupes),
+        "lost": max(0, expected_records - len(seen)) if finished else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--records", type=int)
+    p.add_argument("--input", type=Path)
+    p.add_argument("--unfinished", action="store_true", help="the import may still be in progress")
+    args = p.parse_args(argv)
+    verdict = audit(args.state_dir, args.id, count_input(args.records, args.input),
+                    finished=not args.unfinished)
+    print(json.dumps(verdict))
+    return 0 if verdict["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
