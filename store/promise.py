@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class State(StrEnum):
@@ -13,9 +12,11 @@ class State(StrEnum):
     REJECTED = "rejected"
 
 
-@dataclass(frozen=True, slots=True)
-class Promise:
+class Promise(NamedTuple):
     """A snapshot of one promise; stores hand out new snapshots, never mutate one.
+
+    A NamedTuple rather than a frozen dataclass: replay builds one per step, and this is the
+    cheapest immutable record Python has.
 
     `attempts` counts every attempt ever started. `attempts_at_reopen` is the count when an
     operator last reopened a rejected promise, so a retry budget restarts without losing history.

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .retry import RetryPolicy
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """A durable call a workflow yields; the runner sends back its result."""
+class Call(NamedTuple):
+    """A durable call a workflow yields; the runner sends back its result (a NamedTuple: one is
+    built per step, on the hot path of replay)."""
 
     promise_id: str
     fn: Callable[..., Any]

@@ -104,19 +104,18 @@ class Runner:
     ) -> None:
         """Replay must meet the call that was recorded at this id, or refuse to go on."""
         stored = promise.param
-        if root:
-            if stored != normalize(param):
-                raise WorkflowConflictError(promise.id, stored, normalize(param))
+        if _same_param(stored, param):
             return
+        if root:
+            raise WorkflowConflictError(promise.id, stored, normalize(param))
         recorded = f"{stored.get('fn')} v{stored.get('v')}"
         if recorded != f"{entry.name} v{entry.version}":
             raise NonDeterminismError(promise.id, recorded, f"{entry.name} v{entry.version}")
-        if stored != normalize(param):
-            raise NonDeterminismError(
-                promise.id,
-                f"{recorded} with args {stored.get('args')}",
-                f"{entry.name} v{entry.version} with args {normalize(param['args'])}",
-            )
+        raise NonDeterminismError(
+            promise.id,
+            f"{recorded} with args {stored.get('args')}",
+            f"{entry.name} v{entry.version} with args {normalize(param['args'])}",
+        )
 
     # -- workflows -------------------------------------------------------------------------
 
@@ -233,6 +232,19 @@ class Runner:
     def _emit(self, kind: str, call: Call, entry: Registered, **detail: Any) -> None:
         if self._on_event is not None:
             self._on_event(StepEvent(kind, call.promise_id, entry.name, **detail))
+
+
+def _same_param(stored: dict[str, Any], param: dict[str, Any]) -> bool:
+    """Whether a recorded param equals a new one as the store would read it back.
+
+    Replay checks this once per step, so the plain comparison comes first; only when it differs
+    (say, a tuple argument stored as a list) is the new param normalised through JSON.
+    """
+    if stored.get("args") == list(param["args"]) and stored.keys() == param.keys() and all(
+        stored[k] == param[k] for k in param if k != "args"
+    ):
+        return True
+    return stored == normalize(param)
 
 
 def run(
