@@ -58,7 +58,6 @@ CREATE TABLE IF NOT EXISTS executions (
     outcome TEXT
 );
 """
-_ID_CHUNK = 500
 
 
 class Sink:
@@ -116,21 +115,26 @@ class Sink:
         rows = list(rows)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            good, skipped = self._classify(rows)
+            good = [r for r in rows if r.problem is None]
+            skipped = [(r, r.problem) for r in rows if r.problem is not None]
+            before = self._db.total_changes
             half = len(good) // 2
             self._insert_records(import_id, batch, good[:half])
             halfway()
             self._insert_records(import_id, batch, good[half:])
+            duplicates = []
+            if self._db.total_changes - before != len(good):
+                duplicates = self._duplicates(import_id, good)
+                skipped += duplicates
             self._db.executemany(
-                "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)",
-                [(import_id, r.position, batch, r.line, r.record_id, why) for r, why in skipped],
+                INSERT_SKIPPED, [skipped_row(import_id, batch, r, why) for r, why in skipped]
             )
             summary = {
                 "batch": batch,
                 "records": len(rows),
-                "processed": len(good),
+                "processed": len(good) - len(duplicates),
                 "skipped": len(skipped),
-                "reasons": dict(sorted(Counter(reason for _, reason in skipped).items())),
+                "reasons": dict(sorted(Counter(why for _, why in skipped).items())),
             }
             self._db.execute(
                 "INSERT INTO batch_commits VALUES (?, ?, ?, ?, ?)",
@@ -143,44 +147,33 @@ class Sink:
             raise
         return summary
 
-    def _classify(self, rows: list[Row]) -> tuple[list[Row], list[tuple[Row, str]]]:
-        """Split rows into importable ones and skipped ones; a repeated id is a duplicate."""
-        ids = [r.record_id for r in rows if r.problem is None]
-        taken = self._existing_ids(ids)
-        good: list[Row] = []
-        skipped: list[tuple[Row, str]] = []
-        for row in rows:
-            if row.problem is not None:
-                skipped.append((row, row.problem))
-            elif row.record_id in taken:
-                skipped.append((row, records.DUPLICATE_ID))
-            else:
-                taken.add(row.record_id)
-                good.append(row)
-        return good, skipped
-
-    def _existing_ids(self, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for i in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[i : i + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT id FROM records WHERE id IN ({marks})"
-            found.update(r[0] for r in self._db.execute(query, chunk))
-        return found
+    def _duplicates(self, import_id: str, good: list[Row]) -> list[tuple[Row, str]]:
+        """The rows the insert ignored: their id was taken by an earlier record."""
+        lo, hi = good[0].position, good[-1].position
+        inserted = {p for (p,) in self._db.execute(
+            "SELECT position FROM records WHERE import_id = ? AND position BETWEEN ? AND ?",
+            (import_id, lo, hi),
+        )}
+        return [(r, records.DUPLICATE_ID) for r in good if r.position not in inserted]
 
     def _insert_records(self, import_id: str, batch: int, rows: list[Row]) -> None:
-        self._db.executemany(
-            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r.record_id, import_id, r.position, batch, r.record.get("name"),
-                    r.record.get("email"), _extra(r.record),
-                )
-                for r in rows
-            ],
-        )
+        """Insert rows; one whose id is already taken is ignored (first occurrence wins)."""
+        self._db.executemany(INSERT_RECORD, [record_row(import_id, batch, r) for r in rows])
 
 
-def _extra(record: dict[str, Any]) -> str | None:
-    extra = {k: v for k, v in record.items() if k not in records.REQUIRED_FIELDS}
-    return orjson.dumps(extra).decode() if extra else None
+INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)"
+INSERT_SKIPPED = "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)"
+_REQUIRED = frozenset(records.REQUIRED_FIELDS)
+
+
+def record_row(import_id: str, batch: int, row: Row) -> tuple[Any, ...]:
+    """The `records` row of an importable input row; fields beyond the required ones go to `extra`."""
+    record = row.record
+    extra = None
+    if not record.keys() <= _REQUIRED:
+        extra = orjson.dumps({k: v for k, v in record.items() if k not in _REQUIRED}).decode()
+    return (row.record_id, import_id, row.position, batch, record["name"], record["email"], extra)
+
+
+def skipped_row(import_id: str, batch: int, row: Row, reason: str) -> tuple[Any, ...]:
+    return (import_id, row.position, batch, row.line, row.record_id, reason)
