@@ -136,6 +136,11 @@ class Supervisor:
                 return
             if end.returncode not in exitcodes.RESTARTABLE and end.returncode > 0:
                 self.report.error = watch.report.error or child.last_error() or end.describe()
+                if end.returncode == exitcodes.FAILED:
+                    self.report.error += (
+                        f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}`"
+                        " and run the same command again to resume"
+                    )
                 return
             unplanned += 1
             if unplanned > self.s.max_restarts:
