@@ -1,0 +1,283 @@
+"""Helpers of the workflow tests: raw looks at a store file, and child processes to SIGKILL.
+
+The child processes announce where they stand as JSON lines on a pipe; the tests wait for an
+announcement, then SIGKILL. Waiting is bounded by SAFETY_TIMEOUT_S only so that a broken child
+fails the test instead of hanging it: no test asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from store import Durability, JsonlStore
+
+HERE = Path(__file__).resolve().parent
+FLAKY_CHILD = HERE / "flaky_child.py"
+SAFETY_TIMEOUT_S = 60.0
+STORE_FILE = "store.jsonl"
+SINK_FILE = "import.db"
+
+Event = dict[str, Any]
+
+
+# -- the store file ---------------------------------------------------------------------------
+
+
+def open_store(path: Path) -> JsonlStore:
+    return JsonlStore(path, exclusive=True, durability=Durability.NONE)
+
+
+def read_store(path: Path) -> JsonlStore:
+    """A read-only view of a store another process may have written (or died writing)."""
+    return JsonlStore(path, readonly=True)
+
+
+def drop_store_records(path: Path, op: str, promise_id: str) -> int:
+    """Delete the `op` records of `promise_id` from a store file; return how many went."""
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        record = json.loads(line)
+        if record["op"] == op and record["id"] == promise_id:
+            dropped += 1
+        else:
+            kept.append(line)
+    path.write_bytes(b"".join(kept))
+    return dropped
+
+
+# -- reading announcements from a child -------------------------------------------------------
+
+
+class JsonLines:
+    """The JSON lines a child writes on a pipe, one at a time, as they come."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = b""
+        self._ready: deque[Event] = deque()
+
+    def next(self) -> Event | None:
+        """The next line, or None once the writer is gone."""
+        deadline = time.monotonic() + SAFETY_TIMEOUT_S
+        while not self._ready:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("child neither wrote a line nor exited")
+            ready, _, _ = select.select([self._fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                return None
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            self._ready.extend(json.loads(line) for line in lines if line.strip())
+        return self._ready.popleft()
+
+    def until(self, wanted: Callable[[Event], bool], seen: list[Event]) -> Event | None:
+        """Read into `seen` up to the first line that is `wanted` (returned), or to the end."""
+        while (event := self.next()) is not None:
+            seen.append(event)
+            if wanted(event):
+                return event
+        return None
+
+
+def _reap(proc: subprocess.Popen[bytes], kill: bool) -> int:
+    if kill:
+        os.kill(proc.pid, signal.SIGKILL)
+    try:
+        return proc.wait(timeout=SAFETY_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- the import worker ------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerRun:
+    """How one worker process ended, what it reported, and the failpoint the kill answered."""
+
+    returncode: int
+    events: list[Event] = field(default_factory=list)
+    killed_at: Event | None = None
+
+    def batches(self, kind: str) -> list[int]:
+        """The batches of the step events of `kind` (started, resolved, replayed...)."""
+        return [e["batch"] for e in self.events
+                if e["event"] == "step" and e["kind"] == kind and e["batch"] is not None]
+
+
+def worker_argv(
+    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, *extra: str
+) -> list[str]:
+    return [
+        sys.executable, "-m", "workflow.importer", "--state-dir", str(state_dir), "--id", root_id,
+        "--source", json.dumps(source), "--batch-size", str(batch_size), "--durability", "none",
+        *extra,
+    ]
+
+
+def worker_env(failpoints: list[dict[str, Any]] | None = None, fd: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
+    if failpoints:
+        env["DURABLE_FAILPOINTS"] = json.dumps(failpoints)
+    if fd is not None:
+        env["DURABLE_FAILPOINT_FD"] = str(fd)
+    return env
+
+
+def pause_at(batch: int) -> dict[str, Any]:
+    """The failpoint halfway through batch `batch`'s rows, before its transaction commits."""
+    return {"name": "batch.mid", "key": str(batch), "action": "pause"}
+
+
+def _spawn_worker(
+    state_dir: Path,
+    root_id: str,
+    source: dict[str, Any],
+    batch_size: int,
+    extra: tuple[str, ...],
+    failpoints: list[dict[str, Any]],
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a worker whose progress (and failpoint announcements) come on the returned fd."""
+    read_fd, write_fd = os.pipe()
+    try:
+        argv = worker_argv(state_dir, root_id, source, batch_size, "--progress-fd", str(write_fd),
+                           *extra)
+        with open(state_dir / "worker.log", "ab") as log:
+            proc = subprocess.Popen(argv, pass_fds=(write_fd,), env=worker_env(failpoints, write_fd),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    cwd=state_dir)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return proc, read_fd
+
+
+def run_worker(
+    state_dir: Path,
+    root_id: str,
+    source: dict[str, Any],
+    batch_size: int,
+    *extra: str,
+    kill_at_batch: int | None = None,
+    failpoints: list[dict[str, Any]] | None = None,
+    term_when: Callable[[Event], bool] | None = None,
+) -> WorkerRun:
+    """Run `python -m workflow.importer` to its end, or SIGKILL it when it pauses mid-batch.
+
+    With `kill_at_batch`, the batch.mid failpoint of that batch is armed; the worker announces
+    it on the progress pipe and waits there, and this SIGKILLs it. A worker that never reaches
+    it (the batch was done before) just runs to its end. `term_when` picks a progress event
+    after which the worker gets a SIGTERM.
+    """
+    points = list(failpoints or [])
+    if kill_at_batch is not None:
+        points.append(pause_at(kill_at_batch))
+    proc, read_fd = _spawn_worker(state_dir, root_id, source, batch_size, extra, points)
+    try:
+        try:
+            events, announcement = _watch(JsonLines(read_fd), proc, term_when)
+        except BaseException:
+            _reap(proc, kill=True)
+            raise
+        returncode = _reap(proc, kill=announcement is not None)
+    finally:
+        os.close(read_fd)
+    return WorkerRun(returncode, events, announcement)
+
+
+@contextmanager
+def worker_paused_at(
+    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, batch: int
+) -> Iterator[Event]:
+    """A worker paused halfway through batch `batch` (its announcement), SIGKILLed on exit."""
+    proc, read_fd = _spawn_worker(state_dir, root_id, source, batch_size, (), [pause_at(batch)])
+    try:
+        events: list[Event] = []
+        announcement = JsonLines(read_fd).until(lambda e: e["event"] == "failpoint", events)
+        assert announcement is not None, f"the worker ended without pausing: {events}"
+        yield announcement
+    finally:
+        _reap(proc, kill=proc.poll() is None)
+        os.close(read_fd)
+
+
+def _watch(
+    lines: JsonLines, proc: subprocess.Popen[bytes], term_when: Callable[[Event], bool] | None
+) -> tuple[list[Event], Event | None]:
+    """Read a worker's events to its end or to a failpoint announcement (returned); send it a
+    SIGTERM after the first event `term_when` picks."""
+    events: list[Event] = []
+    termed = term_when is None
+
+    def wanted(event: Event) -> bool:
+        return event["event"] == "failpoint" or (not termed and term_when(event))
+
+    while (event := lines.until(wanted, events)) is not None and event["event"] != "failpoint":
+        os.kill(proc.pid, signal.SIGTERM)
+        termed = True
+    return events, event
+
+
+def run_worker_plain(
+    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the worker to its end without a progress pipe; capture its output."""
+    return subprocess.run(
+        worker_argv(state_dir, root_id, source, batch_size, *extra), env=worker_env(),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=state_dir,
+        timeout=SAFETY_TIMEOUT_S, check=False,
+    )
+
+
+# -- the flaky-step child ---------------------------------------------------------------------
+
+
+@dataclass
+class ChildRun:
+    returncode: int
+    output: Event | None  # the child's last stdout line, when it ran to its end
+
+
+def run_flaky_child(store_path: Path, log_path: Path, *flags: str) -> ChildRun:
+    """Run flaky_child.py; SIGKILL it if it announces that it blocks (see its docstring)."""
+    argv = [sys.executable, str(FLAKY_CHILD), "--store", str(store_path), "--log", str(log_path),
+            *flags]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            cwd=store_path.parent, env=worker_env())
+    assert proc.stdout is not None
+    events: list[Event] = []
+    try:
+        blocked = JsonLines(proc.stdout.fileno()).until(lambda e: e["event"] == "blocked", events)
+    except BaseException:
+        _reap(proc, kill=True)
+        raise
+    finally:
+        proc.stdout.close()
+    returncode = _reap(proc, kill=blocked is not None)
+    return ChildRun(returncode, None if blocked is not None or not events else events[-1])
+
+
+def attempts_logged(log_path: Path) -> list[int]:
+    """The attempt numbers flaky_child.py's step saw through current_step(), in order."""
+    if not log_path.exists():
+        return []
+    return [json.loads(line)["attempt"] for line in log_path.read_text().splitlines()]
