@@ -1,7 +1,7 @@
 """Durable promises: the only layer of the engine that touches the disk."""
 
 from .base import PromiseStore
-from .codec import normalize
+from .codec import normalize, same_json
 from .errors import (
     PromiseConflictError,
     PromiseNotFoundError,
@@ -26,4 +26,5 @@ __all__ = [
     "StoreLockedError",
     "StoreWriteError",
     "normalize",
+    "same_json",
 ]

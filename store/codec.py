@@ -31,14 +31,15 @@ def encode(record: dict[str, Any]) -> bytes:
 def decode(line: bytes) -> dict[str, Any]:
     """Parse one line (without its newline), verifying its checksum first."""
     try:
-        if line[-_SUFFIX_LEN:-10] == _CRC_KEY and zlib.crc32(line[:-_SUFFIX_LEN] + b"}") == int(
-            line[-10:-2], 16
+        if (
+            line[-_SUFFIX_LEN:-10] == _CRC_KEY
+            and b"%08x" % zlib.crc32(line[:-_SUFFIX_LEN] + b"}") == line[-10:-2]
         ):
             record = orjson.loads(line)
             if type(record) is dict:
                 del record["crc"]
                 return record
-    except ValueError:  # a checksum that is not hex, or JSON that does not parse
+    except orjson.JSONDecodeError:
         pass
     raise DamagedRecordError(_why_damaged(line))
 
@@ -46,11 +47,9 @@ def decode(line: bytes) -> dict[str, Any]:
 def _why_damaged(line: bytes) -> str:
     if len(line) <= _SUFFIX_LEN or line[-_SUFFIX_LEN:-10] != _CRC_KEY or line[-2:] != b'"}':
         return "no checksum at the end of the line"
-    try:
-        crc_ok = zlib.crc32(line[:-_SUFFIX_LEN] + b"}") == int(line[-10:-2], 16)
-    except ValueError:
-        return "checksum is not hexadecimal"
-    if not crc_ok:
+    if not all(c in b"0123456789abcdef" for c in line[-10:-2]):
+        return "checksum is not hexadecimal (8 lower-case digits)"
+    if b"%08x" % zlib.crc32(line[:-_SUFFIX_LEN] + b"}") != line[-10:-2]:
         return "checksum mismatch"
     try:
         orjson.loads(line)
@@ -62,3 +61,8 @@ def _why_damaged(line: bytes) -> str:
 def normalize(value: Any) -> Any:
     """The value as it reads back from the store (tuples become lists, and so on)."""
     return orjson.loads(orjson.dumps(value))
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two values are the same JSON document (so `True` is not `1`, nor `1.0`)."""
+    return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)

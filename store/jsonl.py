@@ -91,6 +91,8 @@ class JsonlStore:
 
     def create(self, promise_id: str, param: Any) -> Promise:
         """Create a pending promise, or return the existing one if it has the same param."""
+        if type(promise_id) is not str or not promise_id:
+            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
         param = self._normalize(promise_id, "param", param)
         existing = self.get(promise_id)
         if existing is not None:
@@ -158,14 +160,13 @@ class JsonlStore:
             self._fd = self._open_fd()
             if self._exclusive:
                 self._acquire_exclusive()
-        except OSError as exc:
-            self.close()
-            raise StoreError(f"{self.path}: cannot open store ({exc.strerror})") from exc
-        try:
             if self._readonly:
                 self._load_from_start()
             else:
                 self._locked(self._load_from_start)
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"{self.path}: cannot open store ({exc.strerror})") from exc
         except BaseException:
             self.close()
             raise
@@ -190,6 +191,8 @@ class JsonlStore:
             self._lock.acquire(self._lock_timeout, record_owner=record_owner)
         except LockHeldError as exc:
             raise StoreLockedError(self.path, exc.owner) from None
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot take the lock {self._lock.path} ({exc.strerror})") from exc
 
     def _load_from_start(self) -> None:
         self._index = {}
@@ -363,7 +366,11 @@ class JsonlStore:
         key = f"{record['op']}:{record['id']}"
         if failpoints.action("store.append", key) is not None:
             os.write(self._fd, line[: len(line) // 2])
-            failpoints.hit("store.append", key)
+            try:
+                failpoints.hit("store.append", key)
+            except BaseException:  # "raise": a write that failed; cut what it left
+                self._undo_partial_write()
+                raise
 
     def _normalize(self, promise_id: str, what: str, value: Any) -> Any:
         try:
@@ -375,18 +382,24 @@ class JsonlStore:
 
     def _compact(self) -> None:
         tmp = Path(f"{self.path}.compact")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            chunk: list[bytes] = []
-            for pid, entry in self._index.items():
-                chunk.append(encode(snapshot_record(snapshot(pid, entry))))
-                if len(chunk) >= 1024:
-                    os.write(fd, b"".join(chunk))
-                    chunk.clear()
-            os.write(fd, b"".join(chunk))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                chunk: list[bytes] = []
+                for pid, entry in self._index.items():
+                    chunk.append(encode(snapshot_record(snapshot(pid, entry))))
+                    if len(chunk) >= 1024:
+                        os.write(fd, b"".join(chunk))
+                        chunk.clear()
+                os.write(fd, b"".join(chunk))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreWriteError(
+                f"{self.path}: compaction failed ({exc.strerror}); the store is unchanged"
+            ) from exc
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
         os.close(self._fd)

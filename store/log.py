@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .codec import same_json
 from .errors import PromiseConflictError, PromiseNotFoundError
 from .promise import Promise, State
 
@@ -81,7 +82,7 @@ def _entry_from_snapshot(pid: str, record: dict[str, Any]) -> Entry:
 
 def check_create(existing: Promise, param: Any) -> None:
     """Creating an existing id is idempotent only with the same (normalised) param."""
-    if existing.param != param:
+    if not same_json(existing.param, param):
         raise PromiseConflictError(
             existing.id, f"exists with param {existing.param!r}, not {param!r}"
         )
@@ -94,7 +95,7 @@ def check_settle(existing: Promise | None, promise_id: str, state: State, outcom
     if existing.state is State.PENDING:
         return True
     stored = existing.value if existing.state is State.RESOLVED else existing.error
-    if existing.state is state and stored == outcome:
+    if existing.state is state and same_json(stored, outcome):
         return False
     raise PromiseConflictError(
         promise_id, f"already {existing.state.value} with {stored!r}; cannot settle it again"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from store import Promise, PromiseStore, State, StoreError, normalize
+from store import Promise, PromiseStore, State, StoreError, normalize, same_json
 
 from .context import Call, Context, StepInfo, _current_step
 from .errors import (
@@ -104,7 +104,7 @@ class Runner:
     ) -> None:
         """Replay must meet the call that was recorded at this id, or refuse to go on."""
         stored = promise.param
-        if _same_param(stored, param):
+        if same_json(stored, param):
             return
         if root:
             raise WorkflowConflictError(promise.id, stored, normalize(param))
@@ -232,19 +232,6 @@ class Runner:
     def _emit(self, kind: str, call: Call, entry: Registered, **detail: Any) -> None:
         if self._on_event is not None:
             self._on_event(StepEvent(kind, call.promise_id, entry.name, **detail))
-
-
-def _same_param(stored: dict[str, Any], param: dict[str, Any]) -> bool:
-    """Whether a recorded param equals a new one as the store would read it back.
-
-    Replay checks this once per step, so the plain comparison comes first; only when it differs
-    (say, a tuple argument stored as a list) is the new param normalised through JSON.
-    """
-    if stored.get("args") == list(param["args"]) and stored.keys() == param.keys() and all(
-        stored[k] == param[k] for k in param if k != "args"
-    ):
-        return True
-    return stored == normalize(param)
 
 
 def run(

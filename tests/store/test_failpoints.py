@@ -193,12 +193,6 @@ def test_after_an_injected_fault_a_shared_store_cuts_the_half_line(
         assert [p.id for p in store.list()] == ["a", "b", "c"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with action 'raise' at store.append the half line stays in the file; an "
-    "exclusive store never refreshes, so its next append is glued onto the half line "
-    "(that record is lost as a 'torn tail' on reopen, or StoreCorruptedError if more follow)",
-)
 def test_after_an_injected_fault_an_exclusive_store_keeps_its_next_appends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

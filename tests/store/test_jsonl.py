@@ -83,11 +83,6 @@ def test_create_conflict_is_detected_after_a_reopen(path: Path) -> None:
         store.create("a", 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_create/check_settle compare with Python ==, where True == 1, so a "
-    "different JSON value (true vs 1) is taken for the same one",
-)
 def test_create_with_true_where_the_param_was_1_conflicts(store: JsonlStore) -> None:
     store.create("a", {"flag": 1})
     with pytest.raises(PromiseConflictError):
@@ -159,11 +154,6 @@ def test_settling_a_resolved_promise_differently_conflicts(
     assert store.get("a").value == {"rows": 10}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_settle compares with Python ==, where True == 1: resolve(id, True) "
-    "after resolve(id, 1) returns the old promise (value 1) instead of raising a conflict",
-)
 def test_resolving_with_true_after_1_conflicts(store: JsonlStore) -> None:
     store.create("a", None)
     store.resolve("a", 1)
@@ -322,12 +312,6 @@ def test_a_set_is_not_json(store: JsonlStore) -> None:
         store.resolve("a", {1, 2})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-string promise id is not checked before the write: create(5, ...) "
-    "appends the record, then apply() raises InvalidRecordError; every later open of the "
-    "file raises StoreCorruptedError ('record has no promise id')",
-)
 def test_a_non_string_id_is_refused_before_anything_is_written(path: Path) -> None:
     with JsonlStore(path) as store:
         store.create("ok", 1)

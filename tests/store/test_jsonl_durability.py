@@ -329,12 +329,6 @@ def test_an_exclusive_open_in_a_read_only_directory_is_a_store_error(
     assert "Permission denied" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a shared (default) open of an existing store in a read-only directory "
-    "raises filelock's bare PermissionError on <store>.lock, not a StoreError: the lock "
-    "taken in JsonlStore._locked is outside the OSError -> StoreError translation in _open",
-)
 def test_a_shared_open_in_a_read_only_directory_is_a_store_error(
     readonly_dir_results: dict[str, list],
 ) -> None:

@@ -115,12 +115,6 @@ def test_store_locked_error_is_a_store_error() -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the exclusive lock times out, JsonlStore.__init__ raises "
-    "StoreLockedError without closing the store file it already opened: one leaked file "
-    "descriptor per refused open",
-)
 def test_refused_exclusive_open_leaks_no_file_descriptor(path: Path) -> None:
     with JsonlStore(path, exclusive=True):
         before = open_fds()
