@@ -38,7 +38,8 @@ def load_store(path: Path) -> dict[str, dict[str, Any]]:
         rec = json.loads(body + b"}")
         pid, op = rec["id"], rec["op"]
         if op == "create":
-            promises[pid] = {"state": "pending", "attempts": 0, "settled_at": None, "value": None}
+            promises[pid] = {"state": "pending", "attempts": rec.get("n", 0), "settled_at": None,
+                             "value": None}
         elif op == "promise":
             promises[pid] = {"state": rec["state"], "attempts": rec["attempts"],
                              "settled_at": rec["settled"], "value": rec["value"]}

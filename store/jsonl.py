@@ -7,7 +7,9 @@ filelock every appender takes; `<path>.lock.owner` names the last process to hol
 Locking: a *shared* store takes the lock around every append (about 100 µs), so any number of
 processes can append to one file. An *exclusive* store takes it once at open and holds it until
 close, so a durable settle costs one write plus one fdatasync; that is how a workflow worker
-opens its store, and it makes a second worker on the same store fail fast.
+opens its store, and it makes a second worker on the same store fail fast. An exclusive store
+also holds a new promise's `create` back until its next write, so a step's creation and first
+attempt are one line (other processes see the creation with that line).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class JsonlStore:
         self._lock = None if readonly else OwnedLock(f"{self.path}.lock")
         self._holding_lock = False
         self._failed: OSError | None = None
+        self._held: dict[str, Any] | None = None  # an exclusive store's create, not yet written
         self._index: dict[str, Entry] = {}
         self._offset = 0  # bytes of whole, indexed lines
         self._lines = 0
@@ -135,7 +138,11 @@ class JsonlStore:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            try:
+                if self._failed is None:
+                    self._write_held()
+            finally:
+                os.close(self._fd)
             self._fd = -1
         if self._exclusive and self._holding_lock:
             self._lock.release()
@@ -298,12 +305,28 @@ class JsonlStore:
         if existing is not None:
             check_create(existing, param)
             return existing
-        return self._append({"op": "create", "id": promise_id, "param": param, "t": time.time()})
+        record = {"op": "create", "id": promise_id, "param": param, "t": time.time()}
+        if not self._exclusive:
+            return self._append(record)
+        # Held back until the next write, so that a step's creation and its first attempt
+        # become one line. Nobody else reads an exclusive store's file for it, and a create is
+        # not synced anyway: if the process dies first, the replay creates it again.
+        self._write_held()
+        self._held = record
+        apply(self._index, record)
+        return self._promise(promise_id)
 
     def _start_attempt(self, promise_id: str) -> int:
         promise = check_attempt(self._promise(promise_id), promise_id)
         n = promise.attempts + 1
-        self._append({"op": "attempt", "id": promise_id, "n": n, "t": time.time()})
+        record = {"op": "attempt", "id": promise_id, "n": n, "t": time.time()}
+        held = self._held
+        if held is not None and held["id"] == promise_id:
+            self._held = None
+            self._write({**held, "n": n})
+            apply(self._index, record)
+        else:
+            self._append(record)
         return n
 
     def _settle(self, promise_id: str, state: State, outcome: Any) -> Promise:
@@ -322,7 +345,19 @@ class JsonlStore:
         return self._append(record, sync=True)
 
     def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
-        """Write one record (one write() call), sync it if asked, then fold it into the index."""
+        """Write one record, sync it if asked, then fold it into the index."""
+        self._write_held()
+        self._write(record, sync=sync)
+        apply(self._index, record)
+        return snapshot(record["id"], self._index[record["id"]])
+
+    def _write_held(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._write(held)
+
+    def _write(self, record: dict[str, Any], *, sync: bool = False) -> None:
+        """Write one record with one write() call; sync it if asked."""
         line = encode(record)
         if failpoints.armed:
             self._torn_write_failpoint(record, line)
@@ -340,8 +375,6 @@ class JsonlStore:
             self._sync()
         self._offset += written
         self._lines += 1
-        apply(self._index, record)
-        return snapshot(record["id"], self._index[record["id"]])
 
     def _promise(self, promise_id: str) -> Promise | None:
         entry = self._index.get(promise_id)
@@ -381,6 +414,7 @@ class JsonlStore:
             ) from None
 
     def _compact(self) -> None:
+        self._write_held()
         tmp = Path(f"{self.path}.compact")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

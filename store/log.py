@@ -31,7 +31,8 @@ def apply(index: dict[str, Entry], record: dict[str, Any]) -> None:
     if op == "create":
         if pid in index:
             raise InvalidRecordError(f"promise {pid} created twice")
-        index[pid] = [record["param"], State.PENDING, None, None, 0, 0, record["t"], None]
+        # An exclusive store writes a step's creation and first attempt as one line ("n": 1).
+        index[pid] = [record["param"], State.PENDING, None, None, record.get("n", 0), 0, record["t"], None]
         return
     if op == "promise":
         index[pid] = _entry_from_snapshot(pid, record)
