@@ -334,12 +334,18 @@ def test_same_function_with_other_args_is_non_determinism(store: JsonlStore) -> 
     assert "[1, 3]" in raised.value.actual
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the determinism check compares arguments with Python "
-                   "==, so True (JSON true) replays a call recorded with 1 (JSON 1)")
-def test_true_where_1_was_recorded_is_non_determinism(store: JsonlStore) -> None:
+@pytest.mark.parametrize("other", [True, 1.0])
+def test_true_or_float_where_1_was_recorded_is_non_determinism(store: JsonlStore, other: Any) -> None:
+    """Arguments compare as JSON, not with Python's == (where 1 == 1.0 == True)."""
     interrupted_run(store, calling(add, 1, 2), steps=1, calls=[])
     with pytest.raises(NonDeterminismError):
-        make_runner(store, []).run(ROOT, calling(add, True, 2))
+        make_runner(store, []).run(ROOT, calling(add, other, 2))
+
+
+def test_true_where_1_was_recorded_at_the_root_is_a_conflict(store: JsonlStore) -> None:
+    make_runner(store, []).run(ROOT, sum_chain, 1)
+    with pytest.raises(WorkflowConflictError):
+        make_runner(store, []).run(ROOT, sum_chain, True)
 
 
 def test_tuple_args_replay_as_the_lists_they_were_stored_as(store: JsonlStore) -> None:
