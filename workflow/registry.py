@@ -60,6 +60,6 @@ def lookup(name: str, version: int) -> Callable[..., Any]:
     """The function registered as `name` v`version`, or a KeyError saying what is registered."""
     entry = _by_name.get((name, version))
     if entry is None:
-        known = sorted(f"v{v}" for (n, v) in _by_name if n == name)
+        known = [f"v{v}" for v in sorted(v for (n, v) in _by_name if n == name)]
         raise KeyError(f"no function {name} v{version} is registered (known: {known or 'none'})")
     return entry.fn

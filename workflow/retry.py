@@ -58,12 +58,14 @@ class RetryPolicy:
         backoff is shifted to continue from there.
         """
         first = attempts_done
+        try:
+            multiplier = min(self.max_interval, self.initial * self.factor ** (first - 1))
+        except OverflowError:  # after a thousand attempts or so: the cap applies anyway
+            multiplier = self.max_interval
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts - first + 1),
             wait=tenacity.wait_exponential(
-                multiplier=self.initial * self.factor ** (first - 1),
-                exp_base=self.factor,
-                max=self.max_interval,
+                multiplier=multiplier, exp_base=self.factor, max=self.max_interval
             ),
             retry=tenacity.retry_if_exception(self.retryable),
             before_sleep=lambda state: on_retry(

@@ -153,7 +153,7 @@ class Runner:
         done = promise.attempts_since_reopen
         if done >= policy.max_attempts:
             self._fail(call, entry, AttemptsExhaustedError(
-                f"all {done} attempts were started and none finished (the process died)"
+                f"all {done} attempts were used; the last one was cut short (its process died)"
             ))
         try:
             value = self._attempt(call, entry)

@@ -537,8 +537,6 @@ def test_attempts_started_before_a_crash_count_and_backoff_continues(store_path:
     assert sleeps == [1, 4]  # after attempt 1, then after attempt 3: the backoff goes on
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RetryPolicy.retrying computes initial * factor ** "
-                   "(attempts_done - 1) in floats; past ~1025 attempts it raises OverflowError")
 def test_backoff_resumed_after_more_than_1024_attempts_is_capped_not_an_overflow(
     store_path: Path,
 ) -> None:

@@ -86,8 +86,6 @@ def test_csv_file_with_only_a_header_has_no_batches(tmp_path: Path) -> None:
     assert plan_batches(file_source(write(tmp_path / "in.csv", GOOD)), 10) == ()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a blank line before the CSV header raises IndexError "
-                   "(sources._csv_rows indexes header[0] of an empty row)")
 def test_csv_blank_line_before_the_header_is_ignored_or_a_source_error(tmp_path: Path) -> None:
     path = write(tmp_path / "in.csv", "\n" + GOOD + "1,a,a@b.io\n")
     try:
@@ -128,8 +126,6 @@ def test_jsonl_field_over_the_limit_is_field_too_large(tmp_path: Path) -> None:
     assert problems(read_rows(write(tmp_path / "in.jsonl", content))) == ["field_too_large"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a UTF-8 BOM makes the first JSON line malformed_json, "
-                   "while the CSV reader strips it")
 def test_jsonl_first_line_may_start_with_a_bom(tmp_path: Path) -> None:
     content = b'\xef\xbb\xbf{"id": 1, "name": "a", "email": "a@b.io"}\n'
     assert problems(read_rows(write(tmp_path / "in.jsonl", content))) == [None]

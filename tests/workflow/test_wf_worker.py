@@ -7,7 +7,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
 from wf_helpers import (
     SINK_FILE,
     STORE_FILE,
@@ -217,16 +216,11 @@ def test_second_worker_is_refused_while_the_first_holds_the_store(
     assert_audit_ok(audit, tmp_path, 500)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --batch-size 0 ends with a ValueError traceback and "
-                   "exit 1 (CRASHED, restartable) instead of a usage or fatal error")
 def test_batch_size_zero_is_not_a_restartable_crash(tmp_path: Path) -> None:
     done = run_worker_plain(tmp_path, ROOT, synthetic_source(10), 0)
     assert done.returncode in (exitcodes.USAGE, exitcodes.FATAL)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an input file rewritten with the same size (and the "
-                   "same batch boundaries) between a kill and the restart is not detected: only "
-                   "its size is checked, and the import mixes old and new content")
 def test_input_rewritten_with_the_same_size_is_refused_on_restart(tmp_path: Path) -> None:
     path = tmp_path / "people.csv"
     rows = [f"{i},name{i},user{i}@example.com" for i in range(6)]

@@ -70,11 +70,8 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
     if kind is None:
         raise SourceError(path, f"unknown extension {path.suffix!r} (use .csv or .jsonl)")
     try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        size = os.stat(path).st_size
+        digest = _sha256(path)
     except FileNotFoundError:
         raise SourceError(path, "no such file") from None
     except IsADirectoryError:
@@ -83,7 +80,7 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SourceError(path, f"cannot read ({exc.strerror})") from None
     if size == 0:
         raise SourceError(path, "file is empty: nothing to import")
-    return {"kind": kind, "path": str(path.resolve()), "size": size, "sha256": digest.hexdigest()}
+    return {"kind": kind, "path": str(path.resolve()), "size": size, "sha256": digest}
 
 
 def source_label(source: dict[str, Any]) -> str:
@@ -100,8 +97,9 @@ _plans: dict[bytes, tuple[dict[str, Any], ...]] = {}
 
 def plan_batches(source: dict[str, Any], batch_size: int) -> tuple[dict[str, Any], ...]:
     """The batch descriptors of `source`; reads a whole file once per process (then cached)."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch size must be a whole number of at least 1, not {batch_size!r}")
+    _check_descriptor(source)
     key = orjson.dumps([source, batch_size], option=orjson.OPT_SORT_KEYS)
     if key not in _plans:
         if source["kind"] == "synthetic":
@@ -110,6 +108,17 @@ def plan_batches(source: dict[str, Any], batch_size: int) -> tuple[dict[str, Any
             plan = _plan_file(source, batch_size)
         _plans[key] = tuple(plan)
     return _plans[key]
+
+
+def _check_descriptor(source: Any) -> None:
+    ok = isinstance(source, dict) and (
+        (source.get("kind") == "synthetic" and type(source.get("records")) is int
+         and source["records"] >= 0)
+        or (source.get("kind") in _FILE_READERS and isinstance(source.get("path"), str)
+            and type(source.get("size")) is int and isinstance(source.get("sha256"), str))
+    )
+    if not ok:
+        raise SourceError("source", f"not a valid source descriptor: {source!r}")
 
 
 def _plan_synthetic(source: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
@@ -159,16 +168,36 @@ def synthetic_record(i: int) -> dict[str, Any]:
     return {"id": f"r{i:09d}", "name": f"Person {i}", "email": f"user{i}{at}example.com"}
 
 
+_verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) when its digest last matched
+
+
 def _check_unchanged(source: dict[str, Any]) -> None:
+    """Refuse an input whose content is not what the import was planned on.
+
+    The SHA-256 is checked once per process (and again if size or mtime move), so a resumed
+    import never mixes two versions of a file.
+    """
+    path = source["path"]
     try:
-        size = os.stat(source["path"]).st_size
+        st = os.stat(path)
     except OSError as exc:
-        raise SourceError(source["path"], f"cannot read ({exc.strerror})") from None
-    if size != source["size"]:
+        raise SourceError(path, f"cannot read ({exc.strerror})") from None
+    if _verified.get(path) == (st.st_size, st.st_mtime_ns):
+        return
+    if st.st_size != source["size"] or _sha256(path) != source["sha256"]:
         raise SourceError(
-            source["path"],
-            f"input changed since the import started ({source['size']} -> {size} bytes)",
+            path, f"input changed since the import started (it was {source['size']} bytes, "
+            f"sha256 {source['sha256'][:12]}; it is {st.st_size} bytes now)"
         )
+    _verified[path] = (st.st_size, st.st_mtime_ns)
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _Lines:
@@ -208,6 +237,8 @@ def _jsonl_rows(
         lines = _Lines(f, source["path"], offset, end, line)
         start = offset
         for text in lines:
+            if start == 0:
+                text = text.removeprefix("\ufeff")
             if text.strip():  # blank lines are not records
                 yield _jsonl_row(text, position, lines.line), start, lines.pos
                 position += 1
@@ -230,9 +261,12 @@ def _csv_rows(
     path = source["path"]
     with _open(source) as f:
         header_lines = _Lines(f, path, 0, source["size"], 1)
-        header = _next_csv_record(csv.reader(header_lines, strict=True), header_lines, path)
+        header_reader = csv.reader(header_lines, strict=True)
+        header: list[str] | None = []
+        while header == []:  # blank lines before the header are not the header
+            header = _next_csv_record(header_reader, header_lines, path)
         if header is None:
-            return
+            raise SourceError(path, "has no header line (expected the columns id,name,email)")
         header[0] = header[0].removeprefix("\ufeff")
         _check_header(path, header)
         if offset < header_lines.pos:

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--id", required=True, help="root promise id of the import")
     p.add_argument("--source", type=orjson.loads, required=True, help="source descriptor (JSON)")
-    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--batch-size", type=_positive_int, required=True)
     p.add_argument("--progress-fd", type=int, default=None)
     p.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts)
     p.add_argument("--retry-initial", type=float, default=RetryPolicy.initial)
@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         return _end(progress, exitcodes.FATAL, str(exc))
     progress.send("finished", pid=os.getpid())
     return exitcodes.OK
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _end(progress: Progress, code: int, message: str) -> int:
