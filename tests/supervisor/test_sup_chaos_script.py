@@ -1,0 +1,35 @@
+"""scripts/chaos.sh: a short reproducible chaos run ends with a clean verdict line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from supervisor_helpers import REPO, child_env
+
+VERDICT = re.compile(
+    r"^chaos: runs=2 kills=(\d+) lost=0 reruns_of_completed_batches=0 duplicate_rows=0 "
+    r"violations=0 -> PASS$"
+)
+
+
+def _chaos(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = child_env({"PYTHON": sys.executable, "TMPDIR": str(tmp_path)})
+    return subprocess.run(["bash", "scripts/chaos.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_chaos_two_runs_pass_and_clean_up(tmp_path: Path) -> None:
+    result = _chaos(tmp_path, "2", "7")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and VERDICT.match(lines[0]), result.stdout
+    assert list(tmp_path.iterdir()) == []  # every run's state dir was removed
+
+
+def test_chaos_rejects_bad_arguments(tmp_path: Path) -> None:
+    result = _chaos(tmp_path, "zero")
+    assert result.returncode == 2
+    assert "usage: scripts/chaos.sh" in result.stderr

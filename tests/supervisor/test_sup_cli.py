@@ -1,0 +1,161 @@
+"""The CLI contract: usage errors, `status` that changes nothing, replaying a finished import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from supervisor_helpers import (
+    assert_audit_ok,
+    assert_finished,
+    batch_attempts,
+    executions,
+    root_id,
+    run_cli,
+    run_import,
+    snapshot,
+    start_import,
+    store_promises,
+    wait_until,
+)
+
+RECORDS = 200
+BATCH_SIZE = 50
+BATCHES = 4
+SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (("--batch-size", "0"), "--batch-size: must be at least 1"),
+    (("--batch-size", "-1"), "--batch-size: must be at least 1"),
+    ((*SIZES, "--kill-at-batch", str(BATCHES)), f"batch {BATCHES} is beyond the last batch"),
+    ((*SIZES, "--kill-at-batch", "1", "--kill-at-batch", "99"), "batch 99 is beyond the last batch"),
+    ((*SIZES, "--fail-at-batch", str(BATCHES)), f"batch {BATCHES} is beyond the last batch"),
+    (("--kill-at-batch", "-1"), "--kill-at-batch: must not be negative"),
+    (("--bogus",), "unrecognized arguments: --bogus"),
+    (("--input", "records.csv", "--records", "5"), "--records: not allowed with argument --input"),
+    (("--records", "ten"), "invalid"),
+], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
+        "fail-beyond-last", "kill-negative", "unknown-flag", "input-and-records", "records-not-a-number"])
+def test_usage_error_exits_2_and_touches_nothing(tmp_path: Path, args: tuple[str, ...],
+                                                 complaint: str) -> None:
+    state_dir = tmp_path / "state"
+    run = run_import(state_dir, *args)
+    assert run.returncode == 2, run.describe()
+    assert "usage: python -m supervisor" in run.stderr
+    assert complaint in run.stderr
+    assert run.stdout == ""
+    assert not state_dir.exists()
+
+
+def test_kill_at_the_last_batch_is_not_a_usage_error(tmp_path: Path) -> None:
+    run = run_import(tmp_path / "state", *SIZES, "--kill-at-batch", str(BATCHES - 1))
+    assert_finished(run, RECORDS, BATCH_SIZE)
+
+
+def test_status_prints_progress_without_changing_the_state_dir(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    assert_finished(run_import(state_dir, *SIZES, "--kill-at-batch", "2"), RECORDS, BATCH_SIZE)
+    before = snapshot(state_dir)
+
+    text = run_cli("status", state_dir, "--id", root)
+    as_json = run_cli("status", state_dir, "--id", root, "--json")
+
+    assert snapshot(state_dir) == before
+    assert text.returncode == 0, text.describe()
+    assert f"{root}: resolved, {BATCHES}/{BATCHES} batches done" in text.stdout
+    assert f"{BATCHES + 1} batch attempts in all" in text.stdout  # batch 2 ran twice
+    assert as_json.returncode == 0, as_json.describe()
+    status = json.loads(as_json.stdout)
+    assert (status["batches_done"], status["batch_count"], status["state"]) == (BATCHES, BATCHES, "resolved")
+    assert status["result"]["total_records"] == RECORDS
+
+
+def test_status_of_a_partial_import_changes_nothing(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    broken = {"DURABLE_FAILPOINTS": json.dumps([{"name": "batch.fail", "key": "1/1", "action": "raise"}])}
+    failed = run_import(state_dir, *SIZES, "--max-attempts", "1", env=broken)
+    assert failed.returncode == 1, failed.describe()
+    before = snapshot(state_dir)
+
+    status = run_cli("status", state_dir, "--id", root, "--json")
+
+    assert snapshot(state_dir) == before
+    assert status.returncode == 0, status.describe()
+    s = json.loads(status.stdout)
+    progress = (s["state"], s["batches_done"], s["batch_count"], s["batches_failed"])
+    assert progress == ("rejected", 1, BATCHES, 1)
+    assert "InjectedFault" in s["last_error"]
+
+
+def test_status_during_a_run_shows_the_pending_batch(tmp_path: Path, audit: ModuleType) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    sup = start_import(state_dir, *SIZES, "--fail-at-batch", "2", "--retry-initial", "30")
+    try:
+        wait_until(lambda: batch_attempts(audit, state_dir, root, 2) >= 1, "batch 2 starts")
+        status = run_cli("status", state_dir, "--id", root, "--json")
+        text = run_cli("status", state_dir, "--id", root)
+        assert sup.process.poll() is None  # still running: status did not get in its way
+    finally:
+        sup.close()
+
+    assert status.returncode == 0, status.describe()
+    s = json.loads(status.stdout)
+    assert (s["state"], s["batches_done"], s["batch_count"]) == ("pending", 2, BATCHES)
+    assert s["pending_batch"] == {"id": f"{root}.2", "attempts": 1}
+    assert f"2/{BATCHES} batches done" in text.stdout
+    assert f"pending: {root}.2 (1 attempt(s) started)" in text.stdout
+
+
+def test_status_of_an_unknown_import_is_an_error(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    missing = run_cli("status", state_dir, "--id", "import/nothing")
+    assert missing.returncode == 1
+    assert "no import has run" in missing.stderr
+    assert not state_dir.exists()
+    assert_finished(run_import(state_dir, *SIZES), RECORDS, BATCH_SIZE)
+    other = run_cli("status", state_dir, "--id", "import/nothing")
+    assert other.returncode == 1
+    assert root_id(RECORDS, BATCH_SIZE) in other.stderr  # the known imports are named
+
+
+def test_same_command_twice_replays_and_runs_no_batch(tmp_path: Path, audit: ModuleType) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    first = assert_finished(run_import(state_dir, *SIZES), RECORDS, BATCH_SIZE)
+    promises, runs = store_promises(audit, state_dir), executions(state_dir, root)
+
+    second = assert_finished(run_import(state_dir, *SIZES), RECORDS, BATCH_SIZE)
+
+    assert [c["executed"] for c in second["children"]] == [[]]
+    assert second["restarts"] == 0
+    totals = ("total_records", "total_processed", "total_skipped", "skipped_reasons", "batch_count")
+    assert {k: second[k] for k in totals} == {k: first[k] for k in totals}
+    assert store_promises(audit, state_dir) == promises
+    assert executions(state_dir, root) == runs
+    assert_audit_ok(audit, state_dir, root, RECORDS)
+
+
+def test_same_id_with_other_records_is_refused(tmp_path: Path, audit: ModuleType) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    assert_finished(run_import(state_dir, *SIZES), RECORDS, BATCH_SIZE)
+    before, runs = snapshot(state_dir), executions(state_dir, root)
+
+    other = run_import(state_dir, "--records", str(RECORDS + 100), "--batch-size", str(BATCH_SIZE),
+                       "--id", root)
+
+    assert other.returncode != 0, other.describe()
+    assert other.report is not None and other.report["ok"] is False
+    last_line = other.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and root in last_line, last_line
+    assert "already exists" in last_line
+    assert f"'records': {RECORDS}" in last_line and f"'records': {RECORDS + 100}" in last_line
+    assert snapshot(state_dir)["store.jsonl"] == before["store.jsonl"]
+    assert executions(state_dir, root) == runs
+    assert_audit_ok(audit, state_dir, root, RECORDS)
