@@ -95,8 +95,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         batch_count = len(plan_batches(source, args.batch_size))
     except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _refuse(str(exc), EXIT_FAILED, args.json)
     beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch] if k is not None and k >= batch_count]
     if beyond:
         parser.error(f"batch {beyond[0]} is beyond the last batch ({batch_count - 1}); "
@@ -122,8 +121,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         report = Supervisor(settings, live).run()
     except StateDirBusyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BUSY
+        return _refuse(str(exc), EXIT_BUSY, args.json)
     finally:
         if live is not None:
             live.close()
@@ -134,6 +132,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value
     return EXIT_FAILED
+
+
+def _refuse(error: str, code: int, as_json: bool) -> int:
+    """A run that could not start: one line on stderr (and a JSON report with --json)."""
+    print(f"error: {error}", file=sys.stderr)
+    if as_json:
+        _print({"ok": False, "error": error}, as_json)
+    return code
 
 
 def _print(report: Any, as_json: bool) -> None:

@@ -102,7 +102,7 @@ class Supervisor:
         return self.report
 
     def _loop(self) -> None:
-        unplanned = 0
+        unplanned = 0  # unplanned deaths in a row, with no batch done in between
         while True:
             next_batch = self._resolved_batches()
             kill = self._random.pop(0) if self._random else None
@@ -114,49 +114,55 @@ class Supervisor:
             end = child.reap()
             watch.report.exit = end.describe()
             self.report.children.append(watch.report)
-            self._log_end(end, watch)
-            if watch.kill is not None:
-                self.report.kills.append(watch.kill)
-                if watch.kill.kind == "kill-at-batch" and kill is not None:
-                    self._random.insert(0, kill)  # the random kill did not happen; keep it
-                self.report.restarts += 1
-                continue
-            if kill is not None:
-                self._random.insert(0, kill)
-            if self.stop_signal is not None:
-                self.report.interrupted_by = self.stop_signal.name
-                self.report.error = (
-                    f"interrupted by {self.stop_signal.name}; worker {end.pid} {end.describe()}; "
-                    f"{self._resolved_batches()} of {self.s.batch_count} batches done; "
-                    "run the same command again to resume"
-                )
-                return
+            # A kill counts only if it is what ended the child (it may have exited just before).
+            ours = watch.kill if end.signal is signal.SIGKILL else None
+            self._log_end(end, watch, ours)
+            if ours is not None:
+                self.report.kills.append(ours)
+            if kill is not None and (ours is None or ours.kind != kill.kind):
+                self._random.insert(0, kill)  # not delivered to this child: keep it for the next
             if end.returncode == exitcodes.OK:
                 self._finish(end)
                 return
-            if end.returncode not in exitcodes.RESTARTABLE and end.returncode > 0:
-                self.report.error = watch.report.error or child.last_error() or end.describe()
-                if end.returncode == exitcodes.FAILED:
-                    self.report.error += (
-                        f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}`"
-                        " and run the same command again to resume"
-                    )
+            if self.stop_signal is not None:
+                self._interrupted(
+                    f"worker {end.pid} {end.describe()}; {self._resolved_batches()} of "
+                    f"{self.s.batch_count} batches done; run the same command again to resume"
+                )
                 return
-            unplanned += 1
+            if ours is not None:
+                self.report.restarts += 1
+                continue
+            if end.returncode > 0 and end.returncode not in exitcodes.RESTARTABLE:
+                self._failed(end, child, watch)
+                return
+            unplanned = 1 if watch.report.executed else unplanned + 1
             if unplanned > self.s.max_restarts:
                 self.report.error = (
-                    f"gave up after {self.s.max_restarts} restarts: worker {end.pid} "
+                    f"gave up after {self.s.max_restarts} restarts in a row: worker {end.pid} "
                     f"{end.describe()}; last error: {child.last_error() or 'none'}"
                 )
                 return
-            self.report.restarts += 1
             delay = min(MAX_BACKOFF_S, self.s.restart_backoff * 2 ** (unplanned - 1))
-            log.warning("restarting the worker in %g s (restart %d of at most %d)",
+            log.warning("restarting the worker in %g s (restart %d in a row, at most %d)",
                         delay, unplanned, self.s.max_restarts)
             if self._sleep_unless_signalled(delay):
-                self.report.interrupted_by = self.stop_signal.name
-                self.report.error = f"interrupted by {self.stop_signal.name} while waiting to restart"
+                self._interrupted("while waiting to restart the worker")
                 return
+            self.report.restarts += 1
+
+    def _interrupted(self, detail: str) -> None:
+        self.report.interrupted_by = self.stop_signal.name
+        self.report.error = f"interrupted by {self.stop_signal.name}: {detail}"
+
+    def _failed(self, end: ChildEnd, child: Child, watch: _Watch) -> None:
+        """The worker ended with a status no restart can change."""
+        self.report.error = watch.report.error or child.last_error() or end.describe()
+        if end.returncode == exitcodes.FAILED:
+            self.report.error += (
+                f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}`"
+                " and run the same command again to resume"
+            )
 
     def _finish(self, end: ChildEnd) -> None:
         root = self._store_promise(self.s.root_id)
@@ -245,6 +251,8 @@ class Supervisor:
         kind = event.get("event")
         if kind == "step" and event.get("batch") is not None:
             self._on_batch_step(event, watch)
+        elif kind == "step" and event.get("kind") == "replayed" and event.get("id") == self.s.root_id:
+            watch.report.replayed = self.s.batch_count  # the import was done: all batches found done
         elif kind == "failpoint" and watch.kill is None:
             name, key = event.get("name"), event.get("key", "")
             if name == "batch.mid" and key.isdigit() and int(key) in self._pending_pauses:
@@ -277,8 +285,8 @@ class Supervisor:
         child.signal_group(signal.SIGKILL)
         watch.kill = KillReport(child.pid, kind, batch)
 
-    def _log_end(self, end: ChildEnd, watch: _Watch) -> None:
-        why = f" ({watch.kill.kind} kill of ours)" if watch.kill else ""
+    def _log_end(self, end: ChildEnd, watch: _Watch, ours: KillReport | None) -> None:
+        why = f" ({ours.kind} kill of ours)" if ours else ""
         log.info("worker %d %s%s: ran %d batch(es), replayed %d", end.pid, end.describe(), why,
                  len(watch.report.executed), watch.report.replayed)
 
@@ -333,8 +341,8 @@ class _SignalForwarding:
 
         def on_signal(signum: int, _frame: object) -> None:
             self._sup.stop_signal = signal.Signals(signum)
-            print(f"{signal.Signals(signum).name}: stopping the worker after its batch in flight",
-                  file=sys.stderr)
+            print(f"{signal.Signals(signum).name}: stopping; a running worker first finishes "
+                  "its batch in flight", file=sys.stderr)
 
         self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 

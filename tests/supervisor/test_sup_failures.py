@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
-import pytest
 from supervisor_helpers import (
     assert_audit_ok,
     assert_finished,
@@ -139,11 +138,6 @@ def test_retry_refuses_an_import_that_did_not_fail(tmp_path: Path) -> None:
     assert "only a failed import can be retried" in retry.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: --max-restarts is documented as 'unplanned restarts in a row', but supervise.py never "
-    "resets its count after a worker that made progress, so two separate crashes with progress "
-    "in between exhaust --max-restarts 1"
-))
 def test_max_restarts_counts_only_restarts_in_a_row(tmp_path: Path, audit: ModuleType) -> None:
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)

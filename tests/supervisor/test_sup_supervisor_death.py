@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from types import ModuleType
@@ -75,7 +76,8 @@ def test_second_supervisor_on_a_busy_state_dir_exits_3(tmp_path: Path, audit: Mo
     assert second.returncode == 3, second.describe()
     assert "another supervisor" in second.stderr
     assert f"pid {first.process.pid}" in second.stderr
-    assert second.stdout == ""
+    refusal = json.loads(second.stdout)  # --json: the refusal is a JSON report too
+    assert refusal["ok"] is False and "another supervisor" in refusal["error"]
     report = assert_finished(first_run, RECORDS, BATCH_SIZE)
     # Only the first supervisor's workers ever executed a batch.
     workers = {c["pid"] for c in report["children"]}
