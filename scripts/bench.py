@@ -266,14 +266,15 @@ def child_dbos(base: Path, n: int) -> dict[str, float]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def measure(base: Path, quick: bool) -> dict[str, Any]:
-    sizes = {"floor": 500 if quick else 3000, "durable": 500 if quick else 3000,
-             "cpu": 5000 if quick else 20000, "replay": [10_000] if quick else [10_000, 100_000],
-             "growth": [100, 1000, 10_000] if quick else [100, 1000, 10_000, 100_000],
-             "restarts": 3 if quick else 7, "import": [20_000, 100_000] if quick else [100_000, 1_000_000],
-             "dbos": 200 if quick else 500}
+FULL = {"floor": 3000, "durable": 3000, "cpu": 20_000, "replay": [10_000, 100_000],
+        "growth": [100, 1000, 10_000, 100_000], "restarts": 7, "import": [100_000, 1_000_000], "dbos": 500}
+QUICK = {"floor": 500, "durable": 500, "cpu": 5000, "replay": [10_000], "growth": [100, 1000, 10_000],
+         "restarts": 3, "import": [20_000, 100_000], "dbos": 200}
+
+
+def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    r: dict[str, Any] = {"quick": quick, "machine": machine}
+    r: dict[str, Any] = {"sizes": sizes, "machine": machine}
     log("floor (append + fdatasync of one 200-byte line) and durable step, alternating")
     rounds = []  # the disk's speed drifts on a shared machine: compare each step run to its own floor
     for _ in range(5):
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_dbos:
         print(json.dumps(child_dbos(args.dir, args.child_dbos)))
         return 0
-    results = measure(args.dir, args.quick)
+    results = measure(args.dir, QUICK if args.quick else FULL)
     print(table(results))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.out}")

@@ -1,0 +1,48 @@
+"""scripts/bench.py on tiny sizes, so the benchmark cannot rot. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50],
+        "restarts": 1, "import": [300, 600], "dbos": 5}
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_reports_every_metric_and_a_table(bench: ModuleType, tmp_path: Path) -> None:
+    results = bench.measure(tmp_path, TINY)
+    for key in ("floor_us", "durable_step_over_floor", "cpu_per_step_us", "replay_us_per_step",
+                "growth_spread", "restart_latency_s", "import_durable_over_plain", "rss_1m_over_100k",
+                "store_bytes_per_batch"):
+        assert results[key] > 0, key
+    assert results["import"]["durable"]["600"]["imported"] == results["import"]["plain"]["600"]["imported"]
+    table = bench.table(results)
+    assert "durable step" in table and "restart latency" in table
+    json.dumps(results)  # bench.json must be writable
+    assert list(tmp_path.iterdir()) == []  # scratch directories are cleaned up
+
+
+def test_cli_child_import_prints_json(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--child-import", "durable",
+         "--records", "250", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )
+    figures = json.loads(out.stdout)
+    assert figures["imported"] == sum(1 for i in range(250) if i % 20 != 13)
+    assert figures["max_rss_mb"] > 0
