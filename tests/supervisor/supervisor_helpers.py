@@ -26,6 +26,12 @@ RUN_TIMEOUT_S = 60.0
 STORE_FILE = "store.jsonl"
 SINK_FILE = "import.db"
 
+# The small import most crash tests run: 10 batches of 50 records.
+RECORDS = 500
+BATCH_SIZE = 50
+BATCHES = RECORDS // BATCH_SIZE
+SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
+
 
 @dataclass
 class Finished:

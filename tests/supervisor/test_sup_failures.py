@@ -9,6 +9,10 @@ from pathlib import Path
 from types import ModuleType
 
 from supervisor_helpers import (
+    BATCH_SIZE,
+    BATCHES,
+    RECORDS,
+    SIZES,
     assert_audit_ok,
     assert_finished,
     assert_report_matches_sink,
@@ -23,11 +27,6 @@ from supervisor_helpers import (
     wait_until,
     worker_of,
 )
-
-RECORDS = 500
-BATCH_SIZE = 50
-BATCHES = 10
-SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
 
 
 def _failpoints(*points: tuple[str, str, str]) -> dict[str, str]:

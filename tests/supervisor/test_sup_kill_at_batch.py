@@ -7,6 +7,9 @@ from types import ModuleType
 
 import pytest
 from supervisor_helpers import (
+    BATCH_SIZE,
+    BATCHES,
+    RECORDS,
     assert_audit_ok,
     assert_finished,
     assert_report_matches_sink,
@@ -15,10 +18,6 @@ from supervisor_helpers import (
     root_id,
     run_import,
 )
-
-RECORDS = 500
-BATCH_SIZE = 50
-BATCHES = 10
 
 
 def _check_one_kill_at(audit: ModuleType, state_dir: Path, kill_batch: int) -> None:

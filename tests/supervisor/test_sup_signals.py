@@ -8,6 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 from supervisor_helpers import (
+    BATCH_SIZE,
+    BATCHES,
+    RECORDS,
+    SIZES,
     assert_audit_ok,
     assert_finished,
     assert_report_matches_sink,
@@ -21,11 +25,6 @@ from supervisor_helpers import (
     store_promises,
     wait_until,
 )
-
-RECORDS = 500
-BATCH_SIZE = 50
-BATCHES = 10
-SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
 
 
 def _pause_in_batch(batch: int) -> dict[str, str]:

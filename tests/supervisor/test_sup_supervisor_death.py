@@ -8,6 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 from supervisor_helpers import (
+    BATCH_SIZE,
+    BATCHES,
+    RECORDS,
+    SIZES,
     assert_audit_ok,
     assert_finished,
     assert_report_matches_sink,
@@ -22,10 +26,6 @@ from supervisor_helpers import (
     worker_of,
 )
 
-RECORDS = 500
-BATCH_SIZE = 50
-BATCHES = 10
-SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
 ORPHAN_DEADLINE_S = 5.0
 
 
