@@ -81,7 +81,7 @@ class JsonlStore:
         self._lock_timeout = lock_timeout
         self._lock = None if readonly else OwnedLock(f"{self.path}.lock")
         self._holding_lock = False
-        self._failed: OSError | None = None
+        self._failed: str | None = None  # why writing must stop (a failed sync): reopen to go on
         self._held: dict[str, Any] | None = None  # an exclusive store's create, not yet written
         self._index: dict[str, Entry] = {}
         self._offset = 0  # bytes of whole, indexed lines
@@ -137,16 +137,21 @@ class JsonlStore:
         self._locked(self._compact)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            try:
-                if self._failed is None:
+        """Write what is held back, close the file and release an exclusive lock."""
+        fd, self._fd = self._fd, -1
+        try:
+            if fd >= 0 and self._failed is None and self._held is not None:
+                self._fd = fd
+                try:
                     self._write_held()
-            finally:
-                os.close(self._fd)
-            self._fd = -1
-        if self._exclusive and self._holding_lock:
-            self._lock.release()
-            self._holding_lock = False
+                finally:
+                    self._fd = -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if self._exclusive and self._holding_lock:
+                self._holding_lock = False
+                self._lock.release()
 
     def __enter__(self) -> JsonlStore:
         return self
@@ -164,9 +169,9 @@ class JsonlStore:
         if self.path.is_dir():
             raise StoreError(f"{self.path}: is a directory, not a store file")
         try:
-            self._fd = self._open_fd()
-            if self._exclusive:
+            if self._exclusive:  # lock first: the file we open is then the one we hold
                 self._acquire_exclusive()
+            self._fd = self._open_fd()
             if self._readonly:
                 self._load_from_start()
             else:
@@ -270,9 +275,9 @@ class JsonlStore:
             os.fsync(side_fd)
         finally:
             os.close(side_fd)
+        _fsync_dir(self.path.parent)  # the saved bytes are on disk before the tail goes
         os.ftruncate(self._fd, start)
         os.fsync(self._fd)
-        _fsync_dir(self.path.parent)
         log.warning(
             "%s:%d: cut off a torn last line (%d bytes, %s); its bytes are saved in %s",
             self.path, lineno, len(tail), reason, side,
@@ -285,9 +290,7 @@ class JsonlStore:
         if self._readonly:
             raise StoreError(f"{self.path}: store was opened read-only")
         if self._failed is not None:
-            raise StoreWriteError(
-                f"{self.path}: an earlier sync failed ({self._failed.strerror}); reopen the store"
-            )
+            raise StoreWriteError(f"{self.path}: {self._failed}; reopen the store")
         if self._holding_lock:
             return fn(*args)
         self._acquire_lock()
@@ -309,8 +312,9 @@ class JsonlStore:
         if not self._exclusive:
             return self._append(record)
         # Held back until the next write, so that a step's creation and its first attempt
-        # become one line. Nobody else reads an exclusive store's file for it, and a create is
-        # not synced anyway: if the process dies first, the replay creates it again.
+        # become one line. Other processes only read an exclusive store (status), and see the
+        # creation with that line; a create is not synced anyway: if the process dies first,
+        # the replay creates it again.
         self._write_held()
         self._held = record
         apply(self._index, record)
@@ -322,8 +326,8 @@ class JsonlStore:
         record = {"op": "attempt", "id": promise_id, "n": n, "t": time.time()}
         held = self._held
         if held is not None and held["id"] == promise_id:
-            self._held = None
             self._write({**held, "n": n})
+            self._held = None
             apply(self._index, record)
         else:
             self._append(record)
@@ -353,8 +357,8 @@ class JsonlStore:
 
     def _write_held(self) -> None:
         if self._held is not None:
-            held, self._held = self._held, None
-            self._write(held)
+            self._write(self._held)
+            self._held = None
 
     def _write(self, record: dict[str, Any], *, sync: bool = False) -> None:
         """Write one record with one write() call; sync it if asked."""
@@ -370,7 +374,10 @@ class JsonlStore:
             ) from exc
         if written != len(line):
             self._undo_partial_write()
-            raise StoreWriteError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+            raise StoreWriteError(
+                f"{self.path}: short write ({written} of {len(line)} bytes: the disk is full or a "
+                "file size limit was reached); nothing was written"
+            )
         if sync and self.durability is Durability.FULL:
             self._sync()
         self._offset += written
@@ -385,14 +392,15 @@ class JsonlStore:
             os.fdatasync(self._fd)
         except OSError as exc:
             # The kernel may have dropped the dirty pages: retrying would report a false success.
-            self._failed = exc
+            self._failed = f"an earlier sync failed (fdatasync: {exc.strerror})"
             raise StoreWriteError(f"{self.path}: fdatasync failed ({exc.strerror})") from exc
 
     def _undo_partial_write(self) -> None:
+        """Cut what a failed write left, so the file ends with a whole line again."""
         try:
             os.ftruncate(self._fd, self._offset)
-        except OSError:
-            log.exception("%s: could not cut a partial write; the next open will", self.path)
+        except OSError as exc:
+            self._failed = f"could not cut a partial write ({exc.strerror})"
 
     def _torn_write_failpoint(self, record: dict[str, Any], line: bytes) -> None:
         """`store.append` failpoint: write half the line, then pause to be killed mid-write."""
