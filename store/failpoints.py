@@ -6,8 +6,9 @@ listens or what happens next:
     DURABLE_FAILPOINTS='[{"name": "batch.mid", "key": "3", "action": "pause"}]'
 
 `pause` announces `{"event": "failpoint", ...}` as one line on the fd named by
-DURABLE_FAILPOINT_FD (stderr if unset) and waits there to be killed; `raise` raises InjectedFault.
-Unarmed, a hit costs one truth test.
+DURABLE_FAILPOINT_FD (stderr if unset) and waits there to be killed; `delay` announces the same
+and goes on after `"seconds"` (default 1); `raise` raises InjectedFault. Unarmed, a hit costs one
+truth test.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ import time
 ENV_POINTS = "DURABLE_FAILPOINTS"
 ENV_FD = "DURABLE_FAILPOINT_FD"
 PAUSE_LIMIT_S = 60.0
-ACTIONS = ("pause", "raise")
+ACTIONS = ("pause", "delay", "raise")
 
 
 class InjectedFault(RuntimeError):
     """Raised by a failpoint armed with action `raise`."""
 
 
-class FailpointTimeout(RuntimeError):
-    """A paused process was not killed in time: whoever armed the failpoint is gone."""
+class FailpointTimeout(BaseException):
+    """A paused process was not killed in time: whoever armed the failpoint is gone.
+
+    A BaseException, so that no step retries it as one of its own failures."""
 
 
-def _load() -> dict[tuple[str, str], str]:
+def _load() -> dict[tuple[str, str], dict[str, object]]:
     raw = os.environ.get(ENV_POINTS)
     if not raw:
         return {}
@@ -38,7 +41,7 @@ def _load() -> dict[tuple[str, str], str]:
     for entry in json.loads(raw):
         if entry["action"] not in ACTIONS:
             raise ValueError(f"{ENV_POINTS}: unknown action {entry['action']!r}")
-        points[(entry["name"], str(entry["key"]))] = entry["action"]
+        points[(entry["name"], str(entry["key"]))] = entry
     return points
 
 
@@ -48,23 +51,28 @@ armed = bool(_points)
 
 def action(name: str, key: str) -> str | None:
     """The action armed for this failpoint, or None."""
-    return _points.get((name, key)) if armed else None
+    entry = _points.get((name, key)) if armed else None
+    return None if entry is None else str(entry["action"])
 
 
 def hit(name: str, key: str) -> None:
     """Act on the failpoint `name` for `key` if it is armed."""
     if not armed:
         return
-    what = _points.get((name, key))
-    if what == "raise":
+    entry = _points.get((name, key))
+    if entry is None:
+        return
+    if entry["action"] == "raise":
         raise InjectedFault(f"injected fault at {name} {key}")
-    if what == "pause":
-        _announce_and_wait(name, key)
+    _announce(name, key)
+    if entry["action"] == "delay":
+        time.sleep(float(entry.get("seconds", 1.0)))
+        return
+    time.sleep(PAUSE_LIMIT_S)
+    raise FailpointTimeout(f"paused at {name} {key} for {PAUSE_LIMIT_S:.0f} s and nobody killed us")
 
 
-def _announce_and_wait(name: str, key: str) -> None:
+def _announce(name: str, key: str) -> None:
     fd = int(os.environ.get(ENV_FD, "2"))
     line = json.dumps({"event": "failpoint", "name": name, "key": key, "pid": os.getpid()})
     os.write(fd, line.encode() + b"\n")
-    time.sleep(PAUSE_LIMIT_S)
-    raise FailpointTimeout(f"paused at {name} {key} for {PAUSE_LIMIT_S:.0f} s and nobody killed us")

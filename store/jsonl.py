@@ -403,9 +403,13 @@ class JsonlStore:
             self._failed = f"could not cut a partial write ({exc.strerror})"
 
     def _torn_write_failpoint(self, record: dict[str, Any], line: bytes) -> None:
-        """`store.append` failpoint: write half the line, then pause to be killed mid-write."""
+        """`store.append` failpoint: write half the line, then pause to be killed mid-write
+        (or raise, like a failed write); `delay` only waits before the write."""
         key = f"{record['op']}:{record['id']}"
-        if failpoints.action("store.append", key) is not None:
+        what = failpoints.action("store.append", key)
+        if what == "delay":
+            failpoints.hit("store.append", key)
+        elif what is not None:
             os.write(self._fd, line[: len(line) // 2])
             try:
                 failpoints.hit("store.append", key)

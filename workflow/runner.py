@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from store import Promise, PromiseStore, State, StoreError, normalize, same_json
 
@@ -40,6 +40,13 @@ class StepEvent:
     attempt: int | None = None
     error: str | None = None
     delay: float | None = None
+
+
+_STOP_POLL_S = 0.1
+
+
+class ObserverError(EngineError):
+    """The `on_event` callback raised; the run stops without settling anything."""
 
 
 class AttemptsExhaustedError(Exception):
@@ -190,7 +197,7 @@ class Runner:
             retrying = policy.retrying(
                 attempts_done=done,
                 on_retry=lambda n, err, delay: self._log_retry(call, entry, n, err, delay),
-                sleep=self._sleep,
+                sleep=self._sleep_unless_stopped,
             )
             try:
                 return retrying(attempt)
@@ -219,7 +226,7 @@ class Runner:
         self._emit("resolved", call, entry)
         return promise.value
 
-    def _fail(self, call: Call, entry: Registered, exc: BaseException) -> None:
+    def _fail(self, call: Call, entry: Registered, exc: BaseException) -> NoReturn:
         """Reject the call's promise with `exc` and raise the StepError every replay will raise."""
         current = self.store.get(call.promise_id)
         error = {"type": type(exc).__name__, "message": str(exc)}
@@ -231,7 +238,22 @@ class Runner:
 
     def _emit(self, kind: str, call: Call, entry: Registered, **detail: Any) -> None:
         if self._on_event is not None:
-            self._on_event(StepEvent(kind, call.promise_id, entry.name, **detail))
+            try:
+                self._on_event(StepEvent(kind, call.promise_id, entry.name, **detail))
+            except Exception as exc:  # the observer's fault, never the step's: settle nothing
+                raise ObserverError(f"the on_event observer failed at {call.promise_id}: {exc!r}") from exc
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        """The backoff between attempts; a stop request ends it (and the run) at once."""
+        if self._should_stop is None:
+            self._sleep(seconds)
+            return
+        left = seconds
+        while left > 0:
+            if self._should_stop():
+                raise WorkflowInterrupted("stopped during a retry backoff; run again to resume")
+            self._sleep(min(left, _STOP_POLL_S))
+            left -= _STOP_POLL_S
 
 
 def run(

@@ -37,9 +37,11 @@ def _pause_in_batch(batch: int) -> dict[str, str]:
 def test_sigterm_lets_the_batch_in_flight_finish_then_exits_143(tmp_path: Path, audit: ModuleType) -> None:
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
-    # Batch 3 fails once and is retried after 1 s: SIGTERM lands while it is in flight.
-    args = (*SIZES, "--fail-at-batch", "3", "--retry-initial", "1")
-    sup = start_import(state_dir, *args)
+    # The worker lingers 2 s halfway through batch 3: SIGTERM lands while it is in flight.
+    linger = {"DURABLE_FAILPOINTS": json.dumps(
+        [{"name": "batch.mid", "key": "3", "action": "delay", "seconds": 2}])}
+    args = SIZES
+    sup = start_import(state_dir, *args, env=linger)
     try:
         wait_until(lambda: batch_attempts(audit, state_dir, root, 3) >= 1, "batch 3 starts")
         sup.process.send_signal(signal.SIGTERM)
@@ -127,7 +129,10 @@ def test_sigterm_during_the_last_batch_reports_the_finished_import(
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
     last = BATCHES - 1
-    sup = start_import(state_dir, *SIZES, "--fail-at-batch", str(last), "--retry-initial", "1")
+    # The worker lingers 2 s halfway through the last batch: SIGTERM lands while it is in flight.
+    linger = {"DURABLE_FAILPOINTS": json.dumps(
+        [{"name": "batch.mid", "key": str(last), "action": "delay", "seconds": 2}])}
+    sup = start_import(state_dir, *SIZES, env=linger)
     try:
         wait_until(lambda: batch_attempts(audit, state_dir, root, last) >= 1, "the last batch starts")
         sup.process.send_signal(signal.SIGTERM)

@@ -170,8 +170,7 @@ def test_sigterm_lets_the_batch_in_flight_finish_and_the_next_run_resumes(
                          term_when=lambda e: e.get("kind") == "retrying")
     assert stopped.returncode == exitcodes.INTERRUPTED
     resolved = stopped.batches("resolved")
-    assert resolved[:2] == [0, 1]  # batch 1 was in its retry backoff: it still finished
-    assert len(resolved) < 10
+    assert resolved == [0]  # batch 1 was in its retry backoff: the stop ends the backoff at once
 
     resumed = run_worker(tmp_path, ROOT, source, 100)
     assert resumed.returncode == exitcodes.OK

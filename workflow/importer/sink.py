@@ -60,15 +60,22 @@ CREATE TABLE IF NOT EXISTS executions (
 """
 
 
+class SinkError(Exception):
+    """The sink database cannot be used; names the file."""
+
+
 class Sink:
     """The SQLite sink; a batch's rows and its commit row are one durable transaction."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -143,7 +150,8 @@ class Sink:
             self.finish_execution(execution, "committed")
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
+                self._db.execute("ROLLBACK")
             raise
         return summary
 

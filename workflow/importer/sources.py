@@ -268,7 +268,7 @@ def _csv_rows(
         if header is None:
             raise SourceError(path, "has no header line (expected the columns id,name,email)")
         header[0] = header[0].removeprefix("\ufeff")
-        _check_header(path, header)
+        _check_header(path, header, header_lines.line)
         if offset < header_lines.pos:
             offset, line = header_lines.pos, header_lines.line + 1
         lines = _Lines(f, path, offset, end, line)
@@ -292,13 +292,13 @@ def _next_csv_record(reader: Any, lines: _Lines, path: str) -> list[str] | None:
         raise SourceError(path, f"malformed CSV ({exc})", lines.line) from None
 
 
-def _check_header(path: str, header: list[str]) -> None:
+def _check_header(path: str, header: list[str], line: int) -> None:
     missing = [name for name in records.REQUIRED_FIELDS if name not in header]
     if missing:
-        raise SourceError(path, f"header lacks the column(s) {', '.join(missing)}", 1)
+        raise SourceError(path, f"header lacks the column(s) {', '.join(missing)}", line)
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
-        raise SourceError(path, f"header repeats the column(s) {', '.join(duplicates)}", 1)
+        raise SourceError(path, f"header repeats the column(s) {', '.join(duplicates)}", line)
 
 
 def _csv_row(header: list[str], cells: list[str], position: int, line: int) -> Row:
