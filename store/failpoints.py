@@ -33,40 +33,41 @@ class FailpointTimeout(BaseException):
     A BaseException, so that no step retries it as one of its own failures."""
 
 
-def _load() -> dict[tuple[str, str], dict[str, object]]:
-    raw = os.environ.get(ENV_POINTS)
-    if not raw:
-        return {}
-    points = {}
-    for entry in json.loads(raw):
+def _load() -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], float]]:
+    """(name, key) -> action, and (name, key) -> seconds for the `delay` ones."""
+    points: dict[tuple[str, str], str] = {}
+    delays: dict[tuple[str, str], float] = {}
+    for entry in json.loads(os.environ.get(ENV_POINTS) or "[]"):
         if entry["action"] not in ACTIONS:
             raise ValueError(f"{ENV_POINTS}: unknown action {entry['action']!r}")
-        points[(entry["name"], str(entry["key"]))] = entry
-    return points
+        where = (entry["name"], str(entry["key"]))
+        points[where] = entry["action"]
+        if entry["action"] == "delay":
+            delays[where] = float(entry.get("seconds", 1.0))
+    return points, delays
 
 
-_points = _load()
+_points, _delays = _load()
 armed = bool(_points)
 
 
 def action(name: str, key: str) -> str | None:
     """The action armed for this failpoint, or None."""
-    entry = _points.get((name, key)) if armed else None
-    return None if entry is None else str(entry["action"])
+    return _points.get((name, key)) if armed else None
 
 
 def hit(name: str, key: str) -> None:
     """Act on the failpoint `name` for `key` if it is armed."""
     if not armed:
         return
-    entry = _points.get((name, key))
-    if entry is None:
+    what = _points.get((name, key))
+    if what is None:
         return
-    if entry["action"] == "raise":
+    if what == "raise":
         raise InjectedFault(f"injected fault at {name} {key}")
     _announce(name, key)
-    if entry["action"] == "delay":
-        time.sleep(float(entry.get("seconds", 1.0)))
+    if what == "delay":
+        time.sleep(_delays.get((name, key), 1.0))
         return
     time.sleep(PAUSE_LIMIT_S)
     raise FailpointTimeout(f"paused at {name} {key} for {PAUSE_LIMIT_S:.0f} s and nobody killed us")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 log = logging.getLogger("supervisor")
 _PR_SET_PDEATHSIG = 1
@@ -34,6 +35,22 @@ def _die_with_parent(parent: int) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the supervisor died before prctl took effect
         os._exit(1)
+
+
+def _wait_for_group_to_die(pgid: int, timeout: float = 5.0) -> None:
+    """Wait until no process of the worker's group is left (none, nearly always: a fast check)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+    _gone, alive = psutil.wait_procs(members, timeout=timeout)
+    if alive:
+        log.error("processes %s of worker group %d survived SIGKILL", [p.pid for p in alive], pgid)
 
 
 @dataclass
@@ -120,6 +137,7 @@ class Child:
         """
         self.signal_group(signal.SIGKILL)
         returncode = self.process.wait()
+        _wait_for_group_to_die(self.pid)
         os.close(self.progress_fd)
         self.process.stderr.close()
         return ChildEnd(self.pid, returncode)

@@ -11,10 +11,13 @@ from typing import Any
 
 import orjson
 
+from store import StoreError
 from workflow.importer import SourceError, file_source, plan_batches, synthetic_source
 from workflow.importer.sources import source_label
+from workflow.importer.worker import positive_int
 from workflow.retry import RetryPolicy
 
+from . import exits
 from .faults import random_kills
 from .live import LiveLine
 from .status import retry_failed, show_status
@@ -23,8 +26,6 @@ from .supervise import Settings, StateDirBusyError, Supervisor
 DEFAULT_RECORDS = 1000
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_STATE_DIR = Path(".durable")
-EXIT_FAILED = 1
-EXIT_BUSY = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--records", type=_non_negative,
                         help=f"synthetic records to import (default {DEFAULT_RECORDS})")
     source.add_argument("--input", type=Path, help="a .csv or .jsonl file to import")
-    run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
+    run.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     run.add_argument("--kill-at-batch", type=_non_negative, action="append", default=[],
                      metavar="K", help="SIGKILL the worker while batch K is in flight (repeatable)")
     run.add_argument("--kill-random", type=_non_negative, default=0, metavar="N",
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give up after this many unplanned restarts in a row (default 10)")
     run.add_argument("--restart-backoff", type=_non_negative_float, default=0.5, metavar="S",
                      help="first delay before an unplanned restart, doubled each time (default 0.5)")
-    run.add_argument("--max-attempts", type=_positive, default=RetryPolicy.max_attempts,
+    run.add_argument("--max-attempts", type=positive_int, default=RetryPolicy.max_attempts,
                      help="attempts of a batch before it fails for good")
     run.add_argument("--retry-initial", type=_non_negative_float, default=RetryPolicy.initial,
                      metavar="S", help="first retry delay of a failing batch (default 1 s)")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                    help="holds store.jsonl and import.db (default ./.durable)")
-    p.add_argument("--id", help="workflow id (default: derived from the input and batch size)")
+    p.add_argument("--id", type=_root_id, help="workflow id (default: derived from the input and batch size)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -95,12 +96,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         batch_count = len(plan_batches(source, args.batch_size))
     except SourceError as exc:
-        return _refuse(str(exc), EXIT_FAILED, args.json)
+        return _refuse(str(exc), exits.FAILED, args.json)
     beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch] if k is not None and k >= batch_count]
     if beyond:
         parser.error(f"batch {beyond[0]} is beyond the last batch ({batch_count - 1}); "
                      f"the import has {batch_count} batch(es)")
-    args.state_dir.mkdir(parents=True, exist_ok=True)
+    if args.state_dir.exists() and not args.state_dir.is_dir():
+        return _refuse(f"{args.state_dir}: the state dir is not a directory", exits.FAILED, args.json)
+    try:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _refuse(f"{args.state_dir}: cannot create the state dir ({exc.strerror})",
+                       exits.FAILED, args.json)
     settings = Settings(
         state_dir=args.state_dir.resolve(),
         root_id=args.id or f"import/{source_label(source)}-b{args.batch_size}",
@@ -121,17 +128,21 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         report = Supervisor(settings, live).run()
     except StateDirBusyError as exc:
-        return _refuse(str(exc), EXIT_BUSY, args.json)
+        return _refuse(str(exc), exits.BUSY, args.json)
+    except StoreError as exc:  # a damaged or unusable store: refused before any worker ran
+        return _refuse(str(exc), exits.FAILED, args.json)
+    except OSError as exc:
+        return _refuse(f"{exc.filename}: {exc.strerror}", exits.FAILED, args.json)
     finally:
         if live is not None:
             live.close()
     _print(report.as_json() if args.json else report.as_text(), args.json)
     if report.result is not None:
-        return 0
+        return exits.OK
     print(f"error: {report.error}", file=sys.stderr)
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value
-    return EXIT_FAILED
+    return exits.FAILED
 
 
 def _refuse(error: str, code: int, as_json: bool) -> int:
@@ -149,11 +160,10 @@ def _print(report: Any, as_json: bool) -> None:
         print(report)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _root_id(text: str) -> str:
+    if not text or "." in text:
+        raise argparse.ArgumentTypeError(f"an id is non-empty, without '.' (it ends batch ids): {text!r}")
+    return text
 
 
 def _non_negative(text: str) -> int:

@@ -47,10 +47,9 @@ def failpoints_for(
 ) -> list[dict[str, str]]:
     """The failpoints to arm in the next child (DURABLE_FAILPOINTS entries)."""
     points = [{"name": "batch.mid", "key": str(b), "action": "pause"} for b in sorted(pause_batches)]
-    if kill is not None and kill.kind == "store-write":
-        batch = min(next_batch + kill.batch_offset, batches - 1)
-        key = f"resolve:{root_id}.{batch}"
-        points.append({"name": "store.append", "key": key, "action": "pause"})
+    batch = next_batch + (kill.batch_offset if kill else 0)
+    if kill is not None and kill.kind == "store-write" and batch < batches:
+        points.append({"name": "store.append", "key": f"resolve:{root_id}.{batch}", "action": "pause"})
     return points
 
 

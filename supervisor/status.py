@@ -8,26 +8,30 @@ from typing import Any
 
 import orjson
 
-from store import JsonlStore, Promise, State, StoreError
-from workflow.importer import SourceError, plan_batches
+from store import JsonlStore, Promise, State, StoreError, StoreLockedError
+from workflow.importer import SourceError, batch_index, plan_batches
 from workflow.importer.worker import STORE_FILE
 
-EXIT_MISSING = 1
-EXIT_BUSY = 3
+from . import exits
 
 
 def show_status(state_dir: Path, root_id: str, *, as_json: bool) -> int:
     store_path = state_dir / STORE_FILE
     if not store_path.exists():
         print(f"error: {store_path}: no import has run in this state dir", file=sys.stderr)
-        return EXIT_MISSING
-    with JsonlStore(store_path, readonly=True) as store:
+        return exits.FAILED
+    try:
+        store = JsonlStore(store_path, readonly=True)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exits.FAILED
+    with store:
         root = store.get(root_id)
         if root is None:
-            known = [p.id for p in store.list() if "." not in p.id.rpartition("/")[2]]
+            known = [p.id for p in store.list() if "." not in p.id]
             print(f"error: {store_path}: no import {root_id!r} (known: {', '.join(known) or 'none'})",
                   file=sys.stderr)
-            return EXIT_MISSING
+            return exits.FAILED
         status = _status(root, _batches(store, root_id))
     if as_json:
         sys.stdout.write(orjson.dumps(status).decode() + "\n")
@@ -40,16 +44,19 @@ def retry_failed(state_dir: Path, root_id: str, *, as_json: bool) -> int:
     """Reopen a rejected import and its rejected steps; resolved batches stay final."""
     try:
         store = JsonlStore(state_dir / STORE_FILE, exclusive=True, lock_timeout=1.0)
-    except StoreError as exc:
+    except StoreLockedError as exc:
         print(f"error: {exc}; stop the running import first", file=sys.stderr)
-        return EXIT_BUSY
+        return exits.BUSY
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exits.FAILED
     with store:
         root = store.get(root_id)
         if root is None or root.state is not State.REJECTED:
             state = "missing" if root is None else root.state.value
             print(f"error: import {root_id} is {state}; only a failed import can be retried",
                   file=sys.stderr)
-            return EXIT_MISSING
+            return exits.FAILED
         rejected = [p for p in store.list(root_id + ".") if p.state is State.REJECTED]
         for promise in [*rejected, root]:
             store.reopen(promise.id, "operator retry")
@@ -64,8 +71,7 @@ def retry_failed(state_dir: Path, root_id: str, *, as_json: bool) -> int:
 
 
 def _batches(store: JsonlStore, root_id: str) -> list[Promise]:
-    prefix = root_id + "."
-    return [p for p in store.list(prefix) if "." not in p.id[len(prefix):]]
+    return [p for p in store.list(root_id + ".") if batch_index(root_id, p.id) is not None]
 
 
 def _status(root: Promise, batches: list[Promise]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import logging
 import os
 import selectors
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import orjson
 
 from store import JsonlStore, State
 from store.locking import LockHeldError, OwnedLock
-from workflow.importer import exitcodes
+from workflow.importer import batch_index, exitcodes
 from workflow.importer.worker import STORE_FILE
 
 from .child import Child, ChildEnd
@@ -104,8 +103,10 @@ class Supervisor:
     def _loop(self) -> None:
         unplanned = 0  # unplanned deaths in a row, with no batch done in between
         while True:
-            next_batch = self._resolved_batches()
-            kill = self._random.pop(0) if self._random else None
+            next_batch, used = self._progress()
+            # Our own kills never use up the last attempt of a batch: they must not fail it.
+            spare = used < self.s.max_attempts - 1
+            kill = self._random.pop(0) if self._random and spare else None
             child = self._spawn(kill, next_batch)
             watch = _Watch(ChildReport(child.pid, exit="running"))
             if kill is not None and kill.kind == "timed":
@@ -126,7 +127,7 @@ class Supervisor:
                 return
             if self.stop_signal is not None:
                 self._interrupted(
-                    f"worker {end.pid} {end.describe()}; {self._resolved_batches()} of "
+                    f"worker {end.pid} {end.describe()}; {self._progress()[0]} of "
                     f"{self.s.batch_count} batches done; run the same command again to resume"
                 )
                 return
@@ -215,6 +216,8 @@ class Supervisor:
         try:
             while open_pipes:
                 if self.stop_signal is not None and not forwarded:
+                    log.warning("%s: stopping worker %d after its batch in flight",
+                                self.stop_signal.name, child.pid)
                     child.signal_group(signal.SIGTERM)
                     forwarded = True
                     grace_deadline = time.monotonic() + self.s.grace
@@ -299,16 +302,16 @@ class Supervisor:
         with JsonlStore(path, readonly=True) as store:
             return store.get(promise_id)
 
-    def _resolved_batches(self) -> int:
+    def _progress(self) -> tuple[int, int]:
+        """How many batches are done, and how many attempts the next one has used."""
         path = self.s.state_dir / STORE_FILE
         if not path.exists():
-            return 0
-        prefix = self.s.root_id + "."
+            return 0, 0
         with JsonlStore(path, readonly=True) as store:
-            return sum(
-                1 for p in store.list(prefix)
-                if p.state is State.RESOLVED and "." not in p.id[len(prefix):]
-            )
+            batches = {batch_index(self.s.root_id, p.id): p for p in store.list(self.s.root_id + ".")}
+        done = sum(1 for b, p in batches.items() if b is not None and p.state is State.RESOLVED)
+        following = batches.get(done)
+        return done, 0 if following is None else following.attempts_since_reopen
 
     def _signals_forwarded(self) -> _SignalForwarding:
         return _SignalForwarding(self)
@@ -340,9 +343,7 @@ class _SignalForwarding:
         self._old_wakeup = signal.set_wakeup_fd(w)
 
         def on_signal(signum: int, _frame: object) -> None:
-            self._sup.stop_signal = signal.Signals(signum)
-            print(f"{signal.Signals(signum).name}: stopping; a running worker first finishes "
-                  "its batch in flight", file=sys.stderr)
+            self._sup.stop_signal = signal.Signals(signum)  # only a flag: the loop reports it
 
         self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 

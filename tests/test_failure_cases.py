@@ -342,8 +342,6 @@ def test_csv_field_beyond_the_parsers_limit_is_a_one_line_error(tmp_path: Path) 
     assert not state_dir.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a bad header after blank lines is reported at line 1 "
-                   "(sources._check_header always passes line 1), not at the header's own line")
 def test_bad_header_after_blank_lines_names_the_header_line(tmp_path: Path) -> None:
     path = tmp_path.resolve() / "in.csv"
     path.write_text("\n\nid,name\n1,Ann\n")
@@ -482,9 +480,6 @@ def test_store_damaged_before_its_last_line_is_refused_and_left_untouched(
     assert sink_tables(state_dir) == sink_before  # no batch ran
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the supervisor reads the store itself before spawning a "
-                   "worker (Supervisor._resolved_batches) and lets StoreCorruptedError escape: a "
-                   "traceback and no --json report instead of a one-line error")
 def test_store_damaged_before_its_last_line_is_a_one_line_error(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     sizes, _ = _finished_import(state_dir)
@@ -500,7 +495,7 @@ def _store_path_is_a_directory(state_dir: Path) -> tuple[str, str]:
 
 def _state_dir_is_a_file(state_dir: Path) -> tuple[str, str]:
     state_dir.write_text("not a directory\n")
-    return str(state_dir), "exists"
+    return str(state_dir), "not a directory"
 
 
 def _state_dir_is_read_only(state_dir: Path) -> tuple[str, str]:
@@ -551,9 +546,6 @@ def test_unusable_state_dir_fails_and_changes_nothing(tmp_path: Path, case: str)
         assert (state_dir / STORE).read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: errors opening the state dir escape the CLI as a "
-                   "traceback (StoreError from Supervisor._resolved_batches, FileExistsError from "
-                   "state_dir.mkdir, PermissionError from the supervisor.lock), with no --json report")
 @pytest.mark.parametrize("case", list(UNUSABLE))
 def test_unusable_state_dir_is_a_one_line_error(tmp_path: Path, case: str) -> None:
     done, _, where, _, _ = _run_on_unusable(tmp_path, case)
@@ -703,9 +695,6 @@ def test_disk_full_while_writing_the_sink_then_retry_and_a_later_run_finish(
     assert_audit_ok(audit, state_dir, root, 2000)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Sink.commit_batch runs ROLLBACK after SQLite already "
-                   "rolled back on the I/O error, so the step fails with 'cannot rollback - no "
-                   "transaction is active' and the real cause (disk I/O error) is lost")
 def test_disk_full_while_writing_the_sink_names_the_real_cause(tmp_path: Path) -> None:
     full, _, _ = _sink_fills_up(tmp_path / "state")
     assert full.returncode == 1, full.describe()

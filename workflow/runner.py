@@ -80,6 +80,8 @@ class Runner:
 
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
+        if not root_id or "." in root_id:
+            raise ValueError(f"a root id is non-empty and has no '.', which separates call ids: {root_id!r}")
         return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
     # -- one durable call ------------------------------------------------------------------

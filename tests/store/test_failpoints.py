@@ -29,7 +29,7 @@ def test_failpoints_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
         {"name": "store.append", "key": "resolve:a", "action": "pause"},
         {"name": "batch.mid", "key": 3, "action": "raise"},
     ]))
-    assert failpoints._load() == {
+    assert failpoints._load()[0] == {
         ("store.append", "resolve:a"): "pause",
         ("batch.mid", "3"): "raise",
     }
@@ -37,7 +37,7 @@ def test_failpoints_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 def test_no_environment_means_no_failpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(failpoints.ENV_POINTS, raising=False)
-    assert failpoints._load() == {}
+    assert failpoints._load() == ({}, {})
 
 
 def test_an_unknown_action_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -339,3 +339,27 @@ def test_a_readonly_store_opens_in_a_read_only_directory(
     readonly_dir_results: dict[str, list],
 ) -> None:
     assert readonly_dir_results["readonly"] == ["opened", ["early/0"]]
+
+
+def test_a_failed_write_keeps_a_held_creation_for_the_next_write(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    failures = iter([OSError(errno.ENOSPC, "No space left on device")])
+
+    def write_once_failing(fd: int, data: bytes) -> int:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_write(fd, data)
+
+    with JsonlStore(path, exclusive=True) as store:
+        store.create("a", None)  # held back in an exclusive store
+        monkeypatch.setattr(os, "write", write_once_failing)
+        with pytest.raises(StoreWriteError, match="No space left"):
+            store.start_attempt("a")
+        assert store.start_attempt("a") == 1  # the disk has room again: the creation goes too
+        store.resolve("a", "done")
+    with JsonlStore(path, readonly=True) as reopened:
+        assert reopened.get("a").value == "done"
+        assert reopened.get("a").attempts == 1

@@ -239,3 +239,25 @@ def test_file_level_error_rejects_the_import_before_any_batch_is_committed(
     assert store.list(ROOT + ".") == []
     assert query(tmp_path / SINK_FILE, "SELECT COUNT(*) FROM batch_commits") == [(0,)]
     assert query(tmp_path / SINK_FILE, "SELECT COUNT(*) FROM records") == [(0,)]
+
+
+def test_ids_taken_by_another_import_and_ids_of_no_usable_type_are_skipped_with_their_reason(
+    tmp_path: Path,
+) -> None:
+    first = tmp_path / "first.jsonl"
+    first.write_text('{"id": 1, "name": "A", "email": "a@x.io"}\n')
+    second = tmp_path / "second.jsonl"
+    second.write_text(
+        '{"id": "1", "name": "B", "email": "b@x.io"}\n'  # ids are text: "1" is the id 1
+        '{"id": true, "name": "C", "email": "c@x.io"}\n'
+        '{"id": 2.5, "name": "D", "email": "d@x.io"}\n'
+        '{"id": 3, "name": "E", "email": "e@x.io"}\n'
+    )
+    sink = Sink(tmp_path / "import.db")
+    with JsonlStore(tmp_path / "store.jsonl", exclusive=True) as store:
+        runner = Runner(store, dependencies={"sink": sink})
+        runner.run("imp/first", import_records, file_source(first), 10)
+        result = runner.run("imp/second", import_records, file_source(second), 10)
+    sink.close()
+    assert result["skipped_reasons"] == {"already_imported": 1, "invalid_id": 2}
+    assert result["total_processed"] == 1

@@ -15,6 +15,7 @@ from store import JsonlStore, State
 from workflow import (
     AttemptsExhaustedError,
     Context,
+    EngineError,
     NonDeterminismError,
     RetryPolicy,
     Runner,
@@ -699,3 +700,35 @@ def test_unregistered_function_is_described_as_module_qualname_v1() -> None:
 def test_retry_policy_refuses_nonsense(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**options)
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+
+
+def test_an_observer_that_raises_stops_the_run_without_settling_the_step(store: JsonlStore) -> None:
+    def broken_observer(event: StepEvent) -> None:
+        if event.kind == "started":
+            raise BrokenPipeError("the progress pipe is gone")
+
+    calls: list[tuple[str, int]] = []
+    with pytest.raises(EngineError, match=r"on_event observer failed at wf/observer\.0"):
+        make_runner(store, calls, on_event=broken_observer).run("wf/observer", sum_chain, 2)
+    assert calls == []  # the step never ran
+    assert store.get("wf/observer.0").state is State.PENDING  # and is not rejected
+    assert make_runner(store, calls).run("wf/observer", sum_chain, 2) == [3, 5, 8]  # a later run goes on
+
+
+def test_a_stop_request_ends_a_retry_backoff_at_once(store: JsonlStore) -> None:
+    slept: list[float] = []
+    stops = iter([False, False, True])  # before the first attempt, first backoff slice, then stop
+    runner = make_runner(store, [], {1: "fail"}, retry=RetryPolicy(initial=30), sleep=slept.append,
+                         should_stop=lambda: next(stops))
+    with pytest.raises(WorkflowInterrupted, match="retry backoff"):
+        runner.run("wf/stop-in-backoff", one_scripted)
+    assert sum(slept) < 1  # it did not sit out the 30 s
+    assert store.get("wf/stop-in-backoff.0").state is State.PENDING
+
+
+def test_a_root_id_with_a_dot_is_refused(store: JsonlStore) -> None:
+    with pytest.raises(ValueError, match=r"no '\.'"):
+        Runner(store).run("wf/a.b", sum_chain, 1)

@@ -1,12 +1,13 @@
 """The bulk import application: sources, batches, the SQLite sink, and the workflow."""
 
-from .app import import_records, process_batch, summarize
+from .app import batch_index, import_records, process_batch, summarize
 from .sink import Sink
 from .sources import SourceError, file_source, plan_batches, synthetic_source
 
 __all__ = [
     "Sink",
     "SourceError",
+    "batch_index",
     "file_source",
     "import_records",
     "plan_batches",

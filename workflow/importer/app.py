@@ -50,6 +50,14 @@ def process_batch(i: int, batch: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def batch_index(root_id: str, promise_id: str) -> int | None:
+    """The batch number of `promise_id` if it is a batch step of the import `root_id`."""
+    prefix = root_id + "."
+    if promise_id.startswith(prefix) and promise_id[len(prefix):].isdigit():
+        return int(promise_id[len(prefix):])
+    return None
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over the batch summaries; `reasons` counts skipped records by reason."""
     reasons: Counter[str] = Counter()

@@ -7,4 +7,6 @@ FATAL = 3  # a restart cannot help: bad input, another workflow under this id, l
 FAILED = 4  # the workflow ended rejected (a batch failed for good); `retry` reopens it
 INTERRUPTED = 5  # stopped on request between two batches; the next run resumes
 
-RESTARTABLE = frozenset({CRASHED})
+# INTERRUPTED is worth a restart too when the supervisor did not ask for the stop (a signal
+# from elsewhere); when it did, it checks its own stop request first.
+RESTARTABLE = frozenset({CRASHED, INTERRUPTED})

@@ -17,7 +17,9 @@ FIELD_TOO_LARGE = "field_too_large"
 WRONG_FIELD_COUNT = "wrong_field_count"
 MALFORMED_JSON = "malformed_json"
 NOT_AN_OBJECT = "not_an_object"
-DUPLICATE_ID = "duplicate_id"
+DUPLICATE_ID = "duplicate_id"  # an earlier record of the same input has this id
+ALREADY_IMPORTED = "already_imported"  # another import into the same database has this id
+INVALID_ID = "invalid_id"  # an id that is not text or a whole number (true, 1.5, {...})
 
 
 def problem_with(record: dict[str, Any]) -> str | None:
@@ -25,6 +27,8 @@ def problem_with(record: dict[str, Any]) -> str | None:
     record_id = record.get("id")
     if record_id is None or str(record_id).strip() == "":
         return MISSING_ID
+    if type(record_id) not in (str, int):
+        return INVALID_ID
     if any(isinstance(v, str) and len(v) > MAX_FIELD_CHARS for v in record.values()):
         return FIELD_TOO_LARGE
     name = record.get("name")

@@ -156,13 +156,22 @@ class Sink:
         return summary
 
     def _duplicates(self, import_id: str, good: list[Row]) -> list[tuple[Row, str]]:
-        """The rows the insert ignored: their id was taken by an earlier record."""
+        """The rows the insert ignored: their id was taken by an earlier record of this input
+        (`duplicate_id`) or by another import into this database (`already_imported`)."""
         lo, hi = good[0].position, good[-1].position
         inserted = {p for (p,) in self._db.execute(
             "SELECT position FROM records WHERE import_id = ? AND position BETWEEN ? AND ?",
             (import_id, lo, hi),
         )}
-        return [(r, records.DUPLICATE_ID) for r in good if r.position not in inserted]
+        ignored = [r for r in good if r.position not in inserted]
+        owners = dict(self._db.execute(
+            f"SELECT id, import_id FROM records WHERE id IN ({','.join('?' * len(ignored))})",
+            [r.record_id for r in ignored],
+        ))
+        return [
+            (r, records.DUPLICATE_ID if owners.get(r.record_id) == import_id else records.ALREADY_IMPORTED)
+            for r in ignored
+        ]
 
     def _insert_records(self, import_id: str, batch: int, rows: list[Row]) -> None:
         """Insert rows; one whose id is already taken is ignored (first occurrence wins)."""

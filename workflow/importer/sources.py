@@ -87,7 +87,8 @@ def source_label(source: dict[str, Any]) -> str:
     """A short human name used in default workflow ids."""
     if source["kind"] == "synthetic":
         return f"synthetic-{source['records']}"
-    return f"{Path(source['path']).stem}-{source['sha256'][:12]}"
+    stem = Path(source["path"]).stem.replace(".", "_")  # a dot separates the ids of calls
+    return f"{stem}-{source['sha256'][:12]}"
 
 
 # -- planning ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from store import Durability, JsonlStore, StoreError
 from workflow import EngineError, RetryPolicy, Runner, StepError, StepEvent, WorkflowInterrupted
 
 from . import exitcodes
-from .app import import_records
+from .app import batch_index, import_records
 from .sink import Sink
 from .sources import SourceError, plan_batches
 
@@ -35,17 +35,15 @@ class Progress:
 
     def __init__(self, fd: int | None, root_id: str) -> None:
         self._fd = fd
-        self._prefix = root_id + "."
+        self._root_id = root_id
 
     def send(self, event: str, **fields: Any) -> None:
         if self._fd is not None:
             os.write(self._fd, orjson.dumps({"event": event, **fields}) + b"\n")
 
     def step(self, e: StepEvent) -> None:
-        suffix = e.promise_id.removeprefix(self._prefix)
-        batch = int(suffix) if suffix.isdigit() else None
-        self.send("step", kind=e.kind, id=e.promise_id, batch=batch, attempt=e.attempt,
-                  error=e.error, delay=e.delay)
+        self.send("step", kind=e.kind, id=e.promise_id, batch=batch_index(self._root_id, e.promise_id),
+                  attempt=e.attempt, error=e.error, delay=e.delay)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--id", required=True, help="root promise id of the import")
     p.add_argument("--source", type=orjson.loads, required=True, help="source descriptor (JSON)")
-    p.add_argument("--batch-size", type=_positive_int, required=True)
+    p.add_argument("--batch-size", type=positive_int, required=True)
     p.add_argument("--progress-fd", type=int, default=None)
     p.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts)
     p.add_argument("--retry-initial", type=float, default=RetryPolicy.initial)
@@ -95,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     return exitcodes.OK
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
@@ -112,9 +111,8 @@ def _stop_on_signals() -> dict[str, bool]:
     """SIGTERM/SIGINT ask for a stop between batches: the batch in flight finishes first."""
     stop = {"requested": False}
 
-    def request(signum: int, _frame: object) -> None:
-        stop["requested"] = True
-        log.info("%s received: stopping after the batch in flight", signal.Signals(signum).name)
+    def request(_signum: int, _frame: object) -> None:
+        stop["requested"] = True  # only a flag: no I/O in a signal handler
 
     signal.signal(signal.SIGTERM, request)
     signal.signal(signal.SIGINT, request)
