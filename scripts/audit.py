@@ -31,7 +31,7 @@ def load_store(path: Path) -> dict[str, dict[str, Any]]:
         lines.pop()
     for n, line in enumerate(lines, 1):
         body, _, crc = line.rpartition(b',"crc":"')
-        if not crc.endswith(b'"}') or zlib.crc32(body + b"}") != int(crc[:-2], 16):
+        if not crc.endswith(b'"}') or b"%08x" % zlib.crc32(body + b"}") != crc[:-2]:
             if n == len(lines):
                 break  # a torn tail: the next writer moves it aside
             raise ValueError(f"{path}:{n}: damaged line before the last")

@@ -67,12 +67,15 @@ class SinkError(Exception):
 class Sink:
     """The SQLite sink; a batch's rows and its commit row are one durable transaction."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, durable: bool = True) -> None:
+        """`durable=False` commits without syncing (survives kills, not power loss), like
+        the store's `Durability.NONE`."""
         self.path = Path(path)
+        self._commit_sync = "FULL" if durable else "NORMAL"
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
@@ -91,7 +94,7 @@ class Sink:
                 (promise_id, batch, attempt, pid, time.time()),
             )
         finally:
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
         return cursor.lastrowid
 
     def find_commit(self, promise_id: str) -> dict[str, Any] | None:

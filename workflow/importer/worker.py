@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_batches(args.source, args.batch_size)  # file-level problems stop us before any batch
         with JsonlStore(args.state_dir / STORE_FILE, exclusive=True,
                         lock_timeout=args.lock_timeout, durability=args.durability) as store:
-            sink = Sink(args.state_dir / SINK_FILE)
+            sink = Sink(args.state_dir / SINK_FILE, durable=args.durability == Durability.FULL)
             try:
                 runner = Runner(
                     store,
