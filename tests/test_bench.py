@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50],
+TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50], "growth_total": 50,
         "restarts": 1, "import": [300, 600], "dbos": 5}
 
 
