@@ -16,7 +16,8 @@
 # command is run again to finish the import. Then the audit checks the invariants of DESIGN.md.
 #
 # The verdict sums, over all runs: kills = the workers' SIGKILLs in the final reports plus the
-# supervisor SIGKILLs; lost, reruns_of_completed_batches and duplicate_rows from the audits;
+# supervisor SIGKILLs (the kills in the middle of a store write and of the supervisor are also
+# shown apart); lost, reruns_of_completed_batches and duplicate_rows from the audits;
 # violations = audit violations plus failed runs, report/sink mismatches and orphaned workers.
 # Exit status: 0 when the verdict is PASS, 1 on any violation, 2 on a usage error.
 
@@ -64,7 +65,8 @@ is_running() {
     [[ $state != Z ]]
 }
 
-# Fold one run's report and audit into "kills lost reruns duplicates violations" and print the
+# Fold one run's report and audit into "kills store_write_kills lost reruns duplicates violations"
+# and print the
 # problems (one per line, prefixed "! ") on stderr.
 summarize() {
     "$PY" - "$@" <<'EOF'
@@ -91,14 +93,15 @@ elif verdict.get("imported") is not None:
 problems += verdict.get("violations", [])
 for p in problems:
     print(f"! {p}", file=sys.stderr)
-print(len(report.get("kills", [])), verdict.get("lost") or 0,
+kills = report.get("kills", [])
+print(len(kills), sum(1 for k in kills if k.get("kind") == "store-write"), verdict.get("lost") or 0,
       verdict.get("reruns_of_completed_batches", 0), verdict.get("duplicate_rows", 0),
       len(problems) + int(extra_violations))
 EOF
 }
 
 RANDOM=$SEED
-total_kills=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
+total_kills=0 total_store_write=0 total_supervisor=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
 
 for ((run = 1; run <= RUNS; run++)); do
     # Draw everything first, whatever the branches below take, so a seed always means the same runs.
@@ -151,7 +154,7 @@ for ((run = 1; run <= RUNS; run++)); do
     "$PY" scripts/audit.py --state-dir "$state" --id "$root" --records "$records" \
         >"$work/audit.json" 2>"$work/audit.err"
 
-    read -r kills lost reruns dupes violations < <(
+    read -r kills store_write lost reruns dupes violations < <(
         summarize "$work/report.json" "$work/audit.json" "$records" "$returncode" \
             "$extra_violations" 2>>"$work/problems"
     )
@@ -159,6 +162,8 @@ for ((run = 1; run <= RUNS; run++)); do
     violations=${violations:-1} kills=${kills:-0} lost=${lost:-0} reruns=${reruns:-0} dupes=${dupes:-0}
     kills=$((kills + supervisor_kills))
     total_kills=$((total_kills + kills))
+    total_store_write=$((total_store_write + ${store_write:-0}))
+    total_supervisor=$((total_supervisor + supervisor_kills))
     total_lost=$((total_lost + lost))
     total_reruns=$((total_reruns + reruns))
     total_dupes=$((total_dupes + dupes))
@@ -182,7 +187,8 @@ done
 
 verdict=PASS
 ((total_violations + total_lost + total_reruns + total_dupes == 0)) || verdict=FAIL
-echo "chaos: runs=$done_runs kills=$total_kills lost=$total_lost" \
+echo "chaos: runs=$done_runs kills=$total_kills (store-write=$total_store_write" \
+     "supervisor=$total_supervisor) lost=$total_lost" \
      "reruns_of_completed_batches=$total_reruns duplicate_rows=$total_dupes" \
      "violations=$total_violations -> $verdict"
 [[ $verdict == PASS ]]

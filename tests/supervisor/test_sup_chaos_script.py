@@ -10,7 +10,8 @@ from pathlib import Path
 from supervisor_helpers import REPO, child_env
 
 VERDICT = re.compile(
-    r"^chaos: runs=2 kills=(\d+) lost=0 reruns_of_completed_batches=0 duplicate_rows=0 "
+    r"^chaos: runs=2 kills=(\d+) \(store-write=\d+ supervisor=\d+\) lost=0 "
+    r"reruns_of_completed_batches=0 duplicate_rows=0 "
     r"violations=0 -> PASS$"
 )
 
