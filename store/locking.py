@@ -10,6 +10,8 @@ import filelock
 
 
 class LockHeldError(Exception):
+    """The lock stayed taken for the whole timeout; `owner` says by whom, as far as known."""
+
     def __init__(self, path: Path, owner: str) -> None:
         super().__init__(f"{path} is held by {owner}")
         self.owner = owner

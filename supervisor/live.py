@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TextIO
+
+from .report import RunReport
 
 
 class LiveLine:
@@ -14,7 +16,7 @@ class LiveLine:
     def for_stderr(cls) -> LiveLine | None:
         return cls() if sys.stderr.isatty() else None
 
-    def update(self, done: int, total: int, report: Any) -> None:
+    def update(self, done: int, total: int, report: RunReport) -> None:
         width = 30
         filled = width * done // max(total, 1)
         self._stream.write(

@@ -19,13 +19,14 @@ from typing import Any
 
 import orjson
 
-from store import JsonlStore, State
+from store import JsonlStore, Promise, State
 from store.locking import LockHeldError, OwnedLock
 from workflow.importer import batch_index, exitcodes
 from workflow.importer.worker import STORE_FILE
 
 from .child import Child, ChildEnd
 from .faults import RandomKill, fail_once_at, failpoints_for
+from .live import LiveLine
 from .report import ChildReport, KillReport, RunReport
 
 log = logging.getLogger("supervisor")
@@ -71,7 +72,9 @@ class _Watch:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, live: Any = None) -> None:
+    """Runs one import to its end through as many workers as it takes; `run()` reports it."""
+
+    def __init__(self, settings: Settings, live: LiveLine | None = None) -> None:
         self.s = settings
         self.report = RunReport(settings.root_id, str(settings.state_dir))
         self.stop_signal: signal.Signals | None = None
@@ -295,7 +298,7 @@ class Supervisor:
 
     # -- store and signals ---------------------------------------------------------------
 
-    def _store_promise(self, promise_id: str) -> Any:
+    def _store_promise(self, promise_id: str) -> Promise | None:
         path = self.s.state_dir / STORE_FILE
         if not path.exists():
             return None
