@@ -136,8 +136,10 @@ class JsonlStore:
         """Rewrite the file with one record per promise and swap it in atomically."""
         self._locked(self._compact)
 
-    def close(self) -> None:
-        """Write what is held back, close the file and release an exclusive lock."""
+    def close(self, *, discard_held: bool = False) -> None:
+        """Write what is held back (unless discarded), close the file, release an exclusive lock."""
+        if discard_held:
+            self._held = None  # a creation is never synced anyway: the replay makes it again
         fd, self._fd = self._fd, -1
         try:
             if fd >= 0 and self._failed is None and self._held is not None:
@@ -156,8 +158,9 @@ class JsonlStore:
     def __enter__(self) -> JsonlStore:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        # Leaving on an error, write nothing more: a failed write must not hide that error.
+        self.close(discard_held=exc_type is not None)
 
     def __repr__(self) -> str:
         mode = "exclusive" if self._exclusive else "readonly" if self._readonly else "shared"

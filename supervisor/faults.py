@@ -42,14 +42,18 @@ def random_kills(count: int, seed: int | None) -> list[RandomKill]:
     return kills
 
 
-def failpoints_for(
-    pause_batches: set[int], kill: RandomKill | None, root_id: str, next_batch: int, batches: int
-) -> list[dict[str, str]]:
+def store_write_key(kill: RandomKill | None, root_id: str, next_batch: int, batches: int) -> str | None:
+    """The `store.append` failpoint key of a store-write kill: the resolve of a batch ahead."""
+    if kill is None or kill.kind != "store-write" or next_batch + kill.batch_offset >= batches:
+        return None
+    return f"resolve:{root_id}.{next_batch + kill.batch_offset}"
+
+
+def failpoints_for(pause_batches: set[int], store_write: str | None) -> list[dict[str, str]]:
     """The failpoints to arm in the next child (DURABLE_FAILPOINTS entries)."""
     points = [{"name": "batch.mid", "key": str(b), "action": "pause"} for b in sorted(pause_batches)]
-    batch = next_batch + (kill.batch_offset if kill else 0)
-    if kill is not None and kill.kind == "store-write" and batch < batches:
-        points.append({"name": "store.append", "key": f"resolve:{root_id}.{batch}", "action": "pause"})
+    if store_write is not None:
+        points.append({"name": "store.append", "key": store_write, "action": "pause"})
     return points
 
 

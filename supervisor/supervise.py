@@ -25,7 +25,7 @@ from workflow.importer import batch_index, exitcodes
 from workflow.importer.worker import STORE_FILE
 
 from .child import Child, ChildEnd
-from .faults import RandomKill, fail_once_at, failpoints_for
+from .faults import RandomKill, fail_once_at, failpoints_for, store_write_key
 from .live import LiveLine
 from .report import ChildReport, KillReport, RunReport
 
@@ -66,9 +66,18 @@ class _Watch:
     kill: KillReport | None = None
     batch_in_flight: int | None = None
     batch_started_at: float = 0.0
+    last_attempts: dict[int, int] = field(default_factory=dict)  # batch -> its last allowed attempt
+    attempt_in_flight: int = 0
     timed_kill_after: int | None = None  # new batches to let finish before a timed kill
     timed_kill_delay: float = 0.0  # then this fraction of a batch
     kill_deadline: float | None = None
+    store_write_key: str | None = None  # the store.append failpoint armed in this child
+
+    def on_last_attempt(self, max_attempts: int) -> bool:
+        """Whether the batch in flight runs its last allowed attempt (a kill would fail it)."""
+        if self.batch_in_flight is None:
+            return False
+        return self.attempt_in_flight >= self.last_attempts.get(self.batch_in_flight, max_attempts)
 
 
 class Supervisor:
@@ -106,12 +115,13 @@ class Supervisor:
     def _loop(self) -> None:
         unplanned = 0  # unplanned deaths in a row, with no batch done in between
         while True:
-            next_batch, used = self._progress()
-            # Our own kills never use up the last attempt of a batch: they must not fail it.
-            spare = used < self.s.max_attempts - 1
-            kill = self._random.pop(0) if self._random and spare else None
-            child = self._spawn(kill, next_batch)
-            watch = _Watch(ChildReport(child.pid, exit="running"))
+            next_batch, batches = self._progress()
+            kill = self._next_kill(next_batch, batches)
+            store_write = store_write_key(kill, self.s.root_id, next_batch, self.s.batch_count)
+            child = self._spawn(store_write)
+            watch = _Watch(ChildReport(child.pid, exit="running"), store_write_key=store_write,
+                           last_attempts={b: p.attempts_at_reopen + self.s.max_attempts
+                                          for b, p in batches.items()})
             if kill is not None and kill.kind == "timed":
                 self._arm_timed_kill(watch, kill, next_batch)
             self._watch(child, watch)
@@ -183,10 +193,8 @@ class Supervisor:
 
     # -- one child -----------------------------------------------------------------------
 
-    def _spawn(self, kill: RandomKill | None, next_batch: int) -> Child:
-        points = failpoints_for(
-            self._pending_pauses, kill, self.s.root_id, next_batch, self.s.batch_count
-        ) + fail_once_at(self.s.fail_at_batch)
+    def _spawn(self, store_write: str | None) -> Child:
+        points = failpoints_for(self._pending_pauses, store_write) + fail_once_at(self.s.fail_at_batch)
         env = {"DURABLE_FAILPOINTS": orjson.dumps(points).decode()} if points else {}
         args = [
             "--state-dir", str(self.s.state_dir), "--id", self.s.root_id,
@@ -200,6 +208,20 @@ class Supervisor:
         child = Child.spawn(args, env)
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
         return child
+
+    def _next_kill(self, next_batch: int, batches: dict[int, Promise]) -> RandomKill | None:
+        """The next random kill, unless it could use up a batch's last attempt: a kill of ours
+        must never fail a batch. (A timed kill is checked again when it is due.)"""
+        if not self._random:
+            return None
+        kill = self._random[0]
+        target = next_batch + (kill.batch_offset if kill.kind == "store-write" else 0)
+        used = batches[target].attempts_since_reopen if target in batches else 0
+        if target == self.s.fail_at_batch and used == 0:
+            used += 1  # its first attempt is made to fail
+        if used >= self.s.max_attempts - 1:
+            return None
+        return self._random.pop(0)
 
     def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_batch: int) -> None:
         remaining = self.s.batch_count - next_batch
@@ -230,7 +252,7 @@ class Supervisor:
                 ready = selector.select(timeout)
                 now = time.monotonic()
                 if watch.kill_deadline is not None and now >= watch.kill_deadline:
-                    if watch.kill is None:
+                    if watch.kill is None and not watch.on_last_attempt(self.s.max_attempts):
                         self._kill(child, watch, "timed", watch.batch_in_flight)
                     watch.kill_deadline = None
                 if grace_deadline is not None and now >= grace_deadline:
@@ -264,9 +286,8 @@ class Supervisor:
             if name == "batch.mid" and key.isdigit() and int(key) in self._pending_pauses:
                 self._pending_pauses.discard(int(key))
                 self._kill(child, watch, "kill-at-batch", int(key))
-            elif name == "store.append":
-                batch = key.rpartition(".")[2]
-                self._kill(child, watch, "store-write", int(batch) if batch.isdigit() else None)
+            elif name == "store.append" and key == watch.store_write_key:
+                self._kill(child, watch, "store-write", batch_index(self.s.root_id, key.partition(":")[2]))
         elif kind == "ended":
             watch.report.error = event.get("error")
 
@@ -275,6 +296,7 @@ class Supervisor:
         now = time.monotonic()
         if step == "started":
             watch.batch_in_flight, watch.batch_started_at = batch, now
+            watch.attempt_in_flight = event.get("attempt") or 0
         elif step == "resolved":
             watch.report.executed.append(batch)
             if watch.batch_in_flight == batch:
@@ -305,16 +327,15 @@ class Supervisor:
         with JsonlStore(path, readonly=True) as store:
             return store.get(promise_id)
 
-    def _progress(self) -> tuple[int, int]:
-        """How many batches are done, and how many attempts the next one has used."""
+    def _progress(self) -> tuple[int, dict[int, Promise]]:
+        """How many batches are done, and the batch promises by batch number."""
         path = self.s.state_dir / STORE_FILE
         if not path.exists():
-            return 0, 0
+            return 0, {}
         with JsonlStore(path, readonly=True) as store:
-            batches = {batch_index(self.s.root_id, p.id): p for p in store.list(self.s.root_id + ".")}
-        done = sum(1 for b, p in batches.items() if b is not None and p.state is State.RESOLVED)
-        following = batches.get(done)
-        return done, 0 if following is None else following.attempts_since_reopen
+            promises = store.list(self.s.root_id + ".")
+        batches = {b: p for p in promises if (b := batch_index(self.s.root_id, p.id)) is not None}
+        return sum(p.state is State.RESOLVED for p in batches.values()), batches
 
     def _signals_forwarded(self) -> _SignalForwarding:
         return _SignalForwarding(self)

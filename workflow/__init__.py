@@ -10,7 +10,7 @@ from .errors import (
 )
 from .registry import describe, lookup, register
 from .retry import RetryPolicy
-from .runner import AttemptsExhaustedError, Runner, StepEvent, run
+from .runner import AttemptsExhaustedError, ObserverError, Runner, StepEvent, run
 
 __all__ = [
     "AttemptsExhaustedError",
@@ -18,6 +18,7 @@ __all__ = [
     "Context",
     "EngineError",
     "NonDeterminismError",
+    "ObserverError",
     "RetryPolicy",
     "Runner",
     "StepError",

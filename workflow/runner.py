@@ -46,7 +46,8 @@ _STOP_POLL_S = 0.1
 
 
 class ObserverError(EngineError):
-    """The `on_event` callback raised; the run stops without settling anything."""
+    """The `on_event` callback raised: the run stops there, and a step whose start it was
+    reporting is not run (nor settled)."""
 
 
 class AttemptsExhaustedError(Exception):

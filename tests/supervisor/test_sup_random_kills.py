@@ -99,3 +99,18 @@ def test_many_random_kills_on_few_batches_never_fail_a_batch(tmp_path: Path, aud
     assert_finished(run, 300, 100)
     assert all(p["attempts"] <= 3 for p in batch_promises(audit, state_dir, root).values())
     assert_audit_ok(audit, state_dir, root, 300)
+
+
+def test_a_store_write_kill_never_uses_up_the_last_attempt_left_by_a_retry(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    # Batch 0 fails its first attempt; with 2 attempts, a kill of its second would fail it.
+    seed = next(s for s in range(1000)
+                if (k := random_kills(1, s)[0]).kind == "store-write" and k.batch_offset == 0)
+    state_dir = tmp_path / "state"
+    root = root_id(300, 100)
+    run = run_import(state_dir, "--records", "300", "--batch-size", "100", "--fail-at-batch", "0",
+                     "--max-attempts", "2", "--retry-initial", "0.05", "--kill-random", "1",
+                     "--seed", str(seed))
+    assert_finished(run, 300, 100)
+    assert_audit_ok(audit, state_dir, root, 300)

@@ -261,3 +261,13 @@ def test_ids_taken_by_another_import_and_ids_of_no_usable_type_are_skipped_with_
     sink.close()
     assert result["skipped_reasons"] == {"already_imported": 1, "invalid_id": 2}
     assert result["total_processed"] == 1
+
+
+def test_a_whole_batch_of_ids_taken_by_another_import_is_counted_not_a_query_error(tmp_path: Path) -> None:
+    sink = Sink(tmp_path / "import.db")
+    with JsonlStore(tmp_path / "store.jsonl", exclusive=True) as store:
+        runner = Runner(store, dependencies={"sink": sink})
+        runner.run("imp/a", import_records, synthetic_source(1200), 1200)
+        again = runner.run("imp/b", import_records, synthetic_source(1200), 1200)
+    sink.close()
+    assert again["skipped_reasons"] == {"already_imported": 1140, "invalid_email": 60}

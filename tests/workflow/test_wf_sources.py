@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,24 @@ def test_file_level_problem_is_a_source_error_naming_file_and_line(tmp_path: Pat
     where = f"{path}:{line}" if line is not None else str(path)
     with pytest.raises(SourceError, match=re.escape(where) + ": .*" + re.escape(message)):
         describe_and_plan(path)
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("id,name,email\n1,a,a@b.io\n2,b,b@c.io\n")
+    source = file_source(path)
+    [batch] = plan_batches(source, 10)
+    before = path.stat()
+    replacement = tmp_path / "other.csv"
+    replacement.write_text("id,name,email\n1,A,a@b.io\n2,B,b@c.io\n")
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))  # like cp -p or rsync -t
+    replacement.replace(path)
+    with pytest.raises(SourceError, match="input changed"):
+        list(read_batch(batch))
+
+
+def test_a_bom_before_blank_lines_and_the_csv_header(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeff\n\nid,name,email\n1,a,a@b.io\n".encode())
+    [batch] = plan_batches(file_source(path), 10)
+    assert [r.record_id for r in read_batch(batch)] == ["1"]

@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS executions (
 """
 
 
+_IDS_PER_QUERY = 500
+
+
 class SinkError(Exception):
     """The sink database cannot be used; names the file."""
 
@@ -74,10 +77,14 @@ class Sink:
         self._commit_sync = "FULL" if durable else "NORMAL"
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
+            self._db.close()
             raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
 
     def close(self) -> None:
@@ -167,10 +174,12 @@ class Sink:
             (import_id, lo, hi),
         )}
         ignored = [r for r in good if r.position not in inserted]
-        owners = dict(self._db.execute(
-            f"SELECT id, import_id FROM records WHERE id IN ({','.join('?' * len(ignored))})",
-            [r.record_id for r in ignored],
-        ))
+        owners: dict[str, str] = {}
+        for i in range(0, len(ignored), _IDS_PER_QUERY):  # SQLite caps a query's parameters
+            chunk = [r.record_id for r in ignored[i : i + _IDS_PER_QUERY]]
+            owners.update(self._db.execute(
+                f"SELECT id, import_id FROM records WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ))
         return [
             (r, records.DUPLICATE_ID if owners.get(r.record_id) == import_id else records.ALREADY_IMPORTED)
             for r in ignored

@@ -169,28 +169,31 @@ def synthetic_record(i: int) -> dict[str, Any]:
     return {"id": f"r{i:09d}", "name": f"Person {i}", "email": f"user{i}{at}example.com"}
 
 
-_verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) when its digest last matched
+# (path, sha256) -> the file's identity (inode, size, mtime, ctime) when its digest last matched
+_verified: dict[tuple[str, str], tuple[int, int, int, int]] = {}
 
 
 def _check_unchanged(source: dict[str, Any]) -> None:
     """Refuse an input whose content is not what the import was planned on.
 
-    The SHA-256 is checked once per process (and again if size or mtime move), so a resumed
-    import never mixes two versions of a file.
+    The SHA-256 is checked once per process (and again if the file's inode, size, mtime or
+    ctime move: a replaced file always changes its ctime), so a resumed import never mixes two
+    versions of a file.
     """
     path = source["path"]
     try:
         st = os.stat(path)
     except OSError as exc:
         raise SourceError(path, f"cannot read ({exc.strerror})") from None
-    if _verified.get(path) == (st.st_size, st.st_mtime_ns):
+    identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if _verified.get((path, source["sha256"])) == identity:
         return
     if st.st_size != source["size"] or _sha256(path) != source["sha256"]:
         raise SourceError(
             path, f"input changed since the import started (it was {source['size']} bytes, "
             f"sha256 {source['sha256'][:12]}; it is {st.st_size} bytes now)"
         )
-    _verified[path] = (st.st_size, st.st_mtime_ns)
+    _verified[(path, source["sha256"])] = identity
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -218,10 +221,12 @@ class _Lines:
     def __next__(self) -> str:
         if self.pos >= self._end or not (raw := self._f.readline()):
             raise StopIteration
+        at_start = self.pos == 0
         self.pos += len(raw)
         self.line += 1
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
+            return text.removeprefix("\ufeff") if at_start else text
         except UnicodeDecodeError as exc:
             raise SourceError(
                 self._path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", self.line
@@ -238,8 +243,6 @@ def _jsonl_rows(
         lines = _Lines(f, source["path"], offset, end, line)
         start = offset
         for text in lines:
-            if start == 0:
-                text = text.removeprefix("\ufeff")
             if text.strip():  # blank lines are not records
                 yield _jsonl_row(text, position, lines.line), start, lines.pos
                 position += 1
@@ -268,7 +271,6 @@ def _csv_rows(
             header = _next_csv_record(header_reader, header_lines, path)
         if header is None:
             raise SourceError(path, "has no header line (expected the columns id,name,email)")
-        header[0] = header[0].removeprefix("\ufeff")
         _check_header(path, header, header_lines.line)
         if offset < header_lines.pos:
             offset, line = header_lines.pos, header_lines.line + 1
