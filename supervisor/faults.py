@@ -10,9 +10,10 @@ So the kill lands while batch K is in flight every time, not by luck of timing.
   - "store-write": arm the store's `store.append` failpoint on the resolve of a batch that is
     about to run, so the worker is killed halfway through writing that store line.
 The choices are reproducible with `--seed`; the exact moment of a timed kill is real time.
-A timed kill waits for the child to finish a drawn number of new batches (zero: it lands in
-startup or replay), then a drawn fraction of a batch's duration, so it lands mid-batch or
-between batches whatever the speed of the machine.
+A fifth of the timed kills land in start-up or replay (a drawn fraction of the measured start-up
+time); the others wait for the child to finish a drawn number of new batches, then a drawn
+fraction of a batch's duration, so they land mid-batch or between batches whatever the speed
+of the machine.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from .report import ChildReport, KillReport, RunReport
 log = logging.getLogger("supervisor")
 MAX_BACKOFF_S = 30.0
 STARTUP_GUESS_S = 0.15
+STARTUP_SHARE = 0.2  # the share of timed kills that land in start-up or replay
 BATCH_GUESS_S = 0.005
 
 
@@ -72,6 +73,7 @@ class _Watch:
     timed_kill_delay: float = 0.0  # then this fraction of a batch
     kill_deadline: float | None = None
     store_write_key: str | None = None  # the store.append failpoint armed in this child
+    spawned_at: float = field(default_factory=time.monotonic)
 
     def on_last_attempt(self, max_attempts: int) -> bool:
         """Whether the batch in flight runs its last allowed attempt (a kill would fail it)."""
@@ -91,6 +93,7 @@ class Supervisor:
         self._pending_pauses = set(settings.kill_at_batches)
         self._random = list(settings.random_kills)
         self._batch_seconds = BATCH_GUESS_S
+        self._startup_seconds = STARTUP_GUESS_S
         self._wakeup_r = -1
 
     # -- the loop ------------------------------------------------------------------------
@@ -224,11 +227,14 @@ class Supervisor:
         return self._random.pop(0)
 
     def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_batch: int) -> None:
+        """A timed kill lands in start-up and replay (a few of them), or a drawn number of new
+        batches into the run plus a fraction of a batch: timed by the worker's own pace."""
         remaining = self.s.batch_count - next_batch
-        watch.timed_kill_after = kill.batches_before(remaining, len(self._random) + 1)
         watch.timed_kill_delay = kill.delay
-        if watch.timed_kill_after == 0:
-            watch.kill_deadline = time.monotonic() + kill.delay * STARTUP_GUESS_S
+        if kill.share < STARTUP_SHARE:
+            watch.kill_deadline = time.monotonic() + kill.delay * self._startup_seconds
+        else:
+            watch.timed_kill_after = kill.batches_before(remaining, len(self._random) + 1)
 
     def _watch(self, child: Child, watch: _Watch) -> None:
         """Follow the child until its pipes close, delivering kills and forwarded signals."""
@@ -295,6 +301,10 @@ class Supervisor:
         batch, step = event["batch"], event.get("kind")
         now = time.monotonic()
         if step == "started":
+            if watch.batch_started_at == 0.0:  # the first batch this worker starts: start-up is over
+                self._startup_seconds = 0.8 * self._startup_seconds + 0.2 * (now - watch.spawned_at)
+                if watch.timed_kill_after == 0:
+                    watch.kill_deadline = now + watch.timed_kill_delay * self._batch_seconds
             watch.batch_in_flight, watch.batch_started_at = batch, now
             watch.attempt_in_flight = event.get("attempt") or 0
         elif step == "resolved":
@@ -302,7 +312,7 @@ class Supervisor:
             if watch.batch_in_flight == batch:
                 self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - watch.batch_started_at)
             watch.batch_in_flight = None
-            if watch.timed_kill_after == len(watch.report.executed):
+            if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
                 watch.kill_deadline = now + watch.timed_kill_delay * self._batch_seconds
             if self._live is not None:
                 self._live.update(batch + 1, self.s.batch_count, self.report)
