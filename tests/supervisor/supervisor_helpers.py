@@ -45,6 +45,11 @@ class Finished:
     def describe(self) -> str:
         return f"exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr[-4000:]}"
 
+    @property
+    def last_error_line(self) -> str:
+        lines = self.stderr.strip().splitlines()
+        return lines[-1] if lines else ""
+
 
 def root_id(records: int, batch_size: int) -> str:
     """The default workflow id of a synthetic import (derived from the input and batch size)."""

@@ -27,13 +27,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from supervisor_helpers import Finished
+from supervisor_helpers import child_env as _env
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from store import Durability, JsonlStore  # noqa: E402  (needs the path above)
-from store.codec import decode, encode  # noqa: E402
+from store import Durability, JsonlStore
+from store.codec import decode, encode
 
 STORE = "store.jsonl"
 SINK = "import.db"
@@ -43,29 +41,6 @@ FAST = ("--max-restarts", "1", "--restart-backoff", "0", "--max-attempts", "2", 
 
 
 # -- running the CLI ---------------------------------------------------------------------------
-
-
-@dataclass
-class Finished:
-    returncode: int
-    report: dict[str, Any] | None
-    stdout: str
-    stderr: str
-
-    def describe(self) -> str:
-        return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
-
-    @property
-    def last_error_line(self) -> str:
-        lines = self.stderr.strip().splitlines()
-        return lines[-1] if lines else ""
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
 
 
 def cli(command: str, state_dir: Path, *args: str, env: dict[str, str] | None = None,
