@@ -70,7 +70,7 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
     if kind is None:
         raise SourceError(path, f"unknown extension {path.suffix!r} (use .csv or .jsonl)")
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
         digest = _sha256(path)
     except FileNotFoundError:
         raise SourceError(path, "no such file") from None
@@ -78,9 +78,11 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SourceError(path, "is a directory, not an input file") from None
     except OSError as exc:
         raise SourceError(path, f"cannot read ({exc.strerror})") from None
-    if size == 0:
+    if st.st_size == 0:
         raise SourceError(path, "file is empty: nothing to import")
-    return {"kind": kind, "path": str(path.resolve()), "size": size, "sha256": digest}
+    resolved = str(path.resolve())
+    _verified[(resolved, digest)] = _identity(st)  # planning it in this process need not hash it again
+    return {"kind": kind, "path": resolved, "size": st.st_size, "sha256": digest}
 
 
 def source_label(source: dict[str, Any]) -> str:
@@ -185,7 +187,7 @@ def _check_unchanged(source: dict[str, Any]) -> None:
         st = os.stat(path)
     except OSError as exc:
         raise SourceError(path, f"cannot read ({exc.strerror})") from None
-    identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    identity = _identity(st)
     if _verified.get((path, source["sha256"])) == identity:
         return
     if st.st_size != source["size"] or _sha256(path) != source["sha256"]:
@@ -194,6 +196,10 @@ def _check_unchanged(source: dict[str, Any]) -> None:
             f"sha256 {source['sha256'][:12]}; it is {st.st_size} bytes now)"
         )
     _verified[(path, source["sha256"])] = identity
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
