@@ -9,6 +9,7 @@ from .errors import (
     StoreError,
     StoreLockedError,
     StoreWriteError,
+    WorkflowBusyError,
 )
 from .jsonl import Durability, JsonlStore
 from .promise import Promise, State
@@ -25,6 +26,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "WorkflowBusyError",
     "normalize",
     "same_json",
 ]

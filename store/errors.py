@@ -47,3 +47,15 @@ class PromiseConflictError(StoreError):
     def __init__(self, promise_id: str, message: str) -> None:
         super().__init__(f"promise {promise_id}: {message}")
         self.promise_id = promise_id
+
+
+class WorkflowBusyError(StoreError):
+    """Another process drives this root workflow: a second driver never runs its steps."""
+
+    def __init__(self, root_id: str, owner: str) -> None:
+        super().__init__(
+            f"workflow {root_id} is being run by another process ({owner}); "
+            "wait for it to finish, or stop it first"
+        )
+        self.root_id = root_id
+        self.owner = owner

@@ -2,7 +2,8 @@
 
 Layout: `<path>` holds one checksummed record per line (see codec.py); `<path>.lock` is the
 filelock every appender takes; `<path>.lock.owner` names the last process to hold it exclusively;
-`<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened.
+`<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened;
+`<path>.root-<digest>.lock` is the lock of one root workflow's driver in a shared store.
 
 Locking: a *shared* store takes the lock around every append (about 100 µs), so any number of
 processes can append to one file. An *exclusive* store takes it once at open and holds it until
@@ -14,17 +15,25 @@ attempt are one line (other processes see the creation with that line).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import failpoints
 from .codec import DamagedRecordError, decode, encode, normalize
-from .errors import StoreCorruptedError, StoreError, StoreLockedError, StoreWriteError
+from .errors import (
+    StoreCorruptedError,
+    StoreError,
+    StoreLockedError,
+    StoreWriteError,
+    WorkflowBusyError,
+)
 from .locking import LockHeldError, OwnedLock
 from .log import (
     Entry,
@@ -122,6 +131,20 @@ class JsonlStore:
     def reopen(self, promise_id: str, reason: str) -> Promise:
         """Make a rejected promise pending again (an operator's retry); the log keeps the error."""
         return self._locked(self._reopen, promise_id, reason)
+
+    def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the right to drive the workflow `root_id` (run its steps and settle them).
+
+        An exclusive store owns every workflow in it already. A shared store takes a lock of the
+        root's own, waiting up to `lock_timeout`: a second driver gets WorkflowBusyError naming
+        the holder's pid, before it can run anything.
+        """
+        if self._readonly:
+            raise StoreError(f"{self.path}: store was opened read-only")
+        if self._exclusive:
+            return contextlib.nullcontext()
+        digest = hashlib.sha256(root_id.encode()).hexdigest()[:16]
+        return _owning(OwnedLock(f"{self.path}.root-{digest}.lock"), root_id, self._lock_timeout)
 
     def get(self, promise_id: str) -> Promise | None:
         self._refresh()
@@ -454,6 +477,20 @@ class JsonlStore:
         os.close(self._fd)
         self._fd = self._open_fd()
         self._load_from_start()
+
+
+@contextlib.contextmanager
+def _owning(lock: OwnedLock, root_id: str, timeout: float) -> Iterator[None]:
+    try:
+        lock.acquire(timeout, record_owner=True)
+    except LockHeldError as exc:
+        raise WorkflowBusyError(root_id, exc.owner) from None
+    except OSError as exc:
+        raise StoreError(f"cannot take the lock {lock.path} ({exc.strerror})") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _fsync_dir(directory: Path) -> None:

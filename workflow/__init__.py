@@ -1,6 +1,7 @@
 """The durable runtime: workflows are generators replayed over a promise store."""
 
 from .context import Call, Context, StepInfo, current_step
+from .deadline import StepTimeoutError
 from .errors import (
     EngineError,
     NonDeterminismError,
@@ -24,6 +25,7 @@ __all__ = [
     "StepError",
     "StepEvent",
     "StepInfo",
+    "StepTimeoutError",
     "WorkflowConflictError",
     "WorkflowInterrupted",
     "current_step",

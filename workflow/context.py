@@ -42,6 +42,11 @@ class Context:
         self._next += 1
         return call
 
+    @property
+    def calls_made(self) -> int:
+        """How many durable calls the workflow has made so far."""
+        return self._next
+
 
 @dataclass(frozen=True, slots=True)
 class StepInfo:

@@ -15,6 +15,7 @@ class Registered:
     fn: Callable[..., Any]
     name: str
     version: int
+    recover: Callable[..., Any] | None = None
     is_workflow: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -27,16 +28,28 @@ _by_name: dict[tuple[str, int], Registered] = {}
 
 
 def register(
-    fn: F | None = None, *, name: str | None = None, version: int = 1
+    fn: F | None = None,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    recover: Callable[..., Any] | None = None,
 ) -> F | Callable[[F], F]:
     """Register a workflow or step under a stable name (default: module.qualname) and version.
 
     Bump the version when a change would replay differently; a store written by the old
     version is then refused instead of silently mixed with the new code.
+
+    `recover` (steps only) is called with the step's arguments before a step whose earlier
+    attempt never settled runs again: it returns the result that attempt already made durable
+    (say, a committed transaction), or None when there is none. A found result settles the step
+    without starting an attempt, so a step whose effect is committed is never failed for lack
+    of attempts.
     """
 
     def add(f: F) -> F:
-        entry = Registered(f, name or f"{f.__module__}.{f.__qualname__}", version)
+        entry = Registered(f, name or f"{f.__module__}.{f.__qualname__}", version, recover)
+        if recover is not None and entry.is_workflow:
+            raise ValueError(f"{entry.name}: only a step can have a recover function, not a workflow")
         clash = _by_name.get((entry.name, entry.version))
         if clash is not None and clash.fn is not f:
             raise ValueError(f"{entry.name} v{entry.version} is already registered to {clash.fn!r}")

@@ -25,6 +25,8 @@ class RetryPolicy:
 
     `max_attempts` counts every attempt started, including one cut short by a crash, so a step
     that kills its worker every time is eventually rejected instead of looping forever.
+    `timeout` (seconds) fails an attempt that has not returned by then with StepTimeoutError,
+    which is retried like any failure (see deadline.py for how and where it can interrupt).
     """
 
     max_attempts: int = 10
@@ -32,10 +34,13 @@ class RetryPolicy:
     factor: float = 2.0
     max_interval: float = 30.0
     non_retryable: tuple[type[BaseException], ...] = ()
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {self.timeout}")
         if self.initial < 0 or self.factor < 1 or self.max_interval < 0:
             raise ValueError(f"invalid backoff: {self}")
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from store import Promise, PromiseStore, State, StoreError, normalize, same_json
 
 from .context import Call, Context, StepInfo, _current_step
+from .deadline import deadline
 from .errors import (
     EngineError,
     NonDeterminismError,
@@ -32,7 +34,8 @@ log = logging.getLogger("workflow.runner")
 
 @dataclass(frozen=True, slots=True)
 class StepEvent:
-    """What the runner reports as it goes: replayed, started, retrying, resolved, rejected."""
+    """What the runner reports as it goes: replayed, started, recovered, retrying, resolved,
+    rejected."""
 
     kind: str
     promise_id: str
@@ -83,7 +86,8 @@ class Runner:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
         if not root_id or "." in root_id:
             raise ValueError(f"a root id is non-empty and has no '.', which separates call ids: {root_id!r}")
-        return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+        with self.store.own(root_id):  # one driver per workflow, before anything runs
+            return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
     # -- one durable call ------------------------------------------------------------------
 
@@ -131,7 +135,8 @@ class Runner:
 
     def _drive(self, call: Call, entry: Registered) -> Any:
         """Step a generator through its durable calls, feeding back results or errors."""
-        gen = call.fn(Context(call.promise_id), *call.args, **call.kwargs)
+        ctx = Context(call.promise_id)
+        gen = call.fn(ctx, *call.args, **call.kwargs)
         send: Any = None
         throw: StepError | None = None
         try:
@@ -139,10 +144,12 @@ class Runner:
                 try:
                     yielded = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration as done:
+                    self._check_history_matched(call, entry, ctx)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
                         raise
+                    self._check_history_matched(call, entry, ctx)
                     self._fail(call, entry, exc)
                 if not isinstance(yielded, Call):
                     raise TypeError(
@@ -156,30 +163,60 @@ class Runner:
         finally:
             gen.close()
 
+    def _check_history_matched(self, call: Call, entry: Registered, ctx: Context) -> None:
+        """A workflow that ends must have made every call its history records; ending before a
+        recorded call means the code changed (Temporal's replayer refuses this too)."""
+        unmatched = f"{call.promise_id}.{ctx.calls_made}"
+        recorded = self.store.get(unmatched)
+        if recorded is not None:
+            raise NonDeterminismError(
+                unmatched,
+                f"{recorded.param.get('fn')} v{recorded.param.get('v')}",
+                f"no call there (workflow {entry.name} ended after {ctx.calls_made} call(s))",
+            )
+
     # -- steps -----------------------------------------------------------------------------
 
     def _execute_step(self, call: Call, entry: Registered, promise: Promise) -> Any:
         policy = call.retry or self.retry
+        if promise.attempts and entry.recover is not None:
+            found = self._recover(call, entry, promise.attempts)
+            if found is not None:  # the dead attempt's effect is durable: no attempt is spent
+                return self._resolve(call, entry, found)
         done = promise.attempts_since_reopen
         if done >= policy.max_attempts:
             self._fail(call, entry, AttemptsExhaustedError(
                 f"all {done} attempts were used; the last one was cut short (its process died)"
             ))
         try:
-            value = self._attempt(call, entry)
+            value = self._attempt(call, entry, policy)
         except Exception as exc:
             value = self._retry_after(exc, call, entry, policy, done + 1)
         return self._resolve(call, entry, value)
 
-    def _attempt(self, call: Call, entry: Registered) -> Any:
+    def _attempt(self, call: Call, entry: Registered, policy: RetryPolicy) -> Any:
         """One attempt: recorded durably before the function runs, so crashes count too."""
         attempt = self.store.start_attempt(call.promise_id)
         self._emit("started", call, entry, attempt=attempt)
-        token = _current_step.set(
-            StepInfo(call.promise_id, attempt, entry.name, self.dependencies)
-        )
-        try:
+        with self._as_step(call, entry, attempt), deadline(
+            policy.timeout, f"step '{entry.name}' ({call.promise_id})"
+        ):
             return call.fn(*call.args, **call.kwargs)
+
+    def _recover(self, call: Call, entry: Registered, last_attempt: int) -> Any:
+        """Ask the step's recover function for what its last, unsettled attempt made durable."""
+        with self._as_step(call, entry, last_attempt):
+            found = entry.recover(*call.args, **call.kwargs)
+        if found is not None:
+            self._emit("recovered", call, entry, attempt=last_attempt)
+        return found
+
+    @contextmanager
+    def _as_step(self, call: Call, entry: Registered, attempt: int) -> Iterator[None]:
+        """Make `current_step()` describe this call while its code runs."""
+        token = _current_step.set(StepInfo(call.promise_id, attempt, entry.name, self.dependencies))
+        try:
+            yield
         finally:
             _current_step.reset(token)
 
@@ -195,7 +232,11 @@ class Runner:
                 # happy path never pays for tenacity and its backoff starts from that failure.
                 if failures:
                     raise failures.pop()
-                return self._attempt(call, entry)
+                if entry.recover is not None:  # the failed attempt may have committed first
+                    found = self._recover(call, entry, self.store.get(call.promise_id).attempts)
+                    if found is not None:
+                        return found
+                return self._attempt(call, entry, policy)
 
             retrying = policy.retrying(
                 attempts_done=done,

@@ -136,7 +136,8 @@ def test_rerun_of_a_committed_batch_whose_resolve_was_lost_finds_its_commit(
         assert store.get(f"{ROOT}.3").value == stored_counts
 
     db = tmp_path / SINK_FILE
-    assert executions(db, f"{ROOT}.3") == [(1, "committed"), (2, "found_commit")]
+    # Found by the recover function, as attempt 1's effect: no second attempt was spent.
+    assert executions(db, f"{ROOT}.3") == [(1, "committed"), (1, "found_commit")]
     assert query(db, "SELECT COUNT(*), COUNT(DISTINCT id) FROM records") == [(950, 950)]
     assert query(db, "SELECT COUNT(*) FROM batch_commits") == [(10,)]
     assert summary["total_processed"] == 950

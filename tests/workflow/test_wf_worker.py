@@ -100,7 +100,7 @@ def test_worker_killed_between_commit_and_resolve_finds_its_commit(
 
     assert finished.returncode == exitcodes.OK
     assert (tmp_path / f"{STORE_FILE}.torn-1").exists()  # the half-written resolve, moved aside
-    assert batch_executions(tmp_path, 2) == [(1, "committed"), (2, "found_commit")]
+    assert batch_executions(tmp_path, 2) == [(1, "committed"), (1, "found_commit")]
     assert_audit_ok(audit, tmp_path, 500)
 
 

@@ -25,20 +25,28 @@ def import_records(
     return summarize(results)
 
 
-@register(name="process_batch")
-def process_batch(i: int, batch: dict[str, Any]) -> dict[str, Any]:
-    """Import batch `i` into the sink, exactly once however often it is invoked.
+def find_batch_commit(i: int, batch: dict[str, Any]) -> dict[str, Any] | None:
+    """`process_batch`'s recover function: the summary of batch `i` if an earlier invocation
+    committed it and died before its promise was resolved (recorded as `found_commit`)."""
+    step = current_step()
+    sink = step.dependency("sink")
+    committed = sink.find_commit(step.promise_id)
+    if committed is not None:
+        execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid())
+        sink.finish_execution(execution, "found_commit")
+    return committed
 
-    If an earlier invocation committed but died before its promise was resolved, the commit row
-    is found and its summary returned without writing again.
+
+@register(name="process_batch", recover=find_batch_commit)
+def process_batch(i: int, batch: dict[str, Any]) -> dict[str, Any]:
+    """Import batch `i` into the sink: its rows and its commit row in one transaction.
+
+    The runtime asks `find_batch_commit` first whenever an earlier attempt never settled, so a
+    committed batch is found, never written again, and costs no attempt.
     """
     step = current_step()
     sink = step.dependency("sink")
     execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid())
-    committed = sink.find_commit(step.promise_id)
-    if committed is not None:
-        sink.finish_execution(execution, "found_commit")
-        return committed
     failpoints.hit("batch.fail", f"{i}/{step.attempt}")
     return sink.commit_batch(
         step.promise_id,
