@@ -3,6 +3,7 @@
 from .context import Call, Context, StepInfo, current_step
 from .deadline import StepTimeoutError
 from .errors import (
+    CallNotYieldedError,
     EngineError,
     NonDeterminismError,
     StepError,
@@ -16,6 +17,7 @@ from .runner import AttemptsExhaustedError, ObserverError, Runner, StepEvent, ru
 __all__ = [
     "AttemptsExhaustedError",
     "Call",
+    "CallNotYieldedError",
     "Context",
     "EngineError",
     "NonDeterminismError",

@@ -7,6 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .errors import CallNotYieldedError
 from .retry import RetryPolicy
 
 
@@ -24,11 +25,12 @@ class Call(NamedTuple):
 class Context:
     """Hands out the ids `<parent id>.<n>` in call order, so a replay finds the same ids again."""
 
-    __slots__ = ("_next", "promise_id")
+    __slots__ = ("_next", "_unyielded", "promise_id")
 
     def __init__(self, promise_id: str) -> None:
         self.promise_id = promise_id
         self._next = 0
+        self._unyielded: list[Call] = []  # calls made since the last yield
 
     def run(
         self, fn: Callable[..., Any], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any
@@ -40,7 +42,26 @@ class Context:
         """
         call = Call(f"{self.promise_id}.{self._next}", fn, args, kwargs, retry)
         self._next += 1
+        self._unyielded.append(call)
         return call
+
+    def take_yielded(self, call: Call) -> None:
+        """The workflow yielded `call`: it must be the one call made since the last yield."""
+        unyielded = self._unyielded
+        if len(unyielded) == 1 and unyielded[0] is call:
+            unyielded.clear()
+            return
+        if unyielded and unyielded[0] is not call:
+            raise CallNotYieldedError(unyielded[0])
+        raise TypeError(
+            f"workflow {self.promise_id} yielded the call {call.promise_id}, which is not its "
+            "latest ctx.run(...): yield each call once, right where it is made"
+        )
+
+    def check_all_yielded(self) -> None:
+        """The workflow ended: a call it made but never yielded would never have run."""
+        if self._unyielded:
+            raise CallNotYieldedError(self._unyielded[0])
 
     @property
     def calls_made(self) -> int:

@@ -41,6 +41,18 @@ class NonDeterminismError(EngineError):
         self.actual = actual
 
 
+class CallNotYieldedError(EngineError):
+    """A workflow made a durable call and never yielded it, so it never ran."""
+
+    def __init__(self, call: Any) -> None:
+        name = getattr(call.fn, "__qualname__", repr(call.fn))
+        super().__init__(
+            f"the durable call {call.promise_id} ({name}) was made but never yielded, so it never "
+            f"ran: write `result = yield ctx.run({name}, ...)`"
+        )
+        self.promise_id = call.promise_id
+
+
 class WorkflowConflictError(EngineError):
     """A root id already holds a workflow with another function, version or arguments."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,7 +49,7 @@ def register(
     """
 
     def add(f: F) -> F:
-        entry = Registered(f, name or f"{f.__module__}.{f.__qualname__}", version, recover)
+        entry = Registered(f, name or default_name(f), version, recover)
         if recover is not None and entry.is_workflow:
             raise ValueError(f"{entry.name}: only a step can have a recover function, not a workflow")
         clash = _by_name.get((entry.name, entry.version))
@@ -64,9 +66,48 @@ def describe(fn: Callable[..., Any]) -> Registered:
     """The registered name and version of `fn`; an unregistered function is module.qualname v1."""
     entry = _by_fn.get(fn)
     if entry is None:
-        entry = Registered(fn, f"{fn.__module__}.{fn.__qualname__}", 1)
+        entry = Registered(fn, default_name(fn), 1)
         _by_fn[fn] = entry
     return entry
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    """`module.qualname`, the same however the program was started.
+
+    A script's functions live in `__main__`; they are named after the script's import name, so
+    `python script.py` and `python -m script` record the same names. Lambdas have no name of
+    their own (two in one scope look the same), so an unregistered one is refused.
+    """
+    qualname = getattr(fn, "__qualname__", None)
+    if qualname is None:
+        raise TypeError(f"{fn!r} is not a function: a durable call needs a named function")
+    if "<lambda>" in qualname:
+        raise TypeError(
+            f"{qualname} (in {fn.__module__}) has no name of its own: a durable call needs a def, "
+            "or register the lambda: register(fn, name=...)"
+        )
+    module = fn.__module__
+    if module == "__main__":
+        module = _main_module_name()
+    return f"{module}.{qualname}"
+
+
+def _main_module_name() -> str:
+    """The import name of the running script: from `-m`, or from its path and packages."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:  # an interactive session
+        return "__main__"
+    path = Path(path).resolve()
+    parts = [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").exists():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return ".".join(parts)
 
 
 def lookup(name: str, version: int) -> Callable[..., Any]:

@@ -15,7 +15,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from store import Promise, PromiseStore, State, StoreError, normalize, same_json
+from store import (
+    Promise,
+    PromiseConflictError,
+    PromiseNotFoundError,
+    PromiseStore,
+    State,
+    StoreError,
+    normalize,
+    same_json,
+)
 
 from .context import Call, Context, StepInfo, _current_step
 from .deadline import deadline
@@ -76,7 +85,7 @@ class Runner:
         sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
         self.store = store
-        self.retry = retry or RetryPolicy()
+        self.policy = retry or RetryPolicy()
         self.dependencies = dict(dependencies or {})
         self._on_event = on_event
         self._should_stop = should_stop
@@ -88,6 +97,28 @@ class Runner:
             raise ValueError(f"a root id is non-empty and has no '.', which separates call ids: {root_id!r}")
         with self.store.own(root_id):  # one driver per workflow, before anything runs
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+
+    def retry(self, root_id: str) -> list[str]:
+        """Make a failed workflow runnable again; return the reopened ids (the root last).
+
+        The rejected calls under `root_id` and the root itself become pending with a fresh
+        attempt budget (their errors stay in the store's history); resolved calls stay final,
+        so the next `run` replays them and resumes at the first reopened call. It is the same
+        operation as `python -m supervisor retry`.
+        """
+        with self.store.own(root_id):
+            root = self.store.get(root_id)
+            if root is None:
+                raise PromiseNotFoundError(root_id)
+            if root.state is not State.REJECTED:
+                raise PromiseConflictError(
+                    root_id, f"is {root.state.value}; only a failed (rejected) workflow can be retried"
+                )
+            reopened = [p.id for p in self.store.list(root_id + ".") if p.state is State.REJECTED]
+            reopened.append(root_id)
+            for promise_id in reopened:  # the root last: until then, a crash leaves it failed
+                self.store.reopen(promise_id, "retry")
+        return reopened
 
     # -- one durable call ------------------------------------------------------------------
 
@@ -144,18 +175,19 @@ class Runner:
                 try:
                     yielded = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration as done:
-                    self._check_history_matched(call, entry, ctx)
+                    self._check_ended_cleanly(call, entry, ctx)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
                         raise
-                    self._check_history_matched(call, entry, ctx)
+                    self._check_ended_cleanly(call, entry, ctx)
                     self._fail(call, entry, exc)
                 if not isinstance(yielded, Call):
                     raise TypeError(
                         f"workflow {entry.name} ({call.promise_id}) yielded {yielded!r}; "
                         "yield ctx.run(...) instead"
                     )
+                ctx.take_yielded(yielded)
                 try:
                     send, throw = self._call(yielded), None
                 except StepError as exc:
@@ -163,9 +195,11 @@ class Runner:
         finally:
             gen.close()
 
-    def _check_history_matched(self, call: Call, entry: Registered, ctx: Context) -> None:
-        """A workflow that ends must have made every call its history records; ending before a
-        recorded call means the code changed (Temporal's replayer refuses this too)."""
+    def _check_ended_cleanly(self, call: Call, entry: Registered, ctx: Context) -> None:
+        """A workflow that ends must have yielded every call it made, and made every call its
+        history records: ending before a recorded call means the code changed (Temporal's
+        replayer refuses this too)."""
+        ctx.check_all_yielded()
         unmatched = f"{call.promise_id}.{ctx.calls_made}"
         recorded = self.store.get(unmatched)
         if recorded is not None:
@@ -178,7 +212,7 @@ class Runner:
     # -- steps -----------------------------------------------------------------------------
 
     def _execute_step(self, call: Call, entry: Registered, promise: Promise) -> Any:
-        policy = call.retry or self.retry
+        policy = call.retry or self.policy
         if promise.attempts and entry.recover is not None:
             found = self._recover(call, entry, promise.attempts)
             if found is not None:  # the dead attempt's effect is durable: no attempt is spent
