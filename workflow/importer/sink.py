@@ -260,15 +260,14 @@ class Sink:
 
 INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)"
 INSERT_SKIPPED = "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)"
-_REQUIRED = frozenset(records.REQUIRED_FIELDS)
 
 
 def record_row(import_id: str, batch: int, row: Row) -> tuple[Any, ...]:
     """The `records` row of an importable input row; fields beyond the required ones go to `extra`."""
     record = row.record
     extra = None
-    if not record.keys() <= _REQUIRED:
-        extra = orjson.dumps({k: v for k, v in record.items() if k not in _REQUIRED}).decode()
+    if len(record) > len(records.REQUIRED_FIELDS):  # it has all of them: it is importable
+        extra = orjson.dumps(records.extra_fields(record)).decode()
     return (row.record_id, import_id, row.position, batch, record["name"], record["email"], extra)
 
 
