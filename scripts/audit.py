@@ -72,7 +72,8 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
     db = sqlite3.connect(state_dir / "import.db")
     execs = db.execute(
         "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
-        "WHERE promise_id LIKE ? ORDER BY started_at, id", (prefix + "%",)).fetchall()
+        "WHERE substr(promise_id, 1, ?) = ? ORDER BY started_at, id",  # not LIKE: `_` is a wildcard
+        (len(prefix), prefix)).fetchall()
     commits = Counter(r[0] for r in db.execute(
         "SELECT promise_id FROM batch_commits WHERE import_id = ?", (root,)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -238,13 +239,37 @@ def _watch(
 
 
 def run_worker_plain(
-    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, *extra: str
+    state_dir: Path,
+    root_id: str,
+    source: dict[str, Any],
+    batch_size: int,
+    *extra: str,
+    file_size_limit: int | None = None,
+    timeout: float = SAFETY_TIMEOUT_S,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the worker to its end without a progress pipe; capture its output."""
+    """Run the worker to its end without a progress pipe; capture its output.
+
+    `file_size_limit` is a full disk: the worker runs under that RLIMIT_FSIZE (bytes per file).
+    """
     return subprocess.run(
         worker_argv(state_dir, root_id, source, batch_size, *extra), env=worker_env(),
         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=state_dir,
-        timeout=SAFETY_TIMEOUT_S, check=False,
+        timeout=timeout, check=False,
+        preexec_fn=None if file_size_limit is None else _limit_file_size(file_size_limit),
+    )
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def supervisor_retry(state_dir: Path, root_id: str) -> subprocess.CompletedProcess[str]:
+    """`python -m supervisor retry`: reopen a rejected import so the next run resumes it."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "retry", "--state-dir", str(state_dir), "--id", root_id],
+        env=worker_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        cwd=state_dir, timeout=SAFETY_TIMEOUT_S, check=False,
     )
 
 

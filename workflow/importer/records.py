@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
+
 REQUIRED_FIELDS = ("id", "name", "email")
+_REQUIRED = frozenset(REQUIRED_FIELDS)
 MAX_FIELD_CHARS = 65_536
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
@@ -20,6 +23,7 @@ NOT_AN_OBJECT = "not_an_object"
 DUPLICATE_ID = "duplicate_id"  # an earlier record of the same input has this id
 ALREADY_IMPORTED = "already_imported"  # another import into the same database has this id
 INVALID_ID = "invalid_id"  # an id that is not text or a whole number (true, 1.5, {...})
+UNSTORABLE_VALUE = "unstorable_value"  # JSON cannot write it back (nested > 254 deep, int > 64 bits)
 
 
 def problem_with(record: dict[str, Any]) -> str | None:
@@ -37,4 +41,21 @@ def problem_with(record: dict[str, Any]) -> str | None:
     email = record.get("email")
     if not isinstance(email, str) or not _EMAIL.fullmatch(email):
         return INVALID_EMAIL
+    if len(record) > len(REQUIRED_FIELDS) and not _writable(extra_fields(record)):
+        return UNSTORABLE_VALUE
     return None
+
+
+def extra_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields beyond the required ones (the sink keeps them as one JSON value)."""
+    return {k: v for k, v in record.items() if k not in _REQUIRED}
+
+
+def _writable(value: Any) -> bool:
+    """Whether orjson can write `value`; checked only for records with extra fields, so the
+    common record pays nothing."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True

@@ -8,10 +8,12 @@ per invocation of the batch step, committed when it starts, finished when its ba
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,43 @@ class SinkError(Exception):
     """The sink database cannot be used; names the file."""
 
 
+class SinkStorageError(SinkError):
+    """The disk refused a write to the sink (full, over quota, over the file size limit, or a
+    failed write or fsync). Retrying at once cannot help, so it is not retried; the transaction
+    in flight was rolled back, so nothing of it is in the database."""
+
+    def __init__(self, path: Path, fault: str, remedy: str, cause: BaseException, action: str) -> None:
+        super().__init__(f"{path}: {fault} ({cause}) while {action}; {remedy}, then retry")
+
+
+_FREE_SPACE = "free space"
+_FSYNC_FAILED = ("fsync failed", "check the disk")
+
+# (fault, remedy) of what the disk refused, by SQLite's extended result code or the errno of an
+# OSError. A full disk (ENOSPC) is SQLITE_FULL; a write past RLIMIT_FSIZE (EFBIG) is
+# SQLITE_IOERR_WRITE, as is any other failed write (SQLite does not tell which).
+_SQLITE_FAULTS = {
+    "SQLITE_FULL": ("disk full", _FREE_SPACE),
+    "SQLITE_IOERR_WRITE": ("disk full or write failed", _FREE_SPACE),
+    "SQLITE_IOERR_FSYNC": _FSYNC_FAILED,
+    "SQLITE_IOERR_DIR_FSYNC": _FSYNC_FAILED,
+}
+_ERRNO_FAULTS = {
+    errno.ENOSPC: ("disk full", _FREE_SPACE),
+    errno.EDQUOT: ("disk full (quota exceeded)", _FREE_SPACE),
+    errno.EFBIG: ("disk full (file size limit)", _FREE_SPACE),
+}
+
+
+def _storage_fault(exc: BaseException) -> tuple[str, str] | None:
+    """(fault, remedy) if `exc` is a write or fsync the disk refused; None for any other error."""
+    if isinstance(exc, sqlite3.Error):
+        return _SQLITE_FAULTS.get(getattr(exc, "sqlite_errorname", None))
+    if isinstance(exc, OSError):
+        return _ERRNO_FAULTS.get(exc.errno)
+    return None
+
+
 class Sink:
     """The SQLite sink; a batch's rows and its commit row are one durable transaction."""
 
@@ -90,18 +129,30 @@ class Sink:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _storage_faults(self, action: str) -> Iterator[None]:
+        """Turn a write or fsync the disk refused into a SinkStorageError naming this file."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            fault = _storage_fault(exc)
+            if fault is None:
+                raise
+            raise SinkStorageError(self.path, *fault, exc, action) from exc
+
     def start_execution(self, promise_id: str, batch: int, attempt: int, pid: int) -> int:
         """Record that a batch step starts. Survives a process kill at once; becomes durable
         against power loss with the next synchronous commit (the batch's own)."""
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            cursor = self._db.execute(
-                "INSERT INTO executions (promise_id, batch, attempt, pid, started_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (promise_id, batch, attempt, pid, time.time()),
-            )
-        finally:
-            self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
+        with self._storage_faults(f"starting batch {batch}"):
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                cursor = self._db.execute(
+                    "INSERT INTO executions (promise_id, batch, attempt, pid, started_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (promise_id, batch, attempt, pid, time.time()),
+                )
+            finally:
+                self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
         return cursor.lastrowid
 
     def find_commit(self, promise_id: str) -> dict[str, Any] | None:
@@ -111,6 +162,10 @@ class Sink:
         return None if row is None else orjson.loads(row[0])
 
     def finish_execution(self, execution: int, outcome: str) -> None:
+        with self._storage_faults(f"recording the outcome of execution {execution}"):
+            self._set_outcome(execution, outcome)
+
+    def _set_outcome(self, execution: int, outcome: str) -> None:
         self._db.execute(
             "UPDATE executions SET finished_at = ?, outcome = ? WHERE id = ?",
             (time.time(), outcome, execution),
@@ -127,9 +182,22 @@ class Sink:
     ) -> dict[str, Any]:
         """Write a batch's rows, skipped rows and commit row in one transaction; return its summary.
 
-        `halfway` runs after half the rows are inserted, before the commit (a failpoint).
+        `halfway` runs after half the rows are inserted, before the commit (a failpoint). A
+        write the disk refuses is a SinkStorageError, and nothing of the batch is kept.
         """
         rows = list(rows)
+        with self._storage_faults(f"committing batch {batch}"):
+            return self._commit(promise_id, import_id, batch, rows, execution, halfway)
+
+    def _commit(
+        self,
+        promise_id: str,
+        import_id: str,
+        batch: int,
+        rows: list[Row],
+        execution: int,
+        halfway: Callable[[], None],
+    ) -> dict[str, Any]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             good = [r for r in rows if r.problem is None]
@@ -157,7 +225,7 @@ class Sink:
                 "INSERT INTO batch_commits VALUES (?, ?, ?, ?, ?)",
                 (promise_id, import_id, batch, orjson.dumps(summary).decode(), time.time()),
             )
-            self.finish_execution(execution, "committed")
+            self._set_outcome(execution, "committed")
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
@@ -192,15 +260,14 @@ class Sink:
 
 INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)"
 INSERT_SKIPPED = "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)"
-_REQUIRED = frozenset(records.REQUIRED_FIELDS)
 
 
 def record_row(import_id: str, batch: int, row: Row) -> tuple[Any, ...]:
     """The `records` row of an importable input row; fields beyond the required ones go to `extra`."""
     record = row.record
     extra = None
-    if not record.keys() <= _REQUIRED:
-        extra = orjson.dumps({k: v for k, v in record.items() if k not in _REQUIRED}).decode()
+    if len(record) > len(records.REQUIRED_FIELDS):  # it has all of them: it is importable
+        extra = orjson.dumps(records.extra_fields(record)).decode()
     return (row.record_id, import_id, row.position, batch, record["name"], record["email"], extra)
 
 

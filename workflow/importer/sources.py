@@ -4,16 +4,19 @@ A source is a small JSON descriptor; a batch is the source plus a range (record 
 the synthetic source, byte offsets for files). Workflows pass descriptors, never records, so
 the promise store grows with the number of batches, not with the number of records.
 
-File-level problems (missing, unreadable, empty, unknown extension, bad header, broken CSV
-quoting, invalid UTF-8) raise SourceError naming file and line; planning reads the whole file
-first, so they stop an import before any batch runs. Row-level problems become skipped rows.
+File-level problems (missing, unreadable, empty, unknown extension, bad or too wide header,
+broken CSV quoting, invalid UTF-8) raise SourceError naming file and line; planning reads the
+whole file first, so they stop an import before any batch runs. Row-level problems become
+skipped rows.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,8 @@ import orjson
 from . import records
 
 CSV_FIELD_LIMIT = 64 * 1024 * 1024
+MAX_CSV_COLUMNS = 10_000  # a wider header is refused: no real import has that many columns
+_REPEATS_NAMED = 5  # a header's repeated columns named in its error, at most
 SYNTHETIC_INVALID_EVERY = 20  # record i has a malformed email when i % 20 == 13: exactly 5%
 SYNTHETIC_INVALID_AT = 13
 csv.field_size_limit(CSV_FIELD_LIMIT)  # larger fields are a row-level problem, not a parse error
@@ -262,6 +267,11 @@ def _jsonl_row(text: str, position: int, line: int) -> Row:
         return Row(position, line, None, records.MALFORMED_JSON)
     if not isinstance(value, dict):
         return Row(position, line, None, records.NOT_AN_OBJECT)
+    if type(value.get("id")) is float:  # maybe a whole number beyond 64 bits, which orjson rounds
+        try:
+            value = json.loads(text)  # the stdlib keeps integers exact; 1.5 and 1e20 stay floats
+        except RecursionError:  # nested deeper than the stdlib reads: far too deep to store
+            return Row(position, line, None, records.UNSTORABLE_VALUE)
     return Row(position, line, value, records.problem_with(value))
 
 
@@ -302,12 +312,22 @@ def _next_csv_record(reader: Any, lines: _Lines, path: str) -> list[str] | None:
 
 
 def _check_header(path: str, header: list[str], line: int) -> None:
-    missing = [name for name in records.REQUIRED_FIELDS if name not in header]
+    if len(header) > MAX_CSV_COLUMNS:
+        raise SourceError(
+            path, f"header has {len(header)} columns, more than the {MAX_CSV_COLUMNS} allowed", line
+        )
+    counts = Counter(header)
+    missing = [name for name in records.REQUIRED_FIELDS if name not in counts]
     if missing:
         raise SourceError(path, f"header lacks the column(s) {', '.join(missing)}", line)
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise SourceError(path, f"header repeats the column(s) {', '.join(duplicates)}", line)
+    repeated = [name for name, n in counts.items() if n > 1]
+    if repeated:
+        named = ", ".join(repeated[:_REPEATS_NAMED])
+        more = len(repeated) - _REPEATS_NAMED
+        raise SourceError(
+            path, f"header repeats the column(s) {named}" + (f" and {more} more" if more > 0 else ""),
+            line,
+        )
 
 
 def _csv_row(header: list[str], cells: list[str], position: int, line: int) -> Row:

@@ -22,7 +22,7 @@ from workflow import EngineError, RetryPolicy, Runner, StepError, StepEvent, Wor
 
 from . import exitcodes
 from .app import batch_index, import_records
-from .sink import Sink
+from .sink import Sink, SinkStorageError
 from .sources import SourceError, plan_batches
 
 log = logging.getLogger("workflow.importer")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner = Runner(
                     store,
                     retry=RetryPolicy(max_attempts=args.max_attempts, initial=args.retry_initial,
-                                      non_retryable=(SourceError,)),
+                                      non_retryable=(SourceError, SinkStorageError)),
                     dependencies={"sink": sink},
                     on_event=progress.step,
                     should_stop=lambda: stop["requested"],
