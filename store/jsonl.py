@@ -98,10 +98,11 @@ class JsonlStore:
         if type(promise_id) is not str or not promise_id:
             raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
         param = self._normalize(promise_id, "param", param)
-        existing = self.get(promise_id)
-        if existing is not None:
-            check_create(existing, param)
-            return existing
+        self._refresh()
+        entry = self._index.get(promise_id)
+        if entry is not None:
+            check_create(entry, promise_id, param)
+            return snapshot(promise_id, entry)
         return self._locked(self._create, promise_id, param)
 
     def start_attempt(self, promise_id: str) -> int:
@@ -255,7 +256,7 @@ class JsonlStore:
                     except DamagedRecordError as exc:
                         damaged = (lineno, pos, str(exc))
                         continue
-                    except (InvalidRecordError, KeyError, TypeError) as exc:
+                    except InvalidRecordError as exc:
                         raise StoreCorruptedError(path, lineno, f"invalid record: {exc}") from None
                     pos += len(line) + 1
             finally:  # what is indexed so far stays consistent with where reading goes on
@@ -310,10 +311,10 @@ class JsonlStore:
             self._lock.release()
 
     def _create(self, promise_id: str, param: Any) -> Promise:
-        existing = self._promise(promise_id)
-        if existing is not None:
-            check_create(existing, param)
-            return existing
+        entry = self._index.get(promise_id)
+        if entry is not None:
+            check_create(entry, promise_id, param)
+            return snapshot(promise_id, entry)
         record = {"op": "create", "id": promise_id, "param": param, "t": time.time()}
         if not self._exclusive:
             return self._append(record)
@@ -327,8 +328,7 @@ class JsonlStore:
         return self._promise(promise_id)
 
     def _start_attempt(self, promise_id: str) -> int:
-        promise = check_attempt(self._promise(promise_id), promise_id)
-        n = promise.attempts + 1
+        n = check_attempt(self._index.get(promise_id), promise_id)
         record = {"op": "attempt", "id": promise_id, "n": n, "t": time.time()}
         held = self._held
         if held is not None and held["id"] == promise_id:
@@ -340,9 +340,9 @@ class JsonlStore:
         return n
 
     def _settle(self, promise_id: str, state: State, outcome: Any) -> Promise:
-        existing = self._promise(promise_id)
-        if not check_settle(existing, promise_id, state, outcome):
-            return existing
+        entry = self._index.get(promise_id)
+        if not check_settle(entry, promise_id, state, outcome):
+            return snapshot(promise_id, entry)
         if state is State.RESOLVED:
             record = {"op": "resolve", "id": promise_id, "value": outcome, "t": time.time()}
         else:
@@ -350,7 +350,7 @@ class JsonlStore:
         return self._append(record, sync=True)
 
     def _reopen(self, promise_id: str, reason: str) -> Promise:
-        check_reopen(self._promise(promise_id), promise_id)
+        check_reopen(self._index.get(promise_id), promise_id, reason)
         record = {"op": "reopen", "id": promise_id, "reason": reason, "t": time.time()}
         return self._append(record, sync=True)
 
