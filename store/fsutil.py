@@ -50,3 +50,25 @@ def fsync_dir(directory: Path) -> None:
     finally:
         os.close(fd)
 
+
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """Create `path` and its missing parents one by one, syncing the parent of each one created.
+
+    Like `mkdir(parents=True, exist_ok=True)`, but a directory made here survives a power loss
+    as soon as this returns. Raises FileExistsError if `path` exists and is not a directory.
+    """
+    missing: list[Path] = []
+    directory = Path(path)
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            # Another process made it meanwhile; it may not have synced its parent yet.
+        fsync_dir(directory.parent)
+    if not Path(path).is_dir():
+        raise FileExistsError(errno.EEXIST, "File exists (not a directory)", str(path))

@@ -1,14 +1,22 @@
-"""Through the real CLI: a store whose history is impossible is refused at once."""
+"""Through the real CLI: a store whose history is impossible is refused at once, and a new state
+dir's directories are synced into their parents, so a power loss cannot take them back.
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from supervisor_helpers import (
+    RUN_TIMEOUT_S,
     STORE_FILE,
     assert_finished,
+    child_env,
     root_id,
     run_import,
 )
@@ -61,3 +69,46 @@ def test_impossible_store_is_a_one_line_error_without_a_worker_or_a_restart(
     assert done.last_error_line.startswith(f"error: {store}:{bad_line}: store is damaged"), done.describe()
     assert done.report == {"ok": False, "error": done.last_error_line.removeprefix("error: ")}
     assert store.read_bytes() == before
+
+
+# -- a new state dir survives a power loss -----------------------------------------------------
+
+SYSCALL = re.compile(r'^(mkdir|mkdirat|fsync|fdatasync)\((?:AT_FDCWD[^,]*, )?(.*?)[,)].*= (-?\d+)')
+
+
+def traced_syscalls(trace_file: Path) -> list[tuple[str, Path]]:
+    """(call, path) of each successful mkdir and (f|fdata)sync in one process, in order."""
+    calls = []
+    for line in trace_file.read_text().splitlines():
+        match = SYSCALL.match(line)
+        if match is None or match[3] != "0":
+            continue
+        call, arg = match[1], match[2]
+        path = arg.strip('"') if call.startswith("mkdir") else arg[arg.index("<") + 1: -1]
+        calls.append(("mkdir" if call.startswith("mkdir") else "sync", Path(path)))
+    return calls
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_every_directory_of_a_new_state_dir_is_synced_into_its_parent(tmp_path: Path) -> None:
+    state_dir = tmp_path / "a" / "b" / "c"
+    trace = tmp_path / "trace"
+    argv = ["strace", "-ff", "-y", "-e", "trace=mkdir,mkdirat,fsync,fdatasync", "-o", str(trace),
+            sys.executable, "-m", "supervisor", "run", "--records", "10", "--batch-size", "5",
+            "--state-dir", str(state_dir), "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=child_env(), cwd=tmp_path,
+                          timeout=RUN_TIMEOUT_S, check=False)
+    if "ptrace" in proc.stderr and proc.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip().splitlines()[0]}")
+    assert proc.returncode == 0, proc.stderr
+
+    created = []
+    for trace_file in tmp_path.glob("trace.*"):
+        calls = traced_syscalls(trace_file)
+        for i, (call, directory) in enumerate(calls):
+            if call == "mkdir" and directory.is_relative_to(tmp_path):
+                created.append(directory)
+                assert ("sync", directory.parent) in calls[i + 1:], (
+                    f"{directory.parent} was not synced after {directory.name} was made in it"
+                )
+    assert sorted(created) == [tmp_path / "a", tmp_path / "a" / "b", state_dir]
