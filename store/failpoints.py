@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from .fsutil import write_all
+
 ENV_POINTS = "DURABLE_FAILPOINTS"
 ENV_FD = "DURABLE_FAILPOINT_FD"
 PAUSE_LIMIT_S = 60.0
@@ -76,4 +78,4 @@ def hit(name: str, key: str) -> None:
 def _announce(name: str, key: str) -> None:
     fd = int(os.environ.get(ENV_FD, "2"))
     line = json.dumps({"event": "failpoint", "name": name, "key": key, "pid": os.getpid()})
-    os.write(fd, line.encode() + b"\n")
+    write_all(fd, line.encode() + b"\n")

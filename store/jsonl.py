@@ -34,6 +34,7 @@ from .errors import (
     StoreWriteError,
     WorkflowBusyError,
 )
+from .fsutil import fsync_dir, write_all, write_synced_file
 from .locking import LockHeldError, OwnedLock
 from .log import (
     Entry,
@@ -106,10 +107,11 @@ class JsonlStore:
         if type(promise_id) is not str or not promise_id:
             raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
         param = self._normalize(promise_id, "param", param)
-        existing = self.get(promise_id)
-        if existing is not None:
-            check_create(existing, param)
-            return existing
+        self._refresh()
+        entry = self._index.get(promise_id)
+        if entry is not None:
+            check_create(entry, promise_id, param)
+            return snapshot(promise_id, entry)
         return self._locked(self._create, promise_id, param)
 
     def start_attempt(self, promise_id: str) -> int:
@@ -217,7 +219,7 @@ class JsonlStore:
             fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return os.open(self.path, flags)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return fd
 
     def _acquire_exclusive(self) -> None:
@@ -230,7 +232,8 @@ class JsonlStore:
         except LockHeldError as exc:
             raise StoreLockedError(self.path, exc.owner) from None
         except OSError as exc:
-            raise StoreError(f"{self.path}: cannot take the lock {self._lock.path} ({exc.strerror})") from exc
+            where = exc.filename or self._lock.path
+            raise StoreError(f"{self.path}: cannot take the lock ({where}: {exc.strerror})") from exc
 
     def _load_from_start(self) -> None:
         self._index = {}
@@ -276,7 +279,7 @@ class JsonlStore:
                     except DamagedRecordError as exc:
                         damaged = (lineno, pos, str(exc))
                         continue
-                    except (InvalidRecordError, KeyError, TypeError) as exc:
+                    except InvalidRecordError as exc:
                         raise StoreCorruptedError(path, lineno, f"invalid record: {exc}") from None
                     pos += len(line) + 1
             finally:  # what is indexed so far stays consistent with where reading goes on
@@ -295,13 +298,14 @@ class JsonlStore:
         n = 1
         while (side := Path(f"{self.path}.torn-{n}")).exists():
             n += 1
-        side_fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(side_fd, tail)
-            os.fsync(side_fd)
-        finally:
-            os.close(side_fd)
-        _fsync_dir(self.path.parent)  # the saved bytes are on disk before the tail goes
+            write_synced_file(side, [tail], overwrite=False)
+        except OSError as exc:
+            raise StoreWriteError(
+                f"{side}: cannot save the torn last line of {self.path} ({exc.strerror}); "
+                "the store is unchanged"
+            ) from exc
+        fsync_dir(self.path.parent)  # the saved bytes are on disk before the tail goes
         os.ftruncate(self._fd, start)
         os.fsync(self._fd)
         log.warning(
@@ -330,10 +334,10 @@ class JsonlStore:
             self._lock.release()
 
     def _create(self, promise_id: str, param: Any) -> Promise:
-        existing = self._promise(promise_id)
-        if existing is not None:
-            check_create(existing, param)
-            return existing
+        entry = self._index.get(promise_id)
+        if entry is not None:
+            check_create(entry, promise_id, param)
+            return snapshot(promise_id, entry)
         record = {"op": "create", "id": promise_id, "param": param, "t": time.time()}
         if not self._exclusive:
             return self._append(record)
@@ -347,8 +351,7 @@ class JsonlStore:
         return self._promise(promise_id)
 
     def _start_attempt(self, promise_id: str) -> int:
-        promise = check_attempt(self._promise(promise_id), promise_id)
-        n = promise.attempts + 1
+        n = check_attempt(self._index.get(promise_id), promise_id)
         record = {"op": "attempt", "id": promise_id, "n": n, "t": time.time()}
         held = self._held
         if held is not None and held["id"] == promise_id:
@@ -360,9 +363,9 @@ class JsonlStore:
         return n
 
     def _settle(self, promise_id: str, state: State, outcome: Any) -> Promise:
-        existing = self._promise(promise_id)
-        if not check_settle(existing, promise_id, state, outcome):
-            return existing
+        entry = self._index.get(promise_id)
+        if not check_settle(entry, promise_id, state, outcome):
+            return snapshot(promise_id, entry)
         if state is State.RESOLVED:
             record = {"op": "resolve", "id": promise_id, "value": outcome, "t": time.time()}
         else:
@@ -370,7 +373,7 @@ class JsonlStore:
         return self._append(record, sync=True)
 
     def _reopen(self, promise_id: str, reason: str) -> Promise:
-        check_reopen(self._promise(promise_id), promise_id)
+        check_reopen(self._index.get(promise_id), promise_id, reason)
         record = {"op": "reopen", "id": promise_id, "reason": reason, "t": time.time()}
         return self._append(record, sync=True)
 
@@ -387,27 +390,25 @@ class JsonlStore:
             self._held = None
 
     def _write(self, record: dict[str, Any], *, sync: bool = False) -> None:
-        """Write one record with one write() call; sync it if asked."""
+        """Write one record; sync it if asked."""
         line = encode(record)
         if failpoints.armed:
             self._torn_write_failpoint(record, line)
+        self._write_bytes(line)
+        if sync and self.durability is Durability.FULL:
+            self._sync()
+        self._offset += len(line)
+        self._lines += 1
+
+    def _write_bytes(self, data: bytes) -> None:
+        """Append all of `data`, or cut what a failed write left and raise StoreWriteError."""
         try:
-            written = os.write(self._fd, line)
+            write_all(self._fd, data)
         except OSError as exc:
             self._undo_partial_write()
             raise StoreWriteError(
                 f"{self.path}: cannot append to the store ({exc.strerror}); nothing was written"
             ) from exc
-        if written != len(line):
-            self._undo_partial_write()
-            raise StoreWriteError(
-                f"{self.path}: short write ({written} of {len(line)} bytes: the disk is full or a "
-                "file size limit was reached); nothing was written"
-            )
-        if sync and self.durability is Durability.FULL:
-            self._sync()
-        self._offset += written
-        self._lines += 1
 
     def _promise(self, promise_id: str) -> Promise | None:
         entry = self._index.get(promise_id)
@@ -436,7 +437,7 @@ class JsonlStore:
         if what == "delay":
             failpoints.hit("store.append", key)
         elif what is not None:
-            os.write(self._fd, line[: len(line) // 2])
+            self._write_bytes(line[: len(line) // 2])
             try:
                 failpoints.hit("store.append", key)
             except BaseException:  # "raise": a write that failed; cut what it left
@@ -455,28 +456,32 @@ class JsonlStore:
         self._write_held()
         tmp = Path(f"{self.path}.compact")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                chunk: list[bytes] = []
-                for pid, entry in self._index.items():
-                    chunk.append(encode(snapshot_record(snapshot(pid, entry))))
-                    if len(chunk) >= 1024:
-                        os.write(fd, b"".join(chunk))
-                        chunk.clear()
-                os.write(fd, b"".join(chunk))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_synced_file(tmp, self._snapshot_chunks(), overwrite=True)
+            os.replace(tmp, self.path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreWriteError(
-                f"{self.path}: compaction failed ({exc.strerror}); the store is unchanged"
+                f"{self.path}: compaction failed ({tmp}: {exc.strerror}); the store is unchanged"
             ) from exc
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
-        os.close(self._fd)
+        os.close(self._fd)  # from here on, write to the new file only
         self._fd = self._open_fd()
         self._load_from_start()
+        try:
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            # A power loss may bring the old file back, without what is written from now on.
+            self._failed = f"the directory sync after a compaction failed ({exc.strerror})"
+            raise StoreWriteError(f"{self.path}: {self._failed}") from exc
+
+    def _snapshot_chunks(self) -> Iterator[bytes]:
+        """One "promise" line per promise, joined 1024 at a time."""
+        lines: list[bytes] = []
+        for pid, entry in self._index.items():
+            lines.append(encode(snapshot_record(snapshot(pid, entry))))
+            if len(lines) == 1024:
+                yield b"".join(lines)
+                lines.clear()
+        yield b"".join(lines)
 
 
 @contextlib.contextmanager
@@ -491,11 +496,3 @@ def _owning(lock: OwnedLock, root_id: str, timeout: float) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

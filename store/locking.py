@@ -32,9 +32,18 @@ class OwnedLock:
         except filelock.Timeout:
             raise LockHeldError(self.path, self.owner()) from None
         if record_owner:
-            self.owner_path.write_text(
-                f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-            )
+            try:
+                self._record_owner()
+            except BaseException:
+                self._lock.release()  # a failed open must not keep the lock it could not note
+                raise
+
+    def _record_owner(self) -> None:
+        note = f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        try:
+            self.owner_path.write_text(note)  # buffered: a short write is retried, then raises
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.owner_path)) from exc
 
     def release(self) -> None:
         self._lock.release()

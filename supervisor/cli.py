@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from store import StoreError
+from store.fsutil import make_dirs
 from workflow.importer import SourceError, file_source, plan_batches, synthetic_source
 from workflow.importer.sources import source_label
 from workflow.importer.worker import positive_int
@@ -104,7 +105,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.state_dir.exists() and not args.state_dir.is_dir():
         return _refuse(f"{args.state_dir}: the state dir is not a directory", exits.FAILED, args.json)
     try:
-        args.state_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(args.state_dir)  # each new directory's entry synced: it survives a power loss
     except OSError as exc:
         return _refuse(f"{args.state_dir}: cannot create the state dir ({exc.strerror})",
                        exits.FAILED, args.json)

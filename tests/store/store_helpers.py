@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +43,27 @@ def python_argv(code: str, *args: str | os.PathLike[str]) -> list[str]:
 
 
 def run_python(
-    code: str, *args: str | os.PathLike[str], timeout: float = 60, as_plain_user: bool = False
+    code: str,
+    *args: str | os.PathLike[str],
+    timeout: float = 60,
+    as_plain_user: bool = False,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a child Python; `as_plain_user` makes root obey file modes there too."""
+    """Run `code` in a child Python; `as_plain_user` makes root obey file modes there too, and
+    `file_size_limit` (RLIMIT_FSIZE, in bytes) fills the disk for it: a write past the limit is
+    cut short or fails with EFBIG (Python ignores SIGXFSZ)."""
     argv = python_argv(code, *args)
     if as_plain_user and os.geteuid() == 0:
         argv = [sys.executable, "-c", _DROP_DAC_AND_EXEC, *argv[1:]]
     return subprocess.run(
-        argv, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False
+        argv, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False,
+        preexec_fn=None if file_size_limit is None else _limit_file_size(file_size_limit),
     )
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """A preexec_fn; only the soft limit, so the child may lift it again."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
 def raw_lines(path: Path) -> list[bytes]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from store_helpers import child_env, python_argv, records
+from store_helpers import child_env, python_argv, records, run_python
 
-from store import JsonlStore, PromiseConflictError, State
+from store import Durability, JsonlStore, PromiseConflictError, State, StoreWriteError
 
 
 def fill(store: JsonlStore) -> None:
@@ -131,10 +133,66 @@ def test_a_failed_compaction_leaves_the_store_as_it_was(
 
     with JsonlStore(path) as store:
         monkeypatch.setattr(os, "replace", failing_replace)
-        with pytest.raises(OSError):
+        with pytest.raises(StoreWriteError, match="No space left"):
             store.compact()
         monkeypatch.undo()
         assert path.read_bytes() == before
+        assert not Path(f"{path}.compact").exists()
         store.create("still-writable", None)
     with JsonlStore(path) as store:
         assert store.get("still-writable") is not None
+
+
+# -- a full disk -------------------------------------------------------------------------------
+
+RESOLVED = 800
+COMPACT_CHILD = """
+import json, sys
+from store import JsonlStore, StoreWriteError
+with JsonlStore(sys.argv[1]) as store:
+    try:
+        store.compact()
+    except StoreWriteError as exc:
+        print(json.dumps({"error": str(exc)}))
+    else:
+        print(json.dumps({"error": None}))
+"""
+
+
+@pytest.fixture
+def resolved_store(tmp_path: Path) -> Path:
+    path = tmp_path / "resolved.jsonl"
+    with JsonlStore(path, exclusive=True, durability=Durability.NONE) as store:
+        for i in range(RESOLVED):
+            store.create(f"step/{i}", {"fn": "f", "args": [i]})
+            store.start_attempt(f"step/{i}")
+            store.resolve(f"step/{i}", {"rows": i})
+    return path
+
+
+def compacted_size(path: Path, scratch: Path) -> int:
+    copy = scratch / "copy.jsonl"
+    shutil.copyfile(path, copy)
+    with JsonlStore(copy) as store:
+        store.compact()
+    return copy.stat().st_size
+
+
+@pytest.mark.parametrize("short_by", [1, 10_000])
+def test_compaction_on_a_full_disk_fails_and_leaves_the_store_untouched(
+    resolved_store: Path, tmp_path: Path, short_by: int
+) -> None:
+    limit = compacted_size(resolved_store, tmp_path) - short_by
+    before = resolved_store.read_bytes()
+
+    child = run_python(COMPACT_CHILD, resolved_store, file_size_limit=limit)
+
+    assert child.returncode == 0, child.stderr
+    error = json.loads(child.stdout)["error"]
+    assert error is not None, "compaction reported success on a full disk"
+    assert str(resolved_store) in error
+    assert resolved_store.read_bytes() == before
+    assert not Path(f"{resolved_store}.compact").exists()
+    with JsonlStore(resolved_store) as store:
+        resolved = [p for p in store.list() if p.state is State.RESOLVED]
+    assert len(resolved) == RESOLVED

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import filelock
 import pytest
-from store_helpers import lock_is_free
+from store_helpers import lock_is_free, run_python
 
 from store import JsonlStore, State, StoreError, StoreLockedError
 
@@ -122,6 +123,37 @@ def test_refused_exclusive_open_leaks_no_file_descriptor(path: Path) -> None:
             with pytest.raises(StoreLockedError):
                 JsonlStore(path, exclusive=True, lock_timeout=0.01)
         assert open_fds() == before
+
+
+OWNER_NOTE_CHILD = """
+import json, resource, sys
+import filelock
+from store import JsonlStore, StoreError
+try:
+    JsonlStore(sys.argv[1], exclusive=True)
+except StoreError as exc:
+    lock = filelock.FileLock(sys.argv[1] + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        free = False
+    else:
+        free = True
+        lock.release()
+    print(json.dumps({"error": str(exc), "lock_free": free}))
+"""
+
+
+def test_an_owner_note_that_cannot_be_written_fails_the_open_and_frees_the_lock(
+    path: Path,
+) -> None:
+    JsonlStore(path).close()
+    child = run_python(OWNER_NOTE_CHILD, path, file_size_limit=10)  # the note is ~40 bytes
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout)
+    assert f"{path}.lock.owner" in report["error"]
+    assert "File too large" in report["error"]
+    assert report["lock_free"], "a failed exclusive open kept the lock"
 
 
 def test_exclusive_and_readonly_together_are_refused(path: Path) -> None:

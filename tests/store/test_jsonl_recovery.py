@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
-from store_helpers import flip_byte, line_offset, raw_lines, records, torn_files
+from store_helpers import flip_byte, line_offset, raw_lines, records, run_python, torn_files
 
 from store import JsonlStore, State, StoreCorruptedError, StoreError
 from store.codec import encode
@@ -119,6 +120,36 @@ def test_a_shared_writer_cuts_a_torn_tail_left_by_a_dead_process(path: Path) -> 
     assert len(torn_files(path)) == 1
     with JsonlStore(path, readonly=True) as store:
         assert store.get("b").value == "B"
+
+
+OPEN_CHILD = """
+import json, sys
+from store import JsonlStore, StoreWriteError
+try:
+    JsonlStore(sys.argv[1]).close()
+except StoreWriteError as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+def test_a_torn_tail_that_cannot_be_saved_aside_on_a_full_disk_is_not_cut(path: Path) -> None:
+    tail = b"garbage without an end " * 200
+    append(path, tail)
+    before = path.read_bytes()
+
+    child = run_python(OPEN_CHILD, path, file_size_limit=len(tail) // 2)
+
+    assert child.returncode == 0, child.stderr
+    error = json.loads(child.stdout)["error"]
+    assert error is not None, "the tail was cut although its bytes were not saved"
+    assert f"{path}.torn-1" in error
+    assert path.read_bytes() == before
+    assert torn_files(path) == []
+    with JsonlStore(path) as store:  # with room on the disk, the tail is saved, then cut
+        assert_intact(store)
+    assert Path(f"{path}.torn-1").read_bytes() == tail
 
 
 # -- damage before the last line ---------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_reopen_of_a_promise_that_is_not_rejected_is_invalid(state: str) -> None
     records = [CREATE]
     if state == "resolved":
         records.append({"op": "resolve", "id": "p", "value": 1, "t": 2.0})
-    with pytest.raises(InvalidRecordError, match="reopen"):
+    with pytest.raises(InvalidRecordError, match=r"reopen record: promise p: is .*only a rejected"):
         replay(*records, {"op": "reopen", "id": "p", "reason": "", "t": 3.0})
 
 
@@ -108,14 +108,15 @@ def test_snapshot_record_replays_to_the_same_promise() -> None:
     assert replay(snapshot_record(promise))["p"] == promise
 
 
-def test_snapshot_replaces_whatever_was_indexed() -> None:
+def test_a_snapshot_of_a_promise_already_indexed_is_invalid() -> None:
     promise = Promise("p", 1, State.RESOLVED, "v", None, 1, 0, 1.0, 2.0)
-    assert replay(CREATE, snapshot_record(promise))["p"] == promise
+    with pytest.raises(InvalidRecordError, match="created twice"):
+        replay(CREATE, snapshot_record(promise))
 
 
 @pytest.mark.parametrize("state", [None, "done"])
 def test_snapshot_without_a_valid_state_is_invalid(state: str | None) -> None:
-    with pytest.raises(InvalidRecordError, match="no valid state"):
+    with pytest.raises(InvalidRecordError, match="'state' is not a state"):
         replay({"op": "promise", "id": "p", "state": state})
 
 
@@ -123,19 +124,24 @@ def test_invalid_record_error_is_a_value_error() -> None:
     assert issubclass(InvalidRecordError, ValueError)
 
 
+def entry(promise: Promise) -> Entry:
+    """The index entry of a promise, as the rules see it."""
+    return list(promise[1:])
+
+
 def test_check_create_accepts_the_same_param() -> None:
-    check_create(Promise("p", {"a": [1]}), {"a": [1]})
+    check_create(entry(Promise("p", {"a": [1]})), "p", {"a": [1]})
 
 
 def test_check_create_refuses_another_param() -> None:
     with pytest.raises(PromiseConflictError, match="promise p") as info:
-        check_create(Promise("p", {"a": 1}), {"a": 2})
+        check_create(entry(Promise("p", {"a": 1})), "p", {"a": 2})
     assert info.value.promise_id == "p"
 
 
-PENDING = Promise("p", None)
-RESOLVED = Promise("p", None, State.RESOLVED, value=1)
-REJECTED = Promise("p", None, State.REJECTED, error={"type": "E"})
+PENDING = entry(Promise("p", None, attempts=2))
+RESOLVED = entry(Promise("p", None, State.RESOLVED, value=1))
+REJECTED = entry(Promise("p", None, State.REJECTED, error={"type": "E"}))
 
 
 def test_check_settle_of_a_pending_promise_must_write() -> None:
@@ -147,7 +153,7 @@ def test_check_settle_of_a_pending_promise_must_write() -> None:
     (REJECTED, State.REJECTED, {"type": "E"}),
 ])
 def test_check_settle_with_the_same_outcome_is_a_no_op(
-    existing: Promise, state: State, outcome: Any
+    existing: Entry, state: State, outcome: Any
 ) -> None:
     assert check_settle(existing, "p", state, outcome) is False
 
@@ -159,7 +165,7 @@ def test_check_settle_with_the_same_outcome_is_a_no_op(
     (REJECTED, State.RESOLVED, 1),
 ])
 def test_check_settle_with_another_outcome_conflicts(
-    existing: Promise, state: State, outcome: Any
+    existing: Entry, state: State, outcome: Any
 ) -> None:
     with pytest.raises(PromiseConflictError, match="cannot settle it again"):
         check_settle(existing, "p", state, outcome)
@@ -170,12 +176,12 @@ def test_check_settle_of_an_unknown_promise_is_not_found() -> None:
         check_settle(None, "p", State.RESOLVED, 1)
 
 
-def test_check_attempt_of_a_pending_promise_returns_it() -> None:
-    assert check_attempt(PENDING, "p") is PENDING
+def test_check_attempt_of_a_pending_promise_returns_the_next_number() -> None:
+    assert check_attempt(PENDING, "p") == 3
 
 
 @pytest.mark.parametrize("settled", [RESOLVED, REJECTED])
-def test_check_attempt_of_a_settled_promise_conflicts(settled: Promise) -> None:
+def test_check_attempt_of_a_settled_promise_conflicts(settled: Entry) -> None:
     with pytest.raises(PromiseConflictError, match="no attempt can start"):
         check_attempt(settled, "p")
 
@@ -186,12 +192,23 @@ def test_check_attempt_of_an_unknown_promise_is_not_found() -> None:
 
 
 def test_check_reopen_accepts_only_a_rejected_promise() -> None:
-    assert check_reopen(REJECTED, "p") is REJECTED
+    check_reopen(REJECTED, "p", "fixed")
     for existing in (PENDING, RESOLVED):
         with pytest.raises(PromiseConflictError, match="only a rejected promise"):
-            check_reopen(existing, "p")
+            check_reopen(existing, "p", "fixed")
     with pytest.raises(PromiseNotFoundError):
-        check_reopen(None, "p")
+        check_reopen(None, "p", "fixed")
+
+
+def test_check_reopen_needs_a_str_reason() -> None:
+    with pytest.raises(TypeError, match="a reason to reopen is a str"):
+        check_reopen(REJECTED, "p", 7)
+
+
+@pytest.mark.parametrize("error", ["boom", None, ["E"]])
+def test_check_settle_refuses_an_error_that_is_not_a_json_object(error: Any) -> None:
+    with pytest.raises(TypeError, match="an error is a JSON object"):
+        check_settle(PENDING, "p", State.REJECTED, error)
 
 
 def test_not_found_error_is_a_store_error_and_a_key_error_naming_the_id() -> None:
@@ -203,4 +220,4 @@ def test_not_found_error_is_a_store_error_and_a_key_error_naming_the_id() -> Non
 
 def test_promise_is_frozen() -> None:
     with pytest.raises(AttributeError):
-        PENDING.state = State.RESOLVED  # type: ignore[misc]
+        Promise("p", None).state = State.RESOLVED  # type: ignore[misc]
