@@ -1,5 +1,6 @@
 """Durable promises: the only layer of the engine that touches the disk."""
 
+from .backends import open_store
 from .base import PromiseStore
 from .codec import normalize, same_json
 from .errors import (
@@ -9,14 +10,17 @@ from .errors import (
     StoreError,
     StoreLockedError,
     StoreWriteError,
+    UnstorableValueError,
     WorkflowBusyError,
 )
 from .jsonl import Durability, JsonlStore
+from .memory import MemoryStore
 from .promise import Promise, State
 
 __all__ = [
     "Durability",
     "JsonlStore",
+    "MemoryStore",
     "Promise",
     "PromiseConflictError",
     "PromiseNotFoundError",
@@ -26,7 +30,9 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriteError",
+    "UnstorableValueError",
     "WorkflowBusyError",
     "normalize",
+    "open_store",
     "same_json",
 ]

@@ -1,18 +1,94 @@
-"""The small interface the workflow runtime needs from any promise store."""
+"""The promise store interface and its contract, written once.
+
+Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) implements
+`PromiseStore` and passes the same contract suite (tests/store/test_contract.py);
+`backends.open_store(url)` picks one. The contract:
+
+- **Ids.** A promise id is a non-empty `str`; a root workflow's id has no `.` (`workflow/ids.py` owns
+  the format). Anything else is a TypeError before anything is written.
+- **Values.** `param`, `value` and `error` are JSON documents, stored and compared JSON-exactly:
+  what comes back is what `normalize()` makes of the value (a tuple comes back a list, a
+  datetime an ISO string, a dataclass a dict), and `True` is not `1` nor `1.0`. A value JSON
+  cannot hold (a set, an object, a dict with non-str keys, an int beyond 64 bits, nesting
+  deeper than 254 levels) raises `UnstorableValueError` (a TypeError) naming the promise and the
+  path in the value, and nothing is written.
+- **create** is idempotent: the same id with the same param returns the existing promise,
+  whatever its state; another param raises `PromiseConflictError`.
+- **start_attempt** counts attempts of a *pending* promise (1, 2, ...); on a settled one it
+  raises `PromiseConflictError`, on an unknown one `PromiseNotFoundError`.
+- **resolve / reject** settle a pending promise. Settling again with the same outcome is a
+  no-op; with another outcome, a `PromiseConflictError`. A resolved promise never changes again.
+- **reopen** makes a *rejected* promise pending again with a fresh attempt budget (an
+  operator's retry); `attempts` keeps counting, `attempts_at_reopen` marks where the budget
+  restarted. Anything but a rejected promise raises `PromiseConflictError`.
+- **get / list** read: `get` returns None for an unknown id; `list(prefix)` returns the
+  promises whose id starts with `prefix`, in creation order.
+- **Durability.** When `resolve`, `reject` or `reopen` return, the settle survives a process
+  kill and (unless the store was opened with durability "none") a power loss. Creations and
+  attempts survive a process kill at once and reach the disk with the next settle.
+- **Ownership.** `own(root_id)` is held by whoever drives that workflow (runs and settles its
+  steps). A second owner waits up to the store's lock timeout, then gets `WorkflowBusyError`
+  naming the holder: it never runs anything beside the first.
+- **Failure.** Every failure of the store itself is a `StoreError` (`StoreWriteError` when a
+  write or sync failed: nothing was written, or the store refuses further writes until it is
+  opened again; `StoreCorruptedError` naming file and line for damaged or impossible history).
+- **Lifetime.** `close()` is idempotent; a store is a context manager that closes on exit.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import abc
+import contextlib
+from typing import Any
 
 from .promise import Promise
 
 
-class PromiseStore(Protocol):
-    """What the runtime may call. A PostgreSQL store for many machines fits behind it too."""
+class PromiseStore(abc.ABC):
+    """Durable promises, as the workflow runtime uses them (the contract is the module's doc)."""
 
-    def create(self, promise_id: str, param: Any) -> Promise: ...
-    def start_attempt(self, promise_id: str) -> int: ...
-    def resolve(self, promise_id: str, value: Any) -> Promise: ...
-    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise: ...
-    def get(self, promise_id: str) -> Promise | None: ...
-    def list(self, prefix: str = "") -> list[Promise]: ...
+    @abc.abstractmethod
+    def create(self, promise_id: str, param: Any) -> Promise:
+        """Create a pending promise, or return the existing one if it has the same param."""
+
+    @abc.abstractmethod
+    def start_attempt(self, promise_id: str) -> int:
+        """Record that an attempt of a pending promise begins; return its number (1, 2, ...)."""
+
+    @abc.abstractmethod
+    def resolve(self, promise_id: str, value: Any) -> Promise:
+        """Settle with a value, durably; the same value again is a no-op."""
+
+    @abc.abstractmethod
+    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
+        """Settle with an error (a dict, or an exception described as type and message)."""
+
+    @abc.abstractmethod
+    def reopen(self, promise_id: str, reason: str) -> Promise:
+        """Make a rejected promise pending again (an operator's retry); the log keeps the error."""
+
+    @abc.abstractmethod
+    def get(self, promise_id: str) -> Promise | None:
+        """The promise, or None if there is none with this id."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[Promise]:
+        """Promises whose id starts with `prefix`, in creation order."""
+
+    @abc.abstractmethod
+    def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the right to drive the workflow `root_id`; WorkflowBusyError if another has it."""
+
+    def compact(self) -> None:  # noqa: B027  (optional: a store with nothing to reclaim)
+        """Reclaim the space of superseded records, atomically; a no-op where there is none."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store's resources (files, locks, connections); idempotent."""
+
+    def __enter__(self) -> PromiseStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+

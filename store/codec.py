@@ -59,8 +59,44 @@ def _why_damaged(line: bytes) -> str:
 
 
 def normalize(value: Any) -> Any:
-    """The value as it reads back from the store (tuples become lists, and so on)."""
+    """The value as it reads back from the store: JSON, as orjson writes it.
+
+    So a tuple comes back a list, a datetime/date/time an ISO string, a UUID a string, an enum
+    its value, a dataclass a dict. A value JSON cannot hold (a set, bytes, an arbitrary object,
+    a dict key that is not a str, an int beyond 64 bits, nesting deeper than 254 levels) raises
+    TypeError; `unstorable_part` says where it is.
+    """
     return orjson.loads(orjson.dumps(value))
+
+
+def unstorable_part(value: Any) -> str:
+    """Where in `value` the part JSON cannot hold is, and what it is: `$["a"][2]: a set`."""
+    stack: list[tuple[str, Any, int]] = [("$", value, 0)]
+    while stack:
+        path, part, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return f"{path[:40]}...: nested deeper than {_MAX_DEPTH} levels"
+        if isinstance(part, dict):
+            for key, item in part.items():
+                if not isinstance(key, str):
+                    return f"{path}: a key that is not a str ({type(key).__name__} {key!r})"
+                stack.append((f"{path}[{orjson.dumps(key).decode()}]", item, depth + 1))
+        elif isinstance(part, list | tuple):
+            stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(part))
+        else:
+            try:
+                orjson.dumps(part)
+            except TypeError as exc:
+                return f"{path}: {_kind(part)} ({exc})"
+    return "$: not JSON"
+
+
+_MAX_DEPTH = 254  # orjson's limit when writing
+
+
+def _kind(part: Any) -> str:
+    name = type(part).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def same_json(a: Any, b: Any) -> bool:

@@ -32,6 +32,16 @@ class StoreWriteError(StoreError):
     """An append or a sync failed; the caller was told nothing succeeded."""
 
 
+class UnstorableValueError(TypeError):
+    """A param, value or error JSON cannot hold; nothing was written. The caller's mistake, not
+    the store's, so a TypeError."""
+
+    def __init__(self, promise_id: str, what: str, where: str) -> None:
+        super().__init__(f"promise {promise_id}: {what} cannot be stored as JSON: {where}")
+        self.promise_id = promise_id
+        self.where = where
+
+
 class PromiseNotFoundError(StoreError, KeyError):
     def __init__(self, promise_id: str) -> None:
         super().__init__(promise_id)

@@ -19,14 +19,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import failpoints
-from .codec import DamagedRecordError, decode, encode, normalize
+from .codec import DamagedRecordError, decode, encode
 from .errors import (
     StoreCorruptedError,
     StoreError,
@@ -35,19 +34,16 @@ from .errors import (
     WorkflowBusyError,
 )
 from .fsutil import fsync_dir, write_all, write_synced_file
+from .indexed import IndexedStore
 from .locking import LockHeldError, OwnedLock
 from .log import (
     Entry,
     InvalidRecordError,
     apply,
-    check_attempt,
-    check_create,
-    check_reopen,
-    check_settle,
     snapshot,
     snapshot_record,
 )
-from .promise import Promise, State
+from .promise import Promise
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,7 +62,7 @@ class Durability(StrEnum):
     NONE = "none"
 
 
-class JsonlStore:
+class JsonlStore(IndexedStore):
     """Durable promises in one append-only JSON-lines file.
 
     `exclusive=True` holds the store's lock from open to close (one writer, the fast path);
@@ -102,38 +98,6 @@ class JsonlStore:
 
     # -- public interface ------------------------------------------------------------------
 
-    def create(self, promise_id: str, param: Any) -> Promise:
-        """Create a pending promise, or return the existing one if it has the same param."""
-        if type(promise_id) is not str or not promise_id:
-            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
-        param = self._normalize(promise_id, "param", param)
-        self._refresh()
-        entry = self._index.get(promise_id)
-        if entry is not None:
-            check_create(entry, promise_id, param)
-            return snapshot(promise_id, entry)
-        return self._locked(self._create, promise_id, param)
-
-    def start_attempt(self, promise_id: str) -> int:
-        """Record that an attempt of a pending promise begins; return its number (1, 2, …)."""
-        return self._locked(self._start_attempt, promise_id)
-
-    def resolve(self, promise_id: str, value: Any) -> Promise:
-        """Settle with a value, durably; the same value again is a no-op."""
-        value = self._normalize(promise_id, "value", value)
-        return self._locked(self._settle, promise_id, State.RESOLVED, value)
-
-    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
-        """Settle with an error (a dict, or an exception described as type and message)."""
-        if isinstance(error, BaseException):
-            error = {"type": type(error).__name__, "message": str(error)}
-        error = self._normalize(promise_id, "error", error)
-        return self._locked(self._settle, promise_id, State.REJECTED, error)
-
-    def reopen(self, promise_id: str, reason: str) -> Promise:
-        """Make a rejected promise pending again (an operator's retry); the log keeps the error."""
-        return self._locked(self._reopen, promise_id, reason)
-
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         """Hold the right to drive the workflow `root_id` (run its steps and settle them).
 
@@ -147,15 +111,6 @@ class JsonlStore:
             return contextlib.nullcontext()
         digest = hashlib.sha256(root_id.encode()).hexdigest()[:16]
         return _owning(OwnedLock(f"{self.path}.root-{digest}.lock"), root_id, self._lock_timeout)
-
-    def get(self, promise_id: str) -> Promise | None:
-        self._refresh()
-        return self._promise(promise_id)
-
-    def list(self, prefix: str = "") -> list[Promise]:
-        """Promises whose id starts with `prefix`, in creation order."""
-        self._refresh()
-        return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
 
     def compact(self) -> None:
         """Rewrite the file with one record per promise and swap it in atomically."""
@@ -179,9 +134,6 @@ class JsonlStore:
             if self._exclusive and self._holding_lock:
                 self._holding_lock = False
                 self._lock.release()
-
-    def __enter__(self) -> JsonlStore:
-        return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         # Leaving on an error, write nothing more: a failed write must not hide that error.
@@ -333,12 +285,7 @@ class JsonlStore:
             self._holding_lock = False
             self._lock.release()
 
-    def _create(self, promise_id: str, param: Any) -> Promise:
-        entry = self._index.get(promise_id)
-        if entry is not None:
-            check_create(entry, promise_id, param)
-            return snapshot(promise_id, entry)
-        record = {"op": "create", "id": promise_id, "param": param, "t": time.time()}
+    def _append_create(self, record: dict[str, Any]) -> Promise:
         if not self._exclusive:
             return self._append(record)
         # Held back until the next write, so that a step's creation and its first attempt
@@ -348,34 +295,16 @@ class JsonlStore:
         self._write_held()
         self._held = record
         apply(self._index, record)
-        return self._promise(promise_id)
+        return snapshot(record["id"], self._index[record["id"]])
 
-    def _start_attempt(self, promise_id: str) -> int:
-        n = check_attempt(self._index.get(promise_id), promise_id)
-        record = {"op": "attempt", "id": promise_id, "n": n, "t": time.time()}
+    def _append_attempt(self, record: dict[str, Any]) -> None:
         held = self._held
-        if held is not None and held["id"] == promise_id:
-            self._write({**held, "n": n})
+        if held is not None and held["id"] == record["id"]:
+            self._write({**held, "n": record["n"]})
             self._held = None
             apply(self._index, record)
         else:
             self._append(record)
-        return n
-
-    def _settle(self, promise_id: str, state: State, outcome: Any) -> Promise:
-        entry = self._index.get(promise_id)
-        if not check_settle(entry, promise_id, state, outcome):
-            return snapshot(promise_id, entry)
-        if state is State.RESOLVED:
-            record = {"op": "resolve", "id": promise_id, "value": outcome, "t": time.time()}
-        else:
-            record = {"op": "reject", "id": promise_id, "error": outcome, "t": time.time()}
-        return self._append(record, sync=True)
-
-    def _reopen(self, promise_id: str, reason: str) -> Promise:
-        check_reopen(self._index.get(promise_id), promise_id, reason)
-        record = {"op": "reopen", "id": promise_id, "reason": reason, "t": time.time()}
-        return self._append(record, sync=True)
 
     def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
         """Write one record, sync it if asked, then fold it into the index."""
@@ -410,10 +339,6 @@ class JsonlStore:
                 f"{self.path}: cannot append to the store ({exc.strerror}); nothing was written"
             ) from exc
 
-    def _promise(self, promise_id: str) -> Promise | None:
-        entry = self._index.get(promise_id)
-        return None if entry is None else snapshot(promise_id, entry)
-
     def _sync(self) -> None:
         try:
             os.fdatasync(self._fd)
@@ -443,14 +368,6 @@ class JsonlStore:
             except BaseException:  # "raise": a write that failed; cut what it left
                 self._undo_partial_write()
                 raise
-
-    def _normalize(self, promise_id: str, what: str, value: Any) -> Any:
-        try:
-            return normalize(value)
-        except TypeError as exc:
-            raise TypeError(
-                f"promise {promise_id}: {what} is not JSON-serializable: {exc}"
-            ) from None
 
     def _compact(self) -> None:
         self._write_held()

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from store import Durability, JsonlStore  # noqa: E402  (needs the path above)
+from store import MemoryStore, PromiseStore  # noqa: E402  (needs the path above)
 
 
 @pytest.fixture
@@ -25,7 +25,8 @@ def store_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(store_path: Path) -> Iterator[JsonlStore]:
-    """A fast store of this test's own (no fsync: the tests kill processes, not the power)."""
-    with JsonlStore(store_path, exclusive=True, durability=Durability.NONE) as s:
+def store() -> Iterator[PromiseStore]:
+    """An in-memory store: where the file is not the point, the runtime runs on the contract alone
+    (tests that reopen a store use `store_path` and the JSON-lines file)."""
+    with MemoryStore() as s:
         yield s

@@ -21,6 +21,13 @@ FAST = RetryPolicy(max_attempts=3, initial=0)
 
 
 @pytest.fixture
+def store(store_path: Path) -> Iterator[JsonlStore]:
+    """The JSON-lines store, not the in-memory one: the audit reads the store file."""
+    with open_store(store_path) as s:
+        yield s
+
+
+@pytest.fixture
 def sink(tmp_path: Path) -> Iterator[Sink]:
     s = Sink(tmp_path / SINK_FILE)
     yield s

@@ -590,9 +590,8 @@ def test_non_serializable_step_result_is_rejected_with_a_clear_type_error(store:
     with pytest.raises(StepError):
         make_runner(store, calls).run(ROOT, stores_an_object)
     error = store.get(f"{ROOT}.0").error
-    assert error["type"] == "TypeError"
-    assert f"promise {ROOT}.0" in error["message"]
-    assert "not JSON-serializable" in error["message"]
+    assert error["type"] == "UnstorableValueError"  # a TypeError
+    assert f"promise {ROOT}.0: value cannot be stored as JSON: $" in error["message"]
     assert len(calls) == 1  # a bug in the step, not retried
 
 

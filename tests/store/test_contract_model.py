@@ -1,4 +1,4 @@
-"""Random sequences of calls against the store and a plain in-memory model of the rules."""
+"""Random sequences of calls against every store backend and a plain model of the rules."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_helpers import records
@@ -14,6 +15,7 @@ from store_helpers import records
 from store import (
     Durability,
     JsonlStore,
+    MemoryStore,
     PromiseConflictError,
     PromiseNotFoundError,
     State,
@@ -75,21 +77,31 @@ def expected_error(models: dict[str, Model], call: tuple) -> type[Exception] | N
     return None
 
 
-@settings(max_examples=60, deadline=None,
+BACKENDS = {  # backend -> how to open (again) the store at a path
+    "jsonl-shared": lambda path: JsonlStore(path, durability=Durability.NONE),
+    "jsonl-exclusive": lambda path: JsonlStore(path, durability=Durability.NONE, exclusive=True),
+    "memory": None,  # one MemoryStore for the whole script: "reopen_store" keeps it
+}
+
+
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # one new dir per example
-@given(st.lists(calls, max_size=25), st.booleans())
+@given(st.lists(calls, max_size=25))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_store_follows_the_rules_and_reads_back_what_it_wrote(
-    tmp_path: Path, script: list[tuple], exclusive: bool
+    tmp_path: Path, backend: str, script: list[tuple]
 ) -> None:
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "promises.jsonl"
+    reopen = BACKENDS[backend]
     models: dict[str, Model] = {}
-    store = JsonlStore(path, durability=Durability.NONE, exclusive=exclusive)
+    store = MemoryStore() if reopen is None else reopen(path)
     try:
         for call in script:
             error = expected_error(models, call)
             if call[0] == "reopen_store":
-                store.close()
-                store = JsonlStore(path, durability=Durability.NONE, exclusive=exclusive)
+                if reopen is not None:
+                    store.close()
+                    store = reopen(path)
                 continue
             try:
                 getattr(store, call[0])(*call[1:])
@@ -100,9 +112,10 @@ def test_store_follows_the_rules_and_reads_back_what_it_wrote(
         final = store.list()
     finally:
         store.close()
-    records(path)  # every line is JSON with a valid checksum
-    with JsonlStore(path, readonly=True) as again:
-        assert again.list() == final
+    if reopen is not None:
+        records(path)  # every line is JSON with a valid checksum
+        with JsonlStore(path, readonly=True) as again:
+            assert again.list() == final
     assert [p.id for p in final] == list(models)
     for promise in final:
         model = models[promise.id]

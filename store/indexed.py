@@ -1,0 +1,122 @@
+"""The store operations, once, for every backend that folds its records into an in-memory index.
+
+A backend says how records are kept (`_append`), how writers exclude each other (`_locked`) and
+how it catches up with other writers (`_refresh`); the checks, the rules of log.py and the shape
+of each record live here, so the JSON-lines file and the in-memory store cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .base import PromiseStore
+from .codec import normalize, unstorable_part
+from .errors import UnstorableValueError
+from .log import Entry, check_attempt, check_create, check_reopen, check_settle, snapshot
+from .promise import Promise, State
+
+T = TypeVar("T")
+
+
+class IndexedStore(PromiseStore):
+    """The PromiseStore contract over `self._index` (promise id -> log.Entry)."""
+
+    _index: dict[str, Entry]
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def create(self, promise_id: str, param: Any) -> Promise:
+        if type(promise_id) is not str or not promise_id:
+            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
+        param = _storable(promise_id, "param", param)
+        self._refresh()
+        entry = self._index.get(promise_id)
+        if entry is not None:  # the common case on replay: no lock needed to read
+            check_create(entry, promise_id, param)
+            return snapshot(promise_id, entry)
+        return self._locked(self._create, promise_id, param)
+
+    def start_attempt(self, promise_id: str) -> int:
+        return self._locked(self._start_attempt, promise_id)
+
+    def resolve(self, promise_id: str, value: Any) -> Promise:
+        value = _storable(promise_id, "value", value)
+        return self._locked(self._settle, promise_id, State.RESOLVED, value)
+
+    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
+        if isinstance(error, BaseException):
+            error = {"type": type(error).__name__, "message": str(error)}
+        error = _storable(promise_id, "error", error)
+        return self._locked(self._settle, promise_id, State.REJECTED, error)
+
+    def reopen(self, promise_id: str, reason: str) -> Promise:
+        return self._locked(self._reopen, promise_id, reason)
+
+    def get(self, promise_id: str) -> Promise | None:
+        self._refresh()
+        entry = self._index.get(promise_id)
+        return None if entry is None else snapshot(promise_id, entry)
+
+    def list(self, prefix: str = "") -> list[Promise]:
+        self._refresh()
+        return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
+
+    # -- under the backend's lock, with the index caught up ----------------------------------
+
+    def _create(self, promise_id: str, param: Any) -> Promise:
+        entry = self._index.get(promise_id)
+        if entry is not None:
+            check_create(entry, promise_id, param)
+            return snapshot(promise_id, entry)
+        return self._append_create({"op": "create", "id": promise_id, "param": param, "t": time.time()})
+
+    def _start_attempt(self, promise_id: str) -> int:
+        n = check_attempt(self._index.get(promise_id), promise_id)
+        self._append_attempt({"op": "attempt", "id": promise_id, "n": n, "t": time.time()})
+        return n
+
+    def _settle(self, promise_id: str, state: State, outcome: Any) -> Promise:
+        entry = self._index.get(promise_id)
+        if not check_settle(entry, promise_id, state, outcome):
+            return snapshot(promise_id, entry)
+        if state is State.RESOLVED:
+            record = {"op": "resolve", "id": promise_id, "value": outcome, "t": time.time()}
+        else:
+            record = {"op": "reject", "id": promise_id, "error": outcome, "t": time.time()}
+        return self._append(record, sync=True)
+
+    def _reopen(self, promise_id: str, reason: str) -> Promise:
+        check_reopen(self._index.get(promise_id), promise_id, reason)
+        record = {"op": "reopen", "id": promise_id, "reason": reason, "t": time.time()}
+        return self._append(record, sync=True)
+
+    # -- what a backend provides ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` excluding every other writer, with the index caught up first."""
+
+    @abc.abstractmethod
+    def _refresh(self) -> None:
+        """Fold into the index what other writers added since (a no-op for a sole writer)."""
+
+    @abc.abstractmethod
+    def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
+        """Keep `record` (durably before returning, if `sync`), fold it in, return the promise."""
+
+    def _append_create(self, record: dict[str, Any]) -> Promise:
+        return self._append(record)
+
+    def _append_attempt(self, record: dict[str, Any]) -> None:
+        self._append(record)
+
+
+def _storable(promise_id: str, what: str, value: Any) -> Any:
+    """The value as the store will give it back, or UnstorableValueError saying where it fails."""
+    try:
+        return normalize(value)
+    except TypeError:
+        raise UnstorableValueError(promise_id, what, unstorable_part(value)) from None

@@ -1,0 +1,301 @@
+"""The PromiseStore contract (store/base.py), run against every backend.
+
+A new backend is "pass this suite": add it to BACKENDS. File specifics (lines, reopening the
+file, torn tails) are in the test_jsonl*.py files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from store import (
+    PromiseConflictError,
+    PromiseNotFoundError,
+    PromiseStore,
+    State,
+    UnstorableValueError,
+    WorkflowBusyError,
+    open_store,
+)
+
+BACKENDS = {
+    "jsonl-shared": lambda tmp: open_store(tmp / "promises.jsonl", durability="none", lock_timeout=0.2),
+    "jsonl-exclusive": lambda tmp: open_store(
+        f"jsonl:{tmp / 'promises.jsonl'}", durability="none", exclusive=True, lock_timeout=0.2
+    ),
+    "memory": lambda tmp: open_store("memory:", lock_timeout=0.2),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store(backend: str, tmp_path: Path) -> Iterator[PromiseStore]:
+    with BACKENDS[backend](tmp_path) as store:
+        yield store
+
+
+def test_create_returns_a_pending_promise(store: PromiseStore) -> None:
+    promise = store.create("import/a", {"fn": "batch", "args": [1]})
+    assert promise.id == "import/a"
+    assert promise.param == {"fn": "batch", "args": [1]}
+    assert promise.state is State.PENDING
+    assert (promise.value, promise.error, promise.attempts) == (None, None, 0)
+    assert promise.created_at > 0
+
+
+def test_create_with_the_same_param_returns_the_existing_promise(store: PromiseStore) -> None:
+    first = store.create("a", {"x": 1})
+    store.start_attempt("a")
+    again = store.create("a", {"x": 1})
+    assert again == store.get("a")
+    assert again.created_at == first.created_at
+    assert again.attempts == 1
+
+
+def test_create_with_another_param_conflicts(store: PromiseStore) -> None:
+    store.create("a", {"x": 1})
+    with pytest.raises(PromiseConflictError, match="promise a") as info:
+        store.create("a", {"x": 2})
+    assert info.value.promise_id == "a"
+    assert store.get("a").param == {"x": 1}
+
+
+def test_create_compares_params_after_normalising_them(store: PromiseStore) -> None:
+    store.create("a", {"args": (1, 2)})
+    assert store.create("a", {"args": [1, 2]}).param == {"args": [1, 2]}
+
+
+def test_create_with_true_where_the_param_was_1_conflicts(store: PromiseStore) -> None:
+    store.create("a", {"flag": 1})
+    with pytest.raises(PromiseConflictError):
+        store.create("a", {"flag": True})
+
+
+def test_start_attempt_counts_1_2_3(store: PromiseStore) -> None:
+    store.create("a", None)
+    assert [store.start_attempt("a") for _ in range(3)] == [1, 2, 3]
+    assert store.get("a").attempts == 3
+
+
+@pytest.mark.parametrize("settle", ["resolve", "reject"])
+def test_start_attempt_of_a_settled_promise_conflicts(store: PromiseStore, settle: str) -> None:
+    store.create("a", None)
+    getattr(store, settle)("a", {"type": "E"})
+    with pytest.raises(PromiseConflictError, match="no attempt can start"):
+        store.start_attempt("a")
+
+
+def test_start_attempt_of_an_unknown_promise_is_not_found(store: PromiseStore) -> None:
+    with pytest.raises(PromiseNotFoundError) as info:
+        store.start_attempt("ghost")
+    assert info.value.promise_id == "ghost"
+
+
+def test_resolve_settles_with_the_value(store: PromiseStore) -> None:
+    store.create("a", None)
+    promise = store.resolve("a", {"rows": 10})
+    assert (promise.state, promise.value, promise.error) == (State.RESOLVED, {"rows": 10}, None)
+    assert promise.settled_at >= promise.created_at
+    assert store.get("a") == promise
+
+
+@pytest.mark.parametrize(("settle", "outcome"), [
+    ("resolve", {"rows": 11}),
+    ("reject", {"type": "ValueError", "message": "late"}),
+])
+def test_settling_a_resolved_promise_differently_conflicts(
+    store: PromiseStore, settle: str, outcome: dict
+) -> None:
+    store.create("a", None)
+    store.resolve("a", {"rows": 10})
+    with pytest.raises(PromiseConflictError, match="already resolved"):
+        getattr(store, settle)("a", outcome)
+    assert store.get("a").value == {"rows": 10}
+
+
+def test_resolving_with_true_after_1_conflicts(store: PromiseStore) -> None:
+    store.create("a", None)
+    store.resolve("a", 1)
+    with pytest.raises(PromiseConflictError):
+        store.resolve("a", True)
+
+
+def test_reject_settles_with_the_error(store: PromiseStore) -> None:
+    store.create("a", None)
+    promise = store.reject("a", {"type": "IOError", "message": "disk"})
+    assert promise.state is State.REJECTED
+    assert promise.error == {"type": "IOError", "message": "disk"}
+    assert promise.value is None
+
+
+def test_reject_with_an_exception_stores_its_type_and_message(store: PromiseStore) -> None:
+    store.create("a", None)
+    promise = store.reject("a", ValueError("bad row 7"))
+    assert promise.error == {"type": "ValueError", "message": "bad row 7"}
+
+
+@pytest.mark.parametrize(("settle", "outcome"), [
+    ("reject", {"type": "ValueError", "message": "other"}),
+    ("resolve", 1),
+])
+def test_settling_a_rejected_promise_differently_conflicts(
+    store: PromiseStore, settle: str, outcome: object
+) -> None:
+    store.create("a", None)
+    store.reject("a", ValueError("x"))
+    with pytest.raises(PromiseConflictError, match="already rejected"):
+        getattr(store, settle)("a", outcome)
+
+
+@pytest.mark.parametrize("settle", ["resolve", "reject"])
+def test_settling_an_unknown_promise_is_not_found(store: PromiseStore, settle: str) -> None:
+    with pytest.raises(PromiseNotFoundError):
+        getattr(store, settle)("ghost", {"type": "E"})
+
+
+def test_reopen_makes_a_rejected_promise_pending(store: PromiseStore) -> None:
+    store.create("a", None)
+    store.start_attempt("a")
+    store.start_attempt("a")
+    store.reject("a", RuntimeError("flaky"))
+    promise = store.reopen("a", "operator retry")
+    assert promise.state is State.PENDING
+    assert (promise.error, promise.settled_at) == (None, None)
+    assert (promise.attempts, promise.attempts_since_reopen) == (2, 0)
+
+
+def test_reopened_promise_can_run_and_settle_again(store: PromiseStore) -> None:
+    store.create("a", None)
+    store.start_attempt("a")
+    store.reject("a", RuntimeError("flaky"))
+    store.reopen("a", "retry")
+    assert store.start_attempt("a") == 2
+    assert store.resolve("a", "done").value == "done"
+    assert store.get("a").attempts_since_reopen == 1
+
+
+@pytest.mark.parametrize("settle", [None, "resolve"])
+def test_reopen_of_a_promise_that_is_not_rejected_conflicts(
+    store: PromiseStore, settle: str | None
+) -> None:
+    store.create("a", None)
+    if settle:
+        store.resolve("a", 1)
+    with pytest.raises(PromiseConflictError, match="only a rejected promise"):
+        store.reopen("a", "retry")
+
+
+def test_reopen_of_an_unknown_promise_is_not_found(store: PromiseStore) -> None:
+    with pytest.raises(PromiseNotFoundError):
+        store.reopen("ghost", "retry")
+
+
+def test_get_of_an_unknown_id_is_none(store: PromiseStore) -> None:
+    assert store.get("ghost") is None
+
+
+def test_list_filters_by_prefix_in_creation_order(store: PromiseStore) -> None:
+    for pid in ["import/b", "import/a", "other/c", "import/a.1", "import/a.2"]:
+        store.create(pid, None)
+    store.resolve("import/b", 1)  # settling does not move a promise in the order
+    assert [p.id for p in store.list("import/a")] == ["import/a", "import/a.1", "import/a.2"]
+    assert [p.id for p in store.list()] == [
+        "import/b", "import/a", "other/c", "import/a.1", "import/a.2",
+    ]
+    assert store.list("nothing/") == []
+
+
+# -- values, ids, ownership, lifetime -----------------------------------------------------------
+
+
+def test_values_come_back_as_json(store: PromiseStore) -> None:
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    store.create("a", {"args": (1, 2)})
+    assert store.get("a").param == {"args": [1, 2]}
+    assert store.resolve("a", {"t": (1,), "when": when}).value == {"t": [1], "when": "2026-01-02T03:04:05"}
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"a": [1, {2, 3}]}, r'\$\["a"\]\[1\]: a set'),
+        ({1: "a"}, r"\$: a key that is not a str \(int 1\)"),
+        ([2**64], r"\$\[0\]: an int \(Integer exceeds 64-bit range\)"),
+        ({"x": object()}, r'\$\["x"\]: an object'),
+    ],
+)
+def test_a_value_json_cannot_hold_names_the_promise_and_where_and_writes_nothing(
+    store: PromiseStore, value: object, where: str
+) -> None:
+    store.create("a", None)
+    with pytest.raises(UnstorableValueError, match=rf"promise a: value cannot be stored as JSON: {where}"):
+        store.resolve("a", value)
+    with pytest.raises(TypeError, match="promise b: param"):
+        store.create("b", value)
+    assert store.get("a").state is State.PENDING and store.get("b") is None
+
+
+@pytest.mark.parametrize("bad", [None, 7, b"a", ""])
+def test_an_id_that_is_not_a_non_empty_str_is_refused(store: PromiseStore, bad: object) -> None:
+    with pytest.raises(TypeError, match="non-empty str"):
+        store.create(bad, None)  # type: ignore[arg-type]
+    assert store.list() == []
+
+
+def test_an_error_must_be_a_json_object(store: PromiseStore) -> None:
+    store.create("a", None)
+    with pytest.raises(TypeError, match="an error is a JSON object"):
+        store.reject("a", "just text")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["jsonl-shared", "memory"])  # an exclusive store owns all
+def test_own_is_exclusive_per_root_and_released_on_exit(
+    store: PromiseStore, backend: str, tmp_path: Path
+) -> None:
+    other = store if backend == "memory" else BACKENDS[backend](tmp_path)
+    outcome: list[BaseException | None] = []
+
+    def contend(root: str) -> None:
+        try:
+            with other.own(root):
+                outcome.append(None)
+        except WorkflowBusyError as exc:
+            outcome.append(exc)
+
+    with store.own("root"):
+        for root in ("root", "another"):  # run in another thread: a second driver
+            contender = threading.Thread(target=contend, args=(root,))
+            contender.start()
+            contender.join()
+    busy, free = outcome
+    assert isinstance(busy, WorkflowBusyError) and "workflow root is being run by another" in str(busy)
+    assert free is None
+    with other.own("root"):  # released
+        pass
+
+
+def test_close_is_idempotent_and_the_store_is_a_context_manager(backend: str, tmp_path: Path) -> None:
+    with BACKENDS[backend](tmp_path) as store:
+        store.create("a", 1)
+    store.close()
+    store.close()
+
+
+def test_compact_keeps_every_promise_as_it_was(store: PromiseStore) -> None:
+    store.create("a", 1)
+    store.start_attempt("a")
+    store.resolve("a", "done")
+    store.create("b", 2)
+    store.reject("b", {"type": "E"})
+    before = store.list()
+    store.compact()
+    assert store.list() == before
