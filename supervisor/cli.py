@@ -18,7 +18,7 @@ from workflow.importer.worker import positive_int
 from workflow.retry import RetryPolicy
 
 from . import exits
-from .faults import random_kills
+from .faults import attempts_before_kill, kill_would_fail, random_kills
 from .live import LiveLine
 from .status import retry_failed, show_status
 from .supervise import Settings, StateDirBusyError, Supervisor
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    budget_error = _kill_budget_error(args)
+    if budget_error is not None:
+        return _refuse(budget_error, exits.USAGE, args.json)
     try:
         source = file_source(args.input) if args.input else synthetic_source(
             DEFAULT_RECORDS if args.records is None else args.records
@@ -143,6 +146,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value
     return exits.FAILED
+
+
+def _kill_budget_error(args: argparse.Namespace) -> str | None:
+    """Why a `--kill-at-batch` would spend its batch's last attempt (and fail the import), if so."""
+    for batch in sorted(args.kill_at_batch):
+        spent = attempts_before_kill(batch, None, args.fail_at_batch)
+        if kill_would_fail(spent, args.max_attempts):
+            failure = ", the injected --fail-at-batch failure one more," if spent else ""
+            return (f"--kill-at-batch {batch} needs --max-attempts {spent + 2} or more, not "
+                    f"{args.max_attempts}: the planned kill spends one attempt of batch {batch}"
+                    f"{failure} and the batch needs one more to finish")
+    return None
 
 
 def _refuse(error: str, code: int, as_json: bool) -> int:

@@ -25,7 +25,14 @@ from workflow.importer import batch_index, exitcodes
 from workflow.importer.worker import STORE_FILE
 
 from .child import Child, ChildEnd
-from .faults import RandomKill, fail_once_at, failpoints_for, store_write_key
+from .faults import (
+    RandomKill,
+    attempts_before_kill,
+    fail_once_at,
+    failpoints_for,
+    kill_would_fail,
+    store_write_key,
+)
 from .live import LiveLine
 from .report import ChildReport, KillReport, RunReport
 
@@ -119,6 +126,7 @@ class Supervisor:
         unplanned = 0  # unplanned deaths in a row, with no batch done in between
         while True:
             next_batch, batches = self._progress()
+            self._drop_pauses_that_would_fail(batches)
             kill = self._next_kill(next_batch, batches)
             store_write = store_write_key(kill, self.s.root_id, next_batch, self.s.batch_count)
             child = self._spawn(store_write)
@@ -219,12 +227,25 @@ class Supervisor:
             return None
         kill = self._random[0]
         target = next_batch + (kill.batch_offset if kill.kind == "store-write" else 0)
-        used = batches[target].attempts_since_reopen if target in batches else 0
-        if target == self.s.fail_at_batch and used == 0:
-            used += 1  # its first attempt is made to fail
-        if used >= self.s.max_attempts - 1:
+        spent = attempts_before_kill(target, batches.get(target), self.s.fail_at_batch)
+        if kill_would_fail(spent, self.s.max_attempts):
             return None
         return self._random.pop(0)
+
+    def _drop_pauses_that_would_fail(self, batches: dict[int, Promise]) -> None:
+        """Disarm a `--kill-at-batch` whose batch (of a resumed import) is down to its last
+        attempt: the kill is reported undelivered, and the batch is not failed by it."""
+        for batch in sorted(self._pending_pauses):
+            promise = batches.get(batch)
+            if promise is not None and promise.state is State.RESOLVED:
+                continue  # reported at the end as already done
+            spent = attempts_before_kill(batch, promise, self.s.fail_at_batch)
+            if kill_would_fail(spent, self.s.max_attempts):
+                self._pending_pauses.discard(batch)
+                self.report.undelivered_kills.append(
+                    f"kill at batch {batch}: it has {max(0, self.s.max_attempts - spent)} of its "
+                    f"{self.s.max_attempts} attempts left, and a kill of ours must not spend the last"
+                )
 
     def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_batch: int) -> None:
         """A timed kill lands in start-up and replay (a few of them), or a drawn number of new
