@@ -14,7 +14,7 @@ import orjson
 from store import StoreError
 from workflow.importer import SourceError, file_source, plan_batches, synthetic_source
 from workflow.importer.sources import source_label
-from workflow.importer.worker import positive_int
+from workflow.importer.worker import positive_float, positive_int
 from workflow.retry import RetryPolicy
 
 from . import exits
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="S", help="first retry delay of a failing batch (default 1 s)")
     run.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="S",
                      help="how long a stopping worker may finish its batch before SIGKILL")
+    run.add_argument("--stall-timeout", type=positive_float, default=Settings.stall_timeout,
+                     metavar="S", help="SIGKILL and restart a worker whose progress pipe (a "
+                     "heartbeat every second) stays silent this long: hung, stopped, or stuck "
+                     f"in C code (default {Settings.stall_timeout:g})")
     run.add_argument("--durability", choices=["full", "none"], default="full",
                      help="'none' skips fdatasync: survives kills, not power loss (benchmarks)")
 
@@ -125,6 +129,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         retry_initial=args.retry_initial,
         grace=args.grace,
+        stall_timeout=args.stall_timeout,
         durability=args.durability,
     )
     live = LiveLine.for_stderr()
