@@ -15,11 +15,11 @@ from store import StoreError
 from store.fsutil import make_dirs
 from workflow.importer import SourceError, file_source, plan_batches, synthetic_source
 from workflow.importer.sources import source_label
-from workflow.importer.worker import positive_int
+from workflow.importer.worker import positive_float, positive_int
 from workflow.retry import RetryPolicy
 
 from . import exits
-from .faults import random_kills
+from .faults import attempts_before_kill, kill_would_fail, random_kills
 from .live import LiveLine
 from .status import retry_failed, show_status
 from .supervise import Settings, StateDirBusyError, Supervisor
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="S", help="first retry delay of a failing batch (default 1 s)")
     run.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="S",
                      help="how long a stopping worker may finish its batch before SIGKILL")
+    run.add_argument("--stall-timeout", type=positive_float, default=Settings.stall_timeout,
+                     metavar="S", help="SIGKILL and restart a worker whose progress pipe (a "
+                     "heartbeat every second) stays silent this long: hung, stopped, or stuck "
+                     f"in C code (default {Settings.stall_timeout:g})")
     run.add_argument("--durability", choices=["full", "none"], default="full",
                      help="'none' skips fdatasync: survives kills, not power loss (benchmarks)")
 
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    budget_error = _kill_budget_error(args)
+    if budget_error is not None:
+        return _refuse(budget_error, exits.USAGE, args.json)
     try:
         source = file_source(args.input) if args.input else synthetic_source(
             DEFAULT_RECORDS if args.records is None else args.records
@@ -123,6 +130,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         retry_initial=args.retry_initial,
         grace=args.grace,
+        stall_timeout=args.stall_timeout,
         durability=args.durability,
     )
     live = LiveLine.for_stderr()
@@ -144,6 +152,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value
     return exits.FAILED
+
+
+def _kill_budget_error(args: argparse.Namespace) -> str | None:
+    """Why a `--kill-at-batch` would spend its batch's last attempt (and fail the import), if so."""
+    for batch in sorted(args.kill_at_batch):
+        spent = attempts_before_kill(batch, None, args.fail_at_batch)
+        if kill_would_fail(spent, args.max_attempts):
+            failure = ", the injected --fail-at-batch failure one more," if spent else ""
+            return (f"--kill-at-batch {batch} needs --max-attempts {spent + 2} or more, not "
+                    f"{args.max_attempts}: the planned kill spends one attempt of batch {batch}"
+                    f"{failure} and the batch needs one more to finish")
+    return None
 
 
 def _refuse(error: str, code: int, as_json: bool) -> int:

@@ -14,12 +14,18 @@ A fifth of the timed kills land in start-up or replay (a drawn fraction of the m
 time); the others wait for the child to finish a drawn number of new batches, then a drawn
 fraction of a batch's duration, so they land mid-batch or between batches whatever the speed
 of the machine.
+
+No kill of ours may spend a batch's last attempt (the batch would be rejected for a fault we
+made): `attempts_before_kill` and `kill_would_fail` decide it, for flags checked up front and
+for batches whose attempts a resumed import already partly used.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from store import Promise
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +38,19 @@ class RandomKill:
     def batches_before(self, remaining: int, kills_left: int) -> int:
         """How many new batches a timed kill lets finish; kills share the remaining batches."""
         return int(self.share * remaining / max(1, kills_left))
+
+
+def attempts_before_kill(batch: int, promise: Promise | None, fail_at_batch: int | None) -> int:
+    """Attempts of `batch` spent (since a reopen) before a kill of ours lands in it: those
+    already started, plus the injected failure of its first attempt if that is still to come."""
+    started = promise.attempts if promise is not None else 0
+    since_reopen = promise.attempts_since_reopen if promise is not None else 0
+    return since_reopen + (batch == fail_at_batch and started == 0)
+
+
+def kill_would_fail(spent_before: int, max_attempts: int) -> bool:
+    """Whether a kill after `spent_before` attempts would take the batch's last attempt."""
+    return spent_before + 1 >= max_attempts
 
 
 def random_kills(count: int, seed: int | None) -> list[RandomKill]:

@@ -23,11 +23,22 @@ class KillReport:
 
 
 @dataclass
+class StallReport:
+    """A worker killed for silence (hung: stopped, or stuck in C code): not one of our kills."""
+
+    pid: int
+    batch: int | None  # the batch in flight, if any
+    silent_s: float  # how long its progress pipe had been silent
+    kind: str = "stall"
+
+
+@dataclass
 class RunReport:
     id: str
     state_dir: str
     restarts: int = 0
     kills: list[KillReport] = field(default_factory=list)
+    stalls: list[StallReport] = field(default_factory=list)
     undelivered_kills: list[str] = field(default_factory=list)
     children: list[ChildReport] = field(default_factory=list)
     result: dict[str, Any] | None = None
@@ -42,6 +53,7 @@ class RunReport:
         out.update(
             restarts=self.restarts,
             kills=[asdict(k) for k in self.kills],
+            stalls=[asdict(s) for s in self.stalls],
             undelivered_kills=self.undelivered_kills,
             children=[asdict(c) for c in self.children],
             error=self.error,
@@ -60,6 +72,10 @@ class RunReport:
         for k in self.kills:
             where = f" during batch {k.batch}" if k.batch is not None else ""
             lines.append(f"  SIGKILL ({k.kind}) to worker {k.pid}{where}")
+        for s in self.stalls:
+            where = f"during batch {s.batch}" if s.batch is not None else "outside any batch"
+            lines.append(f"  worker {s.pid} stalled {where}: nothing on its progress pipe for "
+                         f"{s.silent_s:.1f} s; SIGKILLed and restarted")
         lines.extend(f"  kill not delivered: {u}" for u in self.undelivered_kills)
         if self.result is not None:
             r = self.result
@@ -67,7 +83,8 @@ class RunReport:
             lines.append(
                 f"done: {r['total_records']} records in {r['batch_count']} batches: "
                 f"{r['total_processed']} imported, {r['total_skipped']} skipped ({reasons}); "
-                f"{self.restarts} restart(s), {len(self.kills)} kill(s), {self.elapsed_s:.2f} s"
+                f"{self.restarts} restart(s), {len(self.kills)} kill(s), {len(self.stalls)} stall(s), "
+                f"{self.elapsed_s:.2f} s"
             )
         if self.error:
             lines.append(f"error: {self.error}")

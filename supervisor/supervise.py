@@ -1,9 +1,12 @@
 """The supervision loop: spawn the worker, watch it, kill it when asked, restart it, report.
 
 Restarts: after a kill of ours, at once; after an unplanned death (a crash or a signal from
-elsewhere), with exponential backoff, and at most `max_restarts` times in a row. A worker that
-ends with a status no restart can change (bad input, a failed batch, a conflicting id) ends the
-run. The result is read from the store, never taken from the worker's word.
+elsewhere), with exponential backoff, and at most `max_restarts` times in a row. A worker whose
+progress pipe stays silent for `stall_timeout` seconds (it heartbeats every second or so) is
+hung, stopped or stuck in C code holding the GIL: it is SIGKILLed and restarted like an
+unplanned death. A worker that ends with a status no restart can change (bad input, a failed
+batch, a conflicting id) ends the run. The result is read from the store, never taken from the
+worker's word.
 """
 
 from __future__ import annotations
@@ -25,15 +28,23 @@ from workflow.importer import batch_index, exitcodes
 from workflow.importer.worker import STORE_FILE
 
 from .child import Child, ChildEnd
-from .faults import RandomKill, fail_once_at, failpoints_for, store_write_key
+from .faults import (
+    RandomKill,
+    attempts_before_kill,
+    fail_once_at,
+    failpoints_for,
+    kill_would_fail,
+    store_write_key,
+)
 from .live import LiveLine
-from .report import ChildReport, KillReport, RunReport
+from .report import ChildReport, KillReport, RunReport, StallReport
 
 log = logging.getLogger("supervisor")
 MAX_BACKOFF_S = 30.0
 STARTUP_GUESS_S = 0.15
 STARTUP_SHARE = 0.2  # the share of timed kills that land in start-up or replay
 BATCH_GUESS_S = 0.005
+HEARTBEAT_S = 1.0  # how often a worker heartbeats: at most a quarter of the stall timeout
 
 
 class StateDirBusyError(Exception):
@@ -55,6 +66,7 @@ class Settings:
     max_attempts: int = 10
     retry_initial: float = 1.0
     grace: float = 10.0
+    stall_timeout: float = 180.0
     lock_timeout: float = 10.0
     durability: str = "full"
 
@@ -65,6 +77,7 @@ class _Watch:
 
     report: ChildReport
     kill: KillReport | None = None
+    stall: StallReport | None = None
     batch_in_flight: int | None = None
     batch_started_at: float = 0.0
     last_attempts: dict[int, int] = field(default_factory=dict)  # batch -> its last allowed attempt
@@ -72,8 +85,17 @@ class _Watch:
     timed_kill_after: int | None = None  # new batches to let finish before a timed kill
     timed_kill_delay: float = 0.0  # then this fraction of a batch
     kill_deadline: float | None = None
+    stop_forwarded: bool = False
+    grace_deadline: float | None = None  # when a forwarded stop turns into a SIGKILL
     store_write_key: str | None = None  # the store.append failpoint armed in this child
     spawned_at: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)  # its last progress line
+
+    def stall_deadline(self, stall_timeout: float) -> float | None:
+        """When silence makes the child hung; none once a kill is on its way."""
+        if self.kill is not None or self.stall is not None:
+            return None
+        return self.last_heard + stall_timeout
 
     def on_last_attempt(self, max_attempts: int) -> bool:
         """Whether the batch in flight runs its last allowed attempt (a kill would fail it)."""
@@ -119,6 +141,7 @@ class Supervisor:
         unplanned = 0  # unplanned deaths in a row, with no batch done in between
         while True:
             next_batch, batches = self._progress()
+            self._drop_pauses_that_would_fail(batches)
             kill = self._next_kill(next_batch, batches)
             store_write = store_write_key(kill, self.s.root_id, next_batch, self.s.batch_count)
             child = self._spawn(store_write)
@@ -136,6 +159,8 @@ class Supervisor:
             self._log_end(end, watch, ours)
             if ours is not None:
                 self.report.kills.append(ours)
+            if watch.stall is not None and end.signal is signal.SIGKILL:
+                self.report.stalls.append(watch.stall)
             if kill is not None and (ours is None or ours.kind != kill.kind):
                 self._random.insert(0, kill)  # not delivered to this child: keep it for the next
             if end.returncode == exitcodes.OK:
@@ -207,6 +232,7 @@ class Supervisor:
             "--retry-initial", str(self.s.retry_initial),
             "--lock-timeout", str(self.s.lock_timeout),
             "--durability", self.s.durability,
+            "--heartbeat", str(min(HEARTBEAT_S, self.s.stall_timeout / 4)),
         ]
         child = Child.spawn(args, env)
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
@@ -219,12 +245,25 @@ class Supervisor:
             return None
         kill = self._random[0]
         target = next_batch + (kill.batch_offset if kill.kind == "store-write" else 0)
-        used = batches[target].attempts_since_reopen if target in batches else 0
-        if target == self.s.fail_at_batch and used == 0:
-            used += 1  # its first attempt is made to fail
-        if used >= self.s.max_attempts - 1:
+        spent = attempts_before_kill(target, batches.get(target), self.s.fail_at_batch)
+        if kill_would_fail(spent, self.s.max_attempts):
             return None
         return self._random.pop(0)
+
+    def _drop_pauses_that_would_fail(self, batches: dict[int, Promise]) -> None:
+        """Disarm a `--kill-at-batch` whose batch (of a resumed import) is down to its last
+        attempt: the kill is reported undelivered, and the batch is not failed by it."""
+        for batch in sorted(self._pending_pauses):
+            promise = batches.get(batch)
+            if promise is not None and promise.state is State.RESOLVED:
+                continue  # reported at the end as already done
+            spent = attempts_before_kill(batch, promise, self.s.fail_at_batch)
+            if kill_would_fail(spent, self.s.max_attempts):
+                self._pending_pauses.discard(batch)
+                self.report.undelivered_kills.append(
+                    f"kill at batch {batch}: it has {max(0, self.s.max_attempts - spent)} of its "
+                    f"{self.s.max_attempts} attempts left, and a kill of ours must not spend the last"
+                )
 
     def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_batch: int) -> None:
         """A timed kill lands in start-up and replay (a few of them), or a drawn number of new
@@ -242,44 +281,59 @@ class Supervisor:
         child.register(selector)
         selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
         open_pipes = 2
-        grace_deadline: float | None = None
-        forwarded = False
         try:
             while open_pipes:
-                if self.stop_signal is not None and not forwarded:
-                    log.warning("%s: stopping worker %d after its batch in flight",
-                                self.stop_signal.name, child.pid)
-                    child.signal_group(signal.SIGTERM)
-                    forwarded = True
-                    grace_deadline = time.monotonic() + self.s.grace
-                    watch.kill_deadline = None
-                deadline = min(filter(None, [watch.kill_deadline, grace_deadline]), default=None)
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = selector.select(timeout)
-                now = time.monotonic()
-                if watch.kill_deadline is not None and now >= watch.kill_deadline:
-                    if watch.kill is None and not watch.on_last_attempt(self.s.max_attempts):
-                        self._kill(child, watch, "timed", watch.batch_in_flight)
-                    watch.kill_deadline = None
-                if grace_deadline is not None and now >= grace_deadline:
-                    log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
-                    child.signal_group(signal.SIGKILL)
-                    grace_deadline = None
+                if self.stop_signal is not None and not watch.stop_forwarded:
+                    self._forward_stop(child, watch)
+                ready = selector.select(self._time_to_next_deadline(watch))
+                self._act_on_deadlines(child, watch)
                 for key, _ in ready:
                     if key.data == "signal":
                         os.read(self._wakeup_r, 512)
-                        continue
-                    lines, eof = child.read(key.fd)
-                    if key.data == "stderr":
-                        child.relay_stderr(lines)
-                    else:
-                        for event in child.events(lines):
-                            self._on_event(event, child, watch)
-                    if eof:
+                    elif self._read_pipe(key.fd, key.data, child, watch):
                         selector.unregister(key.fd)
                         open_pipes -= 1
+                stall_deadline = watch.stall_deadline(self.s.stall_timeout)
+                if open_pipes and stall_deadline is not None and time.monotonic() >= stall_deadline:
+                    self._kill_stalled(child, watch)
         finally:
             selector.close()
+
+    def _forward_stop(self, child: Child, watch: _Watch) -> None:
+        log.warning("%s: stopping worker %d after its batch in flight", self.stop_signal.name, child.pid)
+        child.signal_group(signal.SIGTERM)
+        watch.stop_forwarded = True
+        watch.grace_deadline = time.monotonic() + self.s.grace
+        watch.kill_deadline = None
+
+    def _time_to_next_deadline(self, watch: _Watch) -> float | None:
+        deadlines = [watch.kill_deadline, watch.grace_deadline, watch.stall_deadline(self.s.stall_timeout)]
+        deadline = min(filter(None, deadlines), default=None)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _act_on_deadlines(self, child: Child, watch: _Watch) -> None:
+        """A timed kill that is due (unless it would take the batch's last attempt), and the
+        SIGKILL of a worker that did not stop within its grace after a forwarded signal."""
+        now = time.monotonic()
+        if watch.kill_deadline is not None and now >= watch.kill_deadline:
+            if watch.kill is None and not watch.on_last_attempt(self.s.max_attempts):
+                self._kill(child, watch, "timed", watch.batch_in_flight)
+            watch.kill_deadline = None
+        if watch.grace_deadline is not None and now >= watch.grace_deadline:
+            log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
+            child.signal_group(signal.SIGKILL)
+            watch.grace_deadline = None
+
+    def _read_pipe(self, fd: int, pipe: str, child: Child, watch: _Watch) -> bool:
+        """Relay stderr or act on progress events (any line is a sign of life); True at EOF."""
+        lines, eof = child.read(fd)
+        if pipe == "stderr":
+            child.relay_stderr(lines)
+        elif lines:
+            watch.last_heard = time.monotonic()
+            for event in child.events(lines):
+                self._on_event(event, child, watch)
+        return eof
 
     def _on_event(self, event: dict[str, Any], child: Child, watch: _Watch) -> None:
         kind = event.get("event")
@@ -323,8 +377,17 @@ class Supervisor:
         child.signal_group(signal.SIGKILL)
         watch.kill = KillReport(child.pid, kind, batch)
 
+    def _kill_stalled(self, child: Child, watch: _Watch) -> None:
+        """The worker is hung (it would not even heartbeat): kill it to restart it. SIGKILL also
+        ends a stopped process."""
+        silent = time.monotonic() - watch.last_heard
+        log.warning("worker %d sent nothing for %.1f s (hung or stopped; --stall-timeout %g): "
+                    "SIGKILL, then a restart", child.pid, silent, self.s.stall_timeout)
+        child.signal_group(signal.SIGKILL)
+        watch.stall = StallReport(child.pid, watch.batch_in_flight, round(silent, 3))
+
     def _log_end(self, end: ChildEnd, watch: _Watch, ours: KillReport | None) -> None:
-        why = f" ({ours.kind} kill of ours)" if ours else ""
+        why = f" ({ours.kind} kill of ours)" if ours else " (stalled)" if watch.stall else ""
         log.info("worker %d %s%s: ran %d batch(es), replayed %d", end.pid, end.describe(), why,
                  len(watch.report.executed), watch.report.replayed)
 

@@ -130,14 +130,15 @@ class Background:
 
 
 def start_import(
-    state_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "supervisor"
+    state_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "supervisor",
+    json_report: bool = True,
 ) -> Background:
-    """Start `python -m supervisor run --state-dir D ARGS --json` without waiting for it."""
+    """Start `python -m supervisor run --state-dir D ARGS [--json]` without waiting for it."""
     out_path = state_dir.parent / f"{name}.stdout"
     err_path = state_dir.parent / f"{name}.stderr"
     out, err = out_path.open("w"), err_path.open("w")
     process = subprocess.Popen(
-        command("run", state_dir, *args, "--json"),
+        command("run", state_dir, *args, *(["--json"] if json_report else [])),
         stdout=out, stderr=err, env=child_env(env), cwd=state_dir.parent,
     )
     return Background(process, out_path, err_path, (out, err))

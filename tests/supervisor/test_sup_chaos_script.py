@@ -10,10 +10,11 @@ from pathlib import Path
 from supervisor_helpers import REPO, child_env
 
 VERDICT = re.compile(
-    r"^chaos: runs=2 kills=(\d+) \(store-write=\d+ supervisor=\d+\) lost=0 "
+    r"^chaos: runs=(\d+) kills=(\d+) \(store-write=\d+ supervisor=\d+ stall=(\d+)\) lost=0 "
     r"reruns_of_completed_batches=0 duplicate_rows=0 "
     r"violations=0 -> PASS$"
 )
+STALL_SEED = "13"  # its one run draws a stall: the first worker is SIGSTOPped in its start-up
 
 
 def _chaos(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -26,8 +27,18 @@ def test_chaos_two_runs_pass_and_clean_up(tmp_path: Path) -> None:
     result = _chaos(tmp_path, "2", "7")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1 and VERDICT.match(lines[0]), result.stdout
+    assert len(lines) == 1 and (verdict := VERDICT.match(lines[0])), result.stdout
+    assert verdict.group(1) == "2"
     assert list(tmp_path.iterdir()) == []  # every run's state dir was removed
+
+
+def test_chaos_run_with_a_stopped_worker_passes_and_counts_the_stall(tmp_path: Path) -> None:
+    result = _chaos(tmp_path, "1", STALL_SEED)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert re.search(r"stall-after=\S+ \(stopped worker\(s\) (\d+)\)", result.stderr), result.stderr
+    verdict = VERDICT.match(result.stdout.strip())
+    assert verdict and verdict.group(3) == "1", result.stdout + result.stderr[-4000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_chaos_rejects_bad_arguments(tmp_path: Path) -> None:
