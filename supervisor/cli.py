@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="S", help="SIGKILL and restart a worker whose progress pipe (a "
                      "heartbeat every second) stays silent this long: hung, stopped, or stuck "
                      f"in C code (default {Settings.stall_timeout:g})")
+    run.add_argument("--step-timeout", type=positive_float, default=Settings.step_timeout,
+                     metavar="S", help="fail and retry a batch attempt still running after S seconds "
+                     f"(a step that never returns; default {Settings.step_timeout:g})")
     run.add_argument("--durability", choices=["full", "none"], default="full",
                      help="'none' skips fdatasync: survives kills, not power loss (benchmarks)")
 
@@ -131,6 +134,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         retry_initial=args.retry_initial,
         grace=args.grace,
         stall_timeout=args.stall_timeout,
+        step_timeout=args.step_timeout,
         durability=args.durability,
     )
     live = LiveLine.for_stderr()

@@ -25,7 +25,7 @@ import orjson
 from store import JsonlStore, Promise, State
 from store.locking import LockHeldError, OwnedLock
 from workflow.importer import batch_index, exitcodes
-from workflow.importer.worker import STORE_FILE
+from workflow.importer.worker import STEP_TIMEOUT_S, STORE_FILE
 
 from .child import Child, ChildEnd
 from .faults import (
@@ -67,6 +67,7 @@ class Settings:
     retry_initial: float = 1.0
     grace: float = 10.0
     stall_timeout: float = 180.0
+    step_timeout: float = STEP_TIMEOUT_S
     lock_timeout: float = 10.0
     durability: str = "full"
 
@@ -230,6 +231,7 @@ class Supervisor:
             "--batch-size", str(self.s.batch_size),
             "--max-attempts", str(self.s.max_attempts),
             "--retry-initial", str(self.s.retry_initial),
+            "--step-timeout", str(self.s.step_timeout),
             "--lock-timeout", str(self.s.lock_timeout),
             "--durability", self.s.durability,
             "--heartbeat", str(min(HEARTBEAT_S, self.s.stall_timeout / 4)),

@@ -481,8 +481,21 @@ def _state_dir_is_read_only(state_dir: Path) -> tuple[str, str]:
     return str(state_dir.resolve()), "Permission denied"
 
 
+def _sink_is_a_directory(state_dir: Path) -> tuple[str, str]:
+    (state_dir / SINK).mkdir(parents=True)
+    return str((state_dir / SINK).resolve()), "cannot open the import database"
+
+
+def _sink_is_not_a_database(state_dir: Path) -> tuple[str, str]:
+    state_dir.mkdir(parents=True)
+    (state_dir / SINK).write_bytes(b"these bytes are not a SQLite database\n" * 200)
+    return str((state_dir / SINK).resolve()), "file is not a database"
+
+
 UNUSABLE = {  # case: (make the state dir unusable, run as a user that obeys file modes)
     "store-path-is-a-directory": (_store_path_is_a_directory, False),
+    "sink-is-a-directory": (_sink_is_a_directory, False),
+    "sink-is-not-a-database": (_sink_is_not_a_database, False),
     "state-dir-is-a-file": (_state_dir_is_a_file, False),
     "state-dir-is-read-only": (_state_dir_is_read_only, True),
 }
@@ -517,6 +530,9 @@ def test_unusable_state_dir_fails_and_changes_nothing(tmp_path: Path, case: str)
         assert not (state_dir / SINK).exists()
     elif case == "state-dir-is-a-file":
         assert state_dir.read_text() == "not a directory\n"
+    elif case.startswith("sink-"):  # refused at once: one worker, no restart loop, nothing settled
+        assert len(done.report["children"]) == 1 and "Traceback" not in done.stderr, done.describe()
+        assert all(not line.endswith('"resolve"}') for line in (state_dir / STORE).read_text().splitlines())
     else:
         assert (state_dir / STORE).read_bytes() == before
 
@@ -677,7 +693,7 @@ def test_disk_full_while_writing_the_sink_names_the_real_cause(tmp_path: Path) -
     assert "disk I/O error" in full.last_error_line or "full" in full.last_error_line
 
 
-def test_disk_full_before_the_sink_opens_gives_up_then_a_later_run_finishes(
+def test_disk_full_before_the_sink_opens_is_one_fatal_line_then_a_later_run_finishes(
     tmp_path: Path, audit: ModuleType
 ) -> None:
     state_dir = tmp_path / "state"
@@ -685,9 +701,10 @@ def test_disk_full_before_the_sink_opens_gives_up_then_a_later_run_finishes(
 
     full = run(state_dir, *sizes, *FAST, preexec_fn=limit_file_size(8192))
 
-    # A sink that cannot be opened is a worker crash: its traceback is relayed, then the supervisor
-    # gives up with the last error in one line.
-    assert_error_line(full, "gave up after 1 restarts", "disk I/O error")
+    # A sink that cannot be opened is fatal at once: one line naming import.db, no restart loop.
+    assert_error_line(full, "import.db", "cannot open the import database")
+    assert "Traceback" not in full.stderr and "restarting" not in full.stderr
+    assert len(full.report["children"]) == 1
     assert audit.load_store(state_dir / STORE) == {} or all(
         p["state"] == "pending" for p in audit.load_store(state_dir / STORE).values())
 

@@ -22,6 +22,7 @@ from wf_helpers import (
     STORE_FILE,
     open_store,
     run_worker,
+    worker_argv,
     worker_env,
 )
 
@@ -198,3 +199,21 @@ def test_step_that_always_hangs_is_rejected_with_the_timeout(tmp_path: Path) -> 
         with pytest.raises(StepError, match=r"StepTimeoutError: step 'faults.hangs' .* within 0.2 s"):
             Runner(store, retry=policy).run("hang", one, "hangs")
         assert store.get("hang.0").attempts == 2
+
+
+def test_worker_batch_that_hangs_times_out_and_is_retried(tmp_path: Path, audit: ModuleType) -> None:
+    hang = {"name": "batch.fail", "key": "2/1", "action": "delay", "seconds": 3600}
+    argv = worker_argv(tmp_path, ROOT, synthetic_source(500), 100, "--step-timeout", "0.5",
+                       "--retry-initial", "0")
+    done = subprocess.run(argv, env=worker_env([hang]), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=SAFETY_TIMEOUT_S, check=False)
+
+    assert done.returncode == exitcodes.OK, done.stderr
+    assert "did not return within 0.5 s" in done.stderr  # the retry was logged
+    with JsonlStore(tmp_path / STORE_FILE, readonly=True) as store:
+        assert store.get(f"{ROOT}.2").attempts == 2
+    with sqlite3.connect(tmp_path / SINK_FILE) as db:
+        runs = db.execute("SELECT attempt, outcome FROM executions WHERE batch = 2 ORDER BY id").fetchall()
+    assert runs == [(1, None), (2, "committed")]
+    verdict = audit.audit(tmp_path, ROOT, 500)
+    assert verdict["ok"], verdict["violations"]

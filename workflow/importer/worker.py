@@ -27,13 +27,14 @@ from workflow import EngineError, RetryPolicy, Runner, StepError, StepEvent, Wor
 
 from . import exitcodes
 from .app import batch_index, import_records
-from .sink import Sink, SinkStorageError
+from .sink import Sink, SinkError, SinkStorageError
 from .sources import SourceError, plan_batches
 
 log = logging.getLogger("workflow.importer")
 STORE_FILE = "store.jsonl"
 SINK_FILE = "import.db"
 HEARTBEAT_S = 1.0
+STEP_TIMEOUT_S = 600.0  # a batch takes milliseconds to seconds; ten minutes means it hangs
 
 
 class Progress:
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds between heartbeat lines on the progress fd")
     p.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts)
     p.add_argument("--retry-initial", type=float, default=RetryPolicy.initial)
+    p.add_argument("--step-timeout", type=positive_float, default=STEP_TIMEOUT_S, metavar="S",
+                   help="fail (and retry) a batch attempt that has not returned after S seconds")
     p.add_argument("--lock-timeout", type=float, default=10.0)
     p.add_argument("--durability", choices=[d.value for d in Durability], default="full")
     return p.parse_args(argv)
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner = Runner(
                     store,
                     retry=RetryPolicy(max_attempts=args.max_attempts, initial=args.retry_initial,
-                                      non_retryable=(SourceError, SinkStorageError)),
+                                      non_retryable=(SourceError, SinkStorageError),
+                                      timeout=args.step_timeout),
                     dependencies={"sink": sink},
                     on_event=progress.step,
                     should_stop=lambda: stop["requested"],
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return _end(progress, exitcodes.INTERRUPTED, str(exc))
     except StepError as exc:
         return _end(progress, exitcodes.FAILED, str(exc))
-    except (SourceError, EngineError, StoreError) as exc:
+    except (SourceError, SinkError, EngineError, StoreError) as exc:
         return _end(progress, exitcodes.FATAL, str(exc))
     progress.send("finished", pid=os.getpid())
     return exitcodes.OK
