@@ -68,6 +68,26 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+CRASH_HOOK = """
+import os
+flag = os.environ.get("CRASH_WORKER_WHILE")
+if "DURABLE_FAILPOINT_FD" in os.environ and flag and os.path.exists(flag):  # only in a worker
+    raise SystemExit("worker crashed at start-up (a planned crash of the test)")
+"""
+
+
+def crashing_workers(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An env under which every worker the supervisor spawns crashes at start-up (exit 1) for as
+    long as the returned flag file exists; delete it and workers run normally again."""
+    hook = tmp_path / "crash-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_HOOK)
+    flag = tmp_path / "crash-while-this-exists"
+    flag.touch()
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]), "CRASH_WORKER_WHILE": str(flag)}
+    return env, flag
+
+
 def command(subcommand: str, state_dir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "supervisor", subcommand, "--state-dir", str(state_dir), *args]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +17,7 @@ from supervisor_helpers import (
     assert_report_matches_sink,
     batch_attempts,
     batch_promises,
+    crashing_workers,
     executions,
     root_id,
     run_cli,
@@ -60,8 +60,8 @@ def test_fail_at_batch_is_retried_with_backoff(tmp_path: Path, audit: ModuleType
 def test_crash_looping_worker_gives_up_after_max_restarts(tmp_path: Path, audit: ModuleType) -> None:
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
-    (state_dir / "import.db").mkdir(parents=True)  # the sink cannot open: every worker crashes
-    run = run_import(state_dir, *SIZES, "--max-restarts", "2", "--restart-backoff", "0")
+    env, crashing = crashing_workers(tmp_path)
+    run = run_import(state_dir, *SIZES, "--max-restarts", "2", "--restart-backoff", "0", env=env)
 
     assert run.returncode == 1, run.describe()
     assert run.report is not None and run.report["ok"] is False
@@ -70,15 +70,15 @@ def test_crash_looping_worker_gives_up_after_max_restarts(tmp_path: Path, audit:
     assert all(c["exit"] == "exit code 1" for c in run.report["children"])
     error = run.report["error"]
     assert "gave up after 2 restarts" in error
-    assert "unable to open database file" in error  # the worker's last error is shown
+    assert "planned crash of the test" in error  # the worker's last error is shown
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: gave up after 2 restarts"), last_line
-    assert "unable to open database file" in last_line
+    assert "planned crash of the test" in last_line
 
     # The store is left intact: once the cause is removed, the same command finishes.
-    shutil.rmtree(state_dir / "import.db")
+    crashing.unlink()
     assert all(p["state"] == "pending" for p in store_promises(audit, state_dir).values())
-    rerun = run_import(state_dir, *SIZES)
+    rerun = run_import(state_dir, *SIZES, env=env)
     report = assert_finished(rerun, RECORDS, BATCH_SIZE)
     assert_report_matches_sink(report, state_dir, root)
     assert_audit_ok(audit, state_dir, root, RECORDS)

@@ -16,6 +16,7 @@ from supervisor_helpers import (
     assert_finished,
     assert_report_matches_sink,
     batch_attempts,
+    crashing_workers,
     executions,
     pid_is_gone,
     resolved_batches,
@@ -108,8 +109,8 @@ def test_sigint_kills_a_stuck_worker_after_the_grace_then_exits_130(
 
 def test_sigterm_while_waiting_to_restart_exits_143_at_once(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    (state_dir / "import.db").mkdir(parents=True)  # every worker crashes: the supervisor backs off
-    sup = start_import(state_dir, *SIZES, "--restart-backoff", "30")
+    env, _ = crashing_workers(tmp_path)  # every worker crashes: the supervisor backs off
+    sup = start_import(state_dir, *SIZES, "--restart-backoff", "30", env=env)
     try:
         wait_until(lambda: "restarting the worker in 30 s" in sup.err_path.read_text(), "it backs off")
         sup.process.send_signal(signal.SIGTERM)
