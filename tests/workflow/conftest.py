@@ -1,22 +1,13 @@
-"""Fixtures of the workflow tests; also puts the repository root first on sys.path.
-
-Without it `import workflow` may find this very directory (tests/workflow, a namespace package)
-instead of the real package, because pytest puts `tests/` on sys.path for the root conftest.
-"""
+"""Fixtures of the workflow tests."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from store import MemoryStore, PromiseStore  # noqa: E402  (needs the path above)
+from store import MemoryStore, PromiseStore
 
 
 @pytest.fixture

@@ -80,7 +80,9 @@ def test_attempt_budget_spent_by_a_kill_rejects_on_rerun_without_running(
 def test_rejection_after_a_kill_is_replayed_by_the_next_run(paths: tuple[Path, Path]) -> None:
     store_path, log = paths
     budget = ("--max-attempts", "2")
-    run_flaky_child(store_path, log, *budget, "--fail-before", "9", "--block-in-backoff", "1")
+    killed = run_flaky_child(store_path, log, *budget, "--fail-before", "9", "--block-in-backoff", "1")
+    assert killed.returncode == KILLED  # in the backoff after attempt 1
+    assert attempts_logged(log) == [1]
     rejected = run_flaky_child(store_path, log, *budget, "--fail-before", "9")
     again = run_flaky_child(store_path, log, *budget, "--fail-before", "9")
 
