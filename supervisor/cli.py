@@ -19,7 +19,7 @@ from workflow.importer.worker import positive_float, positive_int
 from workflow.retry import RetryPolicy
 
 from . import exits
-from .faults import attempts_before_kill, kill_would_fail, random_kills
+from .faults import MAX_RANDOM_KILLS, attempts_before_kill, kill_would_fail, random_kills
 from .live import LiveLine
 from .status import retry_failed, show_status
 from .supervise import Settings, StateDirBusyError, Supervisor
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     run.add_argument("--kill-at-batch", type=_non_negative, action="append", default=[],
                      metavar="K", help="SIGKILL the worker while batch K is in flight (repeatable)")
-    run.add_argument("--kill-random", type=_non_negative, default=0, metavar="N",
-                     help="N SIGKILLs at random moments")
+    run.add_argument("--kill-random", type=_kill_count, default=0, metavar="N",
+                     help=f"N SIGKILLs at random moments (at most {MAX_RANDOM_KILLS})")
     run.add_argument("--seed", type=int, default=None, help="seed for --kill-random")
     run.add_argument("--fail-at-batch", type=_non_negative, default=None, metavar="K",
                      help="make the first attempt of batch K fail (shows retry with backoff)")
@@ -195,6 +195,15 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _kill_count(text: str) -> int:
+    value = _non_negative(text)
+    if value > MAX_RANDOM_KILLS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_RANDOM_KILLS} random kills (each costs a worker restart), not {value}"
+        )
     return value
 
 

@@ -53,6 +53,9 @@ def kill_would_fail(spent_before: int, max_attempts: int) -> bool:
     return spent_before + 1 >= max_attempts
 
 
+MAX_RANDOM_KILLS = 1000  # each kill costs a worker restart; more cannot land in any sane run
+
+
 def random_kills(count: int, seed: int | None) -> list[RandomKill]:
     rng = random.Random(seed)
     kills = []

@@ -38,9 +38,10 @@ SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
     (("--input", "records.csv", "--records", "5"), "--records: not allowed with argument --input"),
     (("--records", "ten"), "invalid"),
     (("--id", "import/a.b"), "without '.'"),
+    (("--kill-random", "1000000000"), "--kill-random: at most 1000 random kills"),
 ], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
         "fail-beyond-last", "kill-negative", "unknown-flag", "input-and-records", "records-not-a-number",
-        "id-with-a-dot"])
+        "id-with-a-dot", "kill-random-beyond-the-cap"])
 def test_usage_error_exits_2_and_touches_nothing(tmp_path: Path, args: tuple[str, ...],
                                                  complaint: str) -> None:
     state_dir = tmp_path / "state"
