@@ -15,7 +15,10 @@ from pathlib import Path
 
 def write_all(fd: int, data: bytes) -> None:
     """Write every byte of `data`, or raise OSError (ENOSPC, EFBIG, ...)."""
-    view = memoryview(data)
+    written = os.write(fd, data)
+    if written == len(data):  # nearly always: one call, no view
+        return
+    view = memoryview(data)[written:]
     while view:
         written = os.write(fd, view)
         if written == 0:  # never for a regular file; without it, a loop that never ends

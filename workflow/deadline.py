@@ -20,11 +20,8 @@ class StepTimeoutError(Exception):
 
 
 @contextmanager
-def deadline(seconds: float | None, what: str) -> Iterator[None]:
-    """Raise StepTimeoutError in the body if it runs longer than `seconds` (None: no limit)."""
-    if seconds is None:
-        yield
-        return
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Raise StepTimeoutError in the body if it runs longer than `seconds`."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError(f"{what}: a step timeout needs the main thread (it uses SIGALRM)")
 

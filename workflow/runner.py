@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -232,25 +231,23 @@ class Runner:
         """One attempt: recorded durably before the function runs, so crashes count too."""
         attempt = self.store.start_attempt(call.promise_id)
         self._emit("started", call, entry, attempt=attempt)
-        with self._as_step(call, entry, attempt), deadline(
-            policy.timeout, f"step '{entry.name}' ({call.promise_id})"
-        ):
-            return call.fn(*call.args, **call.kwargs)
+        if policy.timeout is None:
+            return self._as_step(call, entry, attempt, call.fn)
+        with deadline(policy.timeout, f"step '{entry.name}' ({call.promise_id})"):
+            return self._as_step(call, entry, attempt, call.fn)
 
     def _recover(self, call: Call, entry: Registered, last_attempt: int) -> Any:
         """Ask the step's recover function for what its last, unsettled attempt made durable."""
-        with self._as_step(call, entry, last_attempt):
-            found = entry.recover(*call.args, **call.kwargs)
+        found = self._as_step(call, entry, last_attempt, entry.recover)
         if found is not None:
             self._emit("recovered", call, entry, attempt=last_attempt)
         return found
 
-    @contextmanager
-    def _as_step(self, call: Call, entry: Registered, attempt: int) -> Iterator[None]:
-        """Make `current_step()` describe this call while its code runs."""
+    def _as_step(self, call: Call, entry: Registered, attempt: int, fn: Callable[..., Any]) -> Any:
+        """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile."""
         token = _current_step.set(StepInfo(call.promise_id, attempt, entry.name, self.dependencies))
         try:
-            yield
+            return fn(*call.args, **call.kwargs)
         finally:
             _current_step.reset(token)
 
