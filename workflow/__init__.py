@@ -7,10 +7,11 @@ from .errors import (
     EngineError,
     NonDeterminismError,
     StepError,
+    VersionNotRegisteredError,
     WorkflowConflictError,
     WorkflowInterrupted,
 )
-from .registry import describe, lookup, register
+from .registry import describe, lookup, register, registered, versions
 from .retry import RetryPolicy
 from .runner import AttemptsExhaustedError, ObserverError, Runner, StepEvent, run
 
@@ -28,11 +29,14 @@ __all__ = [
     "StepEvent",
     "StepInfo",
     "StepTimeoutError",
+    "VersionNotRegisteredError",
     "WorkflowConflictError",
     "WorkflowInterrupted",
     "current_step",
     "describe",
     "lookup",
     "register",
+    "registered",
     "run",
+    "versions",
 ]

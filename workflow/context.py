@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .errors import CallNotYieldedError
+from .patches import Patch, check_patch_name
 from .retry import RetryPolicy
 
 
@@ -44,6 +45,18 @@ class Context:
         self._next += 1
         self._unyielded.append(call)
         return call
+
+    def patched(self, name: str) -> Patch:
+        """Whether this run takes the new code of the change `name`: `if (yield ctx.patched(name)):`.
+
+        True for new runs and for runs that reach it at the end of their history; False where a
+        run recorded calls past this point with the old code (see patches.py).
+        """
+        return Patch(check_patch_name(name), False)
+
+    def deprecate_patch(self, name: str) -> Patch:
+        """Where `patched(name)` stood once no run needs the old branch: yield it (gives None)."""
+        return Patch(check_patch_name(name), True)
 
     def take_yielded(self, call: Call) -> None:
         """The workflow yielded `call`: it must be the one call made since the last yield."""

@@ -34,11 +34,29 @@ class NonDeterminismError(EngineError):
     def __init__(self, promise_id: str, expected: str, actual: str) -> None:
         super().__init__(
             f"non-deterministic workflow: call {promise_id} was recorded as {expected}, "
-            f"but the code now calls {actual}"
+            f"but the code now calls {actual}. If the change is deliberate, put it behind "
+            "`if (yield ctx.patched('<name>')):` (the old code in the else branch), or register "
+            "the changed workflow as a new version beside the old one (README: Changing code "
+            "under running imports)"
         )
         self.promise_id = promise_id
         self.expected = expected
         self.actual = actual
+
+
+class VersionNotRegisteredError(EngineError):
+    """A run was recorded with a workflow version that this code does not register."""
+
+    def __init__(self, promise_id: str, name: str, version: Any, registered: list[int]) -> None:
+        have = ", ".join(f"v{v}" for v in registered) or "none"
+        super().__init__(
+            f"workflow {promise_id} was recorded with {name} v{version}, which this code does not "
+            f"register (it has {have}): keep v{version} registered beside the new version "
+            f"(@register(name={name!r}, version={version})) until its runs are done, or start "
+            "the work again under a new id"
+        )
+        self.promise_id = promise_id
+        self.version = version
 
 
 class CallNotYieldedError(EngineError):

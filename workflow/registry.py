@@ -110,10 +110,25 @@ def _main_module_name() -> str:
     return ".".join(parts)
 
 
+def versions(name: str) -> list[int]:
+    """The versions registered under `name`, oldest first."""
+    return sorted(v for (n, v) in _by_name if n == name)
+
+
+def registered(name: str, version: int | None = None) -> Registered | None:
+    """`name` at `version` (default: its latest version), if registered."""
+    if version is None:
+        known = versions(name)
+        if not known:
+            return None
+        version = known[-1]
+    return _by_name.get((name, version))
+
+
 def lookup(name: str, version: int) -> Callable[..., Any]:
     """The function registered as `name` v`version`, or a KeyError saying what is registered."""
     entry = _by_name.get((name, version))
     if entry is None:
-        known = [f"v{v}" for v in sorted(v for (n, v) in _by_name if n == name)]
+        known = [f"v{v}" for v in versions(name)]
         raise KeyError(f"no function {name} v{version} is registered (known: {known or 'none'})")
     return entry.fn

@@ -31,10 +31,12 @@ from .errors import (
     EngineError,
     NonDeterminismError,
     StepError,
+    VersionNotRegisteredError,
     WorkflowConflictError,
     WorkflowInterrupted,
 )
-from .registry import Registered, describe
+from .patches import Patch, marker_id
+from .registry import Registered, describe, registered, versions
 from .retry import RetryPolicy
 
 log = logging.getLogger("workflow.runner")
@@ -123,10 +125,12 @@ class Runner:
 
     def _call(self, call: Call, root: bool = False) -> Any:
         entry = describe(call.fn)
+        promise = self.store.get(call.promise_id)
+        if entry.is_workflow:
+            entry = self._version_to_drive(call.promise_id, entry, promise)
         param = {"fn": entry.name, "v": entry.version, "args": call.args}
         if call.kwargs:
             param["kwargs"] = call.kwargs
-        promise = self.store.get(call.promise_id)
         if promise is None:
             promise = self.store.create(call.promise_id, param)
         else:
@@ -142,6 +146,24 @@ class Runner:
         if self._should_stop is not None and self._should_stop():
             raise WorkflowInterrupted(f"stopped before {call.promise_id}; run again to resume")
         return self._execute_step(call, entry, promise)
+
+    def _version_to_drive(
+        self, promise_id: str, entry: Registered, promise: Promise | None
+    ) -> Registered:
+        """A workflow replays with the version it was recorded with (kept registered beside the
+        new one); a new run starts with the function it was called with."""
+        if promise is None:
+            return entry
+        recorded = promise.param
+        if not isinstance(recorded, dict) or recorded.get("fn") != entry.name:
+            return entry  # another function: the same-call check names the difference
+        version = recorded.get("v")
+        if version == entry.version:
+            return entry
+        older = registered(entry.name, version) if type(version) is int else None
+        if older is None:
+            raise VersionNotRegisteredError(promise_id, entry.name, version, versions(entry.name))
+        return older
 
     def _check_same_call(
         self, promise: Promise, entry: Registered, param: dict[str, Any], root: bool
@@ -166,7 +188,7 @@ class Runner:
     def _drive(self, call: Call, entry: Registered) -> Any:
         """Step a generator through its durable calls, feeding back results or errors."""
         ctx = Context(call.promise_id)
-        gen = call.fn(ctx, *call.args, **call.kwargs)
+        gen = entry.fn(ctx, *call.args, **call.kwargs)
         send: Any = None
         throw: StepError | None = None
         try:
@@ -181,6 +203,9 @@ class Runner:
                         raise
                     self._check_ended_cleanly(call, entry, ctx)
                     self._fail(call, entry, exc)
+                if type(yielded) is Patch:
+                    send, throw = self._patched(ctx, yielded), None
+                    continue
                 if not isinstance(yielded, Call):
                     raise TypeError(
                         f"workflow {entry.name} ({call.promise_id}) yielded {yielded!r}; "
@@ -207,6 +232,31 @@ class Runner:
                 f"{recorded.param.get('fn')} v{recorded.param.get('v')}",
                 f"no call there (workflow {entry.name} ended after {ctx.calls_made} call(s))",
             )
+
+    def _patched(self, ctx: Context, patch: Patch) -> bool | None:
+        """Which branch of a patch this run takes here (see patches.py); None when deprecated."""
+        here = ctx.calls_made
+        marker = self.store.get(marker_id(ctx.promise_id, patch.name))
+        if marker is not None:
+            new_code = here >= marker.param["at"]
+        else:
+            new_code = self.store.get(f"{ctx.promise_id}.{here}") is None  # at the end of history
+            if new_code and not patch.deprecated:
+                self._record_patch(ctx.promise_id, patch.name, here)
+        if not patch.deprecated:
+            return new_code
+        if not new_code:
+            raise NonDeterminismError(
+                f"{ctx.promise_id}.{here}", f"the code before patch {patch.name!r}",
+                f"deprecate_patch({patch.name!r}): a run recorded before the patch is still "
+                f"in flight, so restore `if (yield ctx.patched({patch.name!r})):` and its old branch",
+            )
+        return None
+
+    def _record_patch(self, workflow_id: str, name: str, at: int) -> None:
+        promise_id = marker_id(workflow_id, name)
+        self.store.create(promise_id, {"patch": name, "at": at})
+        self.store.resolve(promise_id, True)
 
     # -- steps -----------------------------------------------------------------------------
 

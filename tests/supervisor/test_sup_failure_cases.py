@@ -583,7 +583,8 @@ def test_store_of_another_workflow_version_is_refused_naming_both(
 
     done = run(state_dir, *sizes)
 
-    assert_one_line_error(done, root, "import_records v2", "import_records v1")
+    assert_one_line_error(done, root, "recorded with import_records v2", "(it has v1)",
+                          "keep v2 registered")
     assert store.read_bytes() == before
     assert sink_tables(state_dir) == sink_before
     assert_audit_ok(audit, state_dir, root, 300)

@@ -395,13 +395,10 @@ def test_pending_root_with_other_args_conflicts_too(store: JsonlStore) -> None:
         make_runner(store, []).run(ROOT, sum_chain, 2)
 
 
-def test_registered_workflow_version_bump_refuses_the_old_store(store: JsonlStore) -> None:
-    make_runner(store, []).run(ROOT, versioned_workflow_v1)
-    with pytest.raises(WorkflowConflictError) as raised:
-        make_runner(store, []).run(ROOT, versioned_workflow_v2)
-    assert "t.versioned_workflow v1" in str(raised.value)
-    assert "t.versioned_workflow v2" in str(raised.value)
-    assert store.get(ROOT).value == 2
+def test_a_run_recorded_with_v1_keeps_v1_while_v2_is_registered_beside_it(store: JsonlStore) -> None:
+    assert make_runner(store, []).run(ROOT, versioned_workflow_v1) == 2
+    assert make_runner(store, []).run(ROOT, versioned_workflow_v2) == 2  # the stored v1 result
+    assert make_runner(store, []).run("wf/new", versioned_workflow_v2) == 4  # a new run: v2
 
 
 # -- retries ----------------------------------------------------------------------------------
