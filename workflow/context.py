@@ -84,12 +84,19 @@ class Context:
 
 @dataclass(frozen=True, slots=True)
 class StepInfo:
-    """Who is running: the promise id and attempt number of the step, and the run's dependencies."""
+    """Who is running: the promise id and attempt number of the step, its registered name and
+    version, and the run's dependencies."""
 
     promise_id: str
     attempt: int
     fn: str
     dependencies: Mapping[str, Any]
+    version: int = 1
+
+    @property
+    def code(self) -> str:
+        """Which code runs: `name vN`."""
+        return f"{self.fn} v{self.version}"
 
     @property
     def parent_id(self) -> str:

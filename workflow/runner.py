@@ -295,7 +295,9 @@ class Runner:
 
     def _as_step(self, call: Call, entry: Registered, attempt: int, fn: Callable[..., Any]) -> Any:
         """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile."""
-        token = _current_step.set(StepInfo(call.promise_id, attempt, entry.name, self.dependencies))
+        token = _current_step.set(
+            StepInfo(call.promise_id, attempt, entry.name, self.dependencies, entry.version)
+        )
         try:
             return fn(*call.args, **call.kwargs)
         finally:

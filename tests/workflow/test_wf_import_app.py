@@ -160,7 +160,7 @@ def test_batch_cut_short_before_its_commit_leaves_nothing_behind(tmp_path: Path,
     def die() -> None:
         raise Killed
 
-    execution = sink.start_execution(f"{ROOT}.0", 0, 1, 1)
+    execution = sink.start_execution(f"{ROOT}.0", 0, 1, 1, "process_batch v1")
     with pytest.raises(Killed):
         sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(batch), execution, halfway=die)
     db = tmp_path / SINK_FILE
@@ -168,7 +168,7 @@ def test_batch_cut_short_before_its_commit_leaves_nothing_behind(tmp_path: Path,
     assert sink.find_commit(f"{ROOT}.0") is None
     assert executions(db, f"{ROOT}.0") == [(1, None)]
 
-    execution = sink.start_execution(f"{ROOT}.0", 0, 2, 1)
+    execution = sink.start_execution(f"{ROOT}.0", 0, 2, 1, "process_batch v1")
     summary = sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(batch), execution)
     assert sink.find_commit(f"{ROOT}.0") == summary
     assert summary["processed"] == 95
@@ -279,3 +279,23 @@ def test_a_whole_batch_of_ids_taken_by_another_import_is_counted_not_a_query_err
         again = runner.run("imp/b", import_records, synthetic_source(1200), 1200)
     sink.close()
     assert again["skipped_reasons"] == {"already_imported": 1140, "invalid_email": 60}
+
+
+def test_executions_name_the_code_that_ran_each_batch(tmp_path: Path, store: JsonlStore, sink: Sink) -> None:
+    runner(store, sink).run(ROOT, import_records, synthetic_source(300), 100)
+    assert query(tmp_path / SINK_FILE, "SELECT DISTINCT code FROM executions") == [("process_batch v1",)]
+
+
+def test_a_database_from_before_the_code_column_is_brought_up_to_date(tmp_path: Path) -> None:
+    db_path = tmp_path / "old.db"
+    with sqlite3.connect(db_path) as db:  # the executions table as an older version made it
+        db.execute("CREATE TABLE executions (id INTEGER PRIMARY KEY AUTOINCREMENT, promise_id TEXT "
+                   "NOT NULL, batch INTEGER NOT NULL, attempt INTEGER NOT NULL, pid INTEGER NOT NULL, "
+                   "started_at REAL NOT NULL, finished_at REAL, outcome TEXT)")
+        db.execute("INSERT INTO executions (promise_id, batch, attempt, pid, started_at) "
+                   "VALUES ('import/old.0', 0, 1, 7, 1.0)")
+    sink = Sink(db_path)
+    sink.start_execution("import/old.1", 1, 1, 8, "process_batch v2")
+    sink.close()
+    assert query(db_path, "SELECT promise_id, code FROM executions ORDER BY id") == [
+        ("import/old.0", None), ("import/old.1", "process_batch v2")]

@@ -79,8 +79,9 @@ def test_sqlite_full_rolls_the_batch_back_and_names_the_database(tmp_path: Path)
     sink = Sink(tmp_path / SINK_FILE)
     try:
         [first, second] = plan_batches(synthetic_source(2 * BATCH_SIZE), BATCH_SIZE)
-        sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(first), sink.start_execution(f"{ROOT}.0", 0, 1, 1))
-        execution = sink.start_execution(f"{ROOT}.1", 1, 1, 1)
+        started = sink.start_execution(f"{ROOT}.0", 0, 1, 1, "process_batch v1")
+        sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(first), started)
+        execution = sink.start_execution(f"{ROOT}.1", 1, 1, 1, "process_batch v1")
         pages = sink._db.execute("PRAGMA page_count").fetchone()[0]
         sink._db.execute(f"PRAGMA max_page_count = {pages}")  # the database may not grow: SQLITE_FULL
 

@@ -32,7 +32,7 @@ def find_batch_commit(i: int, batch: dict[str, Any]) -> dict[str, Any] | None:
     sink = step.dependency("sink")
     committed = sink.find_commit(step.promise_id)
     if committed is not None:
-        execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid())
+        execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid(), step.code)
         sink.finish_execution(execution, "found_commit")
     return committed
 
@@ -46,7 +46,7 @@ def process_batch(i: int, batch: dict[str, Any]) -> dict[str, Any]:
     """
     step = current_step()
     sink = step.dependency("sink")
-    execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid())
+    execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid(), step.code)
     failpoints.hit("batch.fail", f"{i}/{step.attempt}")
     return sink.commit_batch(
         step.promise_id,

@@ -57,9 +57,12 @@ CREATE TABLE IF NOT EXISTS executions (
     pid INTEGER NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL,
-    outcome TEXT
+    outcome TEXT,
+    code TEXT
 );
 """
+# Columns added since a table was first created: (table, column, declaration).
+ADDED_COLUMNS = [("executions", "code", "TEXT")]
 
 
 _IDS_PER_QUERY = 500
@@ -122,12 +125,20 @@ class Sink:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
             self._db.executescript(SCHEMA)
+            self._add_missing_columns()
         except sqlite3.Error as exc:
             self._db.close()
             raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
 
     def close(self) -> None:
         self._db.close()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an older version up to the schema (imports in flight keep it)."""
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _storage_faults(self, action: str) -> Iterator[None]:
@@ -140,16 +151,17 @@ class Sink:
                 raise
             raise SinkStorageError(self.path, *fault, exc, action) from exc
 
-    def start_execution(self, promise_id: str, batch: int, attempt: int, pid: int) -> int:
-        """Record that a batch step starts. Survives a process kill at once; becomes durable
-        against power loss with the next synchronous commit (the batch's own)."""
+    def start_execution(self, promise_id: str, batch: int, attempt: int, pid: int, code: str) -> int:
+        """Record that a batch step starts, and which code runs it (`process_batch v2`).
+        Survives a process kill at once; becomes durable against power loss with the next
+        synchronous commit (the batch's own)."""
         with self._storage_faults(f"starting batch {batch}"):
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 cursor = self._db.execute(
-                    "INSERT INTO executions (promise_id, batch, attempt, pid, started_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (promise_id, batch, attempt, pid, time.time()),
+                    "INSERT INTO executions (promise_id, batch, attempt, pid, started_at, code) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (promise_id, batch, attempt, pid, time.time(), code),
                 )
             finally:
                 self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
