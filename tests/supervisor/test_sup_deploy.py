@@ -62,6 +62,13 @@ DEPLOYS = {
             "    return summarize(results)\n\n\ndef find_batch_commit(")),
     ],
     "unpatched": [(OLD_LOOP, "        results.append((yield ctx.run(process_batch_strict, i, batch)))\n")],
+    "old-version-dropped": [
+        ('@register(name="import_records")\n', '@register(name="import_records", version=2)\n')],
+}
+REFUSALS = {  # deploy -> what the one error line must say
+    "unpatched": ("error: non-deterministic workflow: call", "ctx.patched(", "new version"),
+    "old-version-dropped": ("recorded with import_records v1, which this code does not register (it has v2)",
+                            "keep v1 registered beside the new version"),
 }
 
 
@@ -167,19 +174,20 @@ def test_a_patched_or_versioned_deploy_finishes_the_import_in_flight(
     assert verdict["ok"], verdict["violations"]
 
 
-def test_an_unpatched_deploy_is_refused_saying_how_to_patch_and_changes_nothing(
-    tmp_path: Path, audit: ModuleType
+@pytest.mark.parametrize("change", sorted(REFUSALS))
+def test_a_deploy_that_cannot_replay_is_refused_saying_what_to_do_and_changes_nothing(
+    tmp_path: Path, audit: ModuleType, change: str
 ) -> None:
     code, state_dir, done_before = half_done_import(tmp_path, audit)
-    deploy(code, "unpatched")
+    deploy(code, change)
     store_before = (state_dir / "store.jsonl").read_bytes()
 
     returncode, report, err = resume(code, state_dir)
 
     assert returncode == 1, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: non-deterministic workflow: call") and ROOT in last, last
-    assert "ctx.patched(" in last and "new version" in last
+    assert last.startswith("error: ") and ROOT in last, last
+    assert all(words in last for words in REFUSALS[change]), last
     assert "Traceback" not in err and report is not None and len(report["children"]) == 1
     assert (state_dir / "store.jsonl").read_bytes() == store_before  # nothing settled or failed
     assert resolved_batches(audit, state_dir) == done_before
