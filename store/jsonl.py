@@ -85,7 +85,9 @@ class JsonlStore(IndexedStore):
         self._exclusive = exclusive
         self._readonly = readonly
         self._lock_timeout = lock_timeout
-        self._lock = None if readonly else OwnedLock(f"{self.path}.lock")
+        # Locks are named after the real file, so two paths to one store (a symlink) share them.
+        self._lock_base = os.path.realpath(self.path)
+        self._lock = None if readonly else OwnedLock(f"{self._lock_base}.lock")
         self._holding_lock = False
         self._failed: str | None = None  # why writing must stop (a failed sync): reopen to go on
         self._held: dict[str, Any] | None = None  # an exclusive store's create, not yet written
@@ -101,16 +103,15 @@ class JsonlStore(IndexedStore):
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         """Hold the right to drive the workflow `root_id` (run its steps and settle them).
 
-        An exclusive store owns every workflow in it already. A shared store takes a lock of the
-        root's own, waiting up to `lock_timeout`: a second driver gets WorkflowBusyError naming
-        the holder's pid, before it can run anything.
+        Takes a lock of the root's own, in every mode, waiting up to `lock_timeout`: a second
+        driver (another process, another thread, a shared opener beside an exclusive one, another
+        path to the same file) gets WorkflowBusyError naming the holder's pid before it can run
+        anything. The store lock alone would not do: a shared writer holds it only per append.
         """
         if self._readonly:
             raise StoreError(f"{self.path}: store was opened read-only")
-        if self._exclusive:
-            return contextlib.nullcontext()
         digest = hashlib.sha256(root_id.encode()).hexdigest()[:16]
-        return _owning(OwnedLock(f"{self.path}.root-{digest}.lock"), root_id, self._lock_timeout)
+        return _owning(OwnedLock(f"{self._lock_base}.root-{digest}.lock"), root_id, self._lock_timeout)
 
     def compact(self) -> None:
         """Rewrite the file with one record per promise and swap it in atomically."""
@@ -148,6 +149,10 @@ class JsonlStore(IndexedStore):
     def _open(self) -> None:
         if self.path.is_dir():
             raise StoreError(f"{self.path}: is a directory, not a store file")
+        parent = self.path.parent
+        if not self._readonly and not parent.is_dir():  # else taking the lock would make it
+            why = "is not a directory" if parent.exists() else "does not exist (create it first)"
+            raise StoreError(f"{self.path}: the directory {parent} {why}")
         try:
             if self._exclusive:  # lock first: the file we open is then the one we hold
                 self._acquire_exclusive()

@@ -315,11 +315,8 @@ class Runner:
                 # happy path never pays for tenacity and its backoff starts from that failure.
                 if failures:
                     raise failures.pop()
-                if entry.recover is not None:  # the failed attempt may have committed first
-                    found = self._recover(call, entry, self.store.get(call.promise_id).attempts)
-                    if found is not None:
-                        return found
-                return self._attempt(call, entry, policy)
+                found = self._recovered(call, entry)
+                return found if found is not None else self._attempt(call, entry, policy)
 
             retrying = policy.retrying(
                 attempts_done=done,
@@ -332,7 +329,17 @@ class Runner:
                 exc = last
         if isinstance(exc, EngineError | StoreError):
             raise exc
+        found = self._recovered(call, entry)
+        if found is not None:
+            return found
         self._fail(call, entry, exc)
+
+    def _recovered(self, call: Call, entry: Registered) -> Any:
+        """After a failed attempt: what it made durable before it failed (a timeout can land
+        after a commit), if the step has a recover function that finds it; else None."""
+        if entry.recover is None:
+            return None
+        return self._recover(call, entry, self.store.get(call.promise_id).attempts)
 
     def _log_retry(
         self, call: Call, entry: Registered, attempt: int, exc: BaseException, delay: float

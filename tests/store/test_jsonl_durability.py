@@ -272,7 +272,7 @@ def test_a_directory_is_not_a_store(tmp_path: Path) -> None:
 def test_a_store_under_a_regular_file_is_a_store_error(tmp_path: Path) -> None:
     parent = tmp_path / "plain-file"
     parent.write_text("not a directory")
-    with pytest.raises(StoreError, match=r"cannot open store.*Not a directory"):
+    with pytest.raises(StoreError, match=r"the directory .*plain-file is not a directory"):
         JsonlStore(parent / "promises.jsonl")
 
 

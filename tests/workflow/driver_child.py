@@ -42,9 +42,11 @@ def main() -> int:
     p.add_argument("--log", required=True)
     p.add_argument("--sleep", type=float, default=2.0)
     p.add_argument("--lock-timeout", type=float, default=30.0)
+    p.add_argument("--exclusive", action="store_true", help="open the store exclusively")
     settings = p.parse_args()
     try:
-        with JsonlStore(settings.store, lock_timeout=settings.lock_timeout) as store:
+        with JsonlStore(settings.store, lock_timeout=settings.lock_timeout,
+                        exclusive=settings.exclusive) as store:
             value = Runner(store, dependencies={"settings": settings}).run(ROOT_ID, workflow)
     except StoreError as exc:
         print(json.dumps({"event": "error", "type": type(exc).__name__, "message": str(exc)}))

@@ -65,12 +65,23 @@ def test_a_value_the_sink_cannot_write_back_is_skipped_as_unstorable_without_ret
         + nested(1010) + "}",
     ])
 
+    path.write_text(path.read_text() + "\n".join([
+        # a big whole number in an extra field, with an ordinary id: never rounded to a float
+        '{"id": 6, "name": "Fa", "email": "fa@example.com", "big": 18446744073709551617}',
+        # an id nested deeper than str() of it could go
+        '{"id": ' + nested(990) + ', "name": "Gu", "email": "gu@example.com"}',
+        # more digits than Python converts to an int
+        '{"id": ' + "7" * 5000 + ', "name": "Ha", "email": "ha@example.com"}',
+    ]) + "\n")
+
     summary = import_file(store, sink, path)
 
-    assert summary["skipped_reasons"] == {"unstorable_value": 3}
+    assert summary["skipped_reasons"] == {"invalid_id": 1, "unstorable_value": 5}
     db = tmp_path / SINK_FILE
-    assert query(db, "SELECT record_id, line FROM skipped ORDER BY line") == [
-        ("1", 1), ("18446744073709551616", 2), (None, 5)]
+    assert query(db, "SELECT record_id, line, reason FROM skipped ORDER BY line") == [
+        ("1", 1, "unstorable_value"), ("18446744073709551616", 2, "unstorable_value"),
+        (None, 5, "unstorable_value"), ("6", 6, "unstorable_value"),
+        ("[[[[[[[...]]]]]]]", 7, "invalid_id"), (None, 8, "unstorable_value")]
     assert [row[0] for row in query(db, "SELECT id FROM records ORDER BY position")] == ["3", "4"]
     assert query(db, "SELECT attempt, outcome FROM executions") == [(1, "committed")]
 
@@ -82,7 +93,7 @@ def test_whole_number_ids_beyond_64_bits_are_stored_exactly_and_float_ids_stay_i
     tmp_path: Path, store: JsonlStore, sink: Sink
 ) -> None:
     ids = ["18446744073709551616", "-9223372036854775809", "123456789012345678901234567890",
-           "18446744073709551615", "1" * 300, "1.5", "1e20", "2.0"]
+           "18446744073709551615", "1" * 300, "1" * 400, "1.5", "1e20", "2.0"]
     path = write_lines(tmp_path / "people.jsonl", [
         f'{{"id": {record_id}, "name": "N{i}", "email": "n{i}@example.com"}}'
         for i, record_id in enumerate(ids)
@@ -92,7 +103,7 @@ def test_whole_number_ids_beyond_64_bits_are_stored_exactly_and_float_ids_stay_i
 
     assert summary["skipped_reasons"] == {"invalid_id": 3}
     assert query(tmp_path / SINK_FILE, "SELECT id FROM records ORDER BY position") == [
-        (record_id,) for record_id in ids[:5]]
+        (record_id,) for record_id in ids[:6]]
 
 
 # -- CSV headers: a column cap, and a linear duplicate check -----------------------------------

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -26,7 +27,7 @@ from wf_helpers import (
     worker_env,
 )
 
-from store import JsonlStore, State
+from store import JsonlStore, MemoryStore, State, StoreError, WorkflowBusyError
 from workflow import (
     Context,
     NonDeterminismError,
@@ -59,12 +60,19 @@ def _last_event(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_second_driver_on_a_shared_store_is_refused_naming_the_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second_opens", ["shared", "exclusive", "through-a-symlink"])
+def test_second_driver_on_a_shared_store_is_refused_naming_the_first(
+    tmp_path: Path, second_opens: str
+) -> None:
     store, log = tmp_path / STORE_FILE, tmp_path / "steps.log"
     first = _driver(store, log, "--sleep", "2")
     try:
         assert json.loads(first.stdout.readline())["event"] == "in_step"
-        second = _driver(store, log, "--lock-timeout", "0.3")
+        flags = ["--exclusive"] if second_opens == "exclusive" else []
+        if second_opens == "through-a-symlink":
+            (tmp_path / "link.jsonl").symlink_to(store)
+            store = tmp_path / "link.jsonl"
+        second = _driver(store, log, "--lock-timeout", "0.3", *flags)
         refused = _last_event(second)
     finally:
         done = _last_event(first)
@@ -86,6 +94,43 @@ def test_second_driver_that_waits_replays_the_first_ones_result(tmp_path: Path) 
         _last_event(first)
     assert waited == {"event": "resolved", "value": first.pid}
     assert len(log.read_text().splitlines()) == 1  # the step ran once, in the first process
+
+
+def test_two_threads_on_one_exclusive_store_never_drive_one_workflow_together(tmp_path: Path) -> None:
+    ran: list[str] = []
+    outcomes: list[str] = []
+
+    @register(name="faults.slow_once")
+    def slow_once() -> str:
+        ran.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return "done"
+
+    @register(name="faults.one_slow_step")
+    def one_slow_step(ctx: Context) -> Generator[Any, Any, str]:
+        return (yield ctx.run(slow_once))
+
+    with JsonlStore(tmp_path / STORE_FILE, exclusive=True, lock_timeout=0.1) as store:
+        def drive() -> None:
+            try:
+                outcomes.append(Runner(store).run("threads", one_slow_step))
+            except WorkflowBusyError as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=drive, name=f"t{i}") for i in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join()
+    assert sorted(outcomes) == ["WorkflowBusyError", "done"] and len(ran) == 1
+
+
+def test_a_store_in_a_missing_directory_is_refused_and_nothing_is_made(tmp_path: Path) -> None:
+    for exclusive in (False, True):
+        with pytest.raises(StoreError, match="deeper does not exist"):
+            JsonlStore(tmp_path / "typo" / "deeper" / STORE_FILE, exclusive=exclusive)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- a recorded history the new code does not reach -------------------------------------------
@@ -217,3 +262,30 @@ def test_worker_batch_that_hangs_times_out_and_is_retried(tmp_path: Path, audit:
     assert runs == [(1, None), (2, "committed")]
     verdict = audit.audit(tmp_path, ROOT, 500)
     assert verdict["ok"], verdict["violations"]
+
+
+COMMITTED: dict[str, str] = {}
+
+
+def _find_commit() -> str | None:
+    return COMMITTED.get(current_step().promise_id)
+
+
+@register(name="faults.commits_then_fails", recover=_find_commit)
+def commits_then_fails() -> str:
+    """Its effect becomes durable, then the attempt fails anyway (a timeout after the commit)."""
+    COMMITTED[current_step().promise_id] = "the committed result"
+    raise RuntimeError("the attempt failed after its commit")
+
+
+@register(name="faults.one_commit")
+def one_commit(ctx: Context) -> Generator[Any, Any, str]:
+    return (yield ctx.run(commits_then_fails))
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_a_last_attempt_that_failed_after_its_commit_is_recovered_not_rejected(max_attempts: int) -> None:
+    store = MemoryStore()
+    policy = RetryPolicy(max_attempts=max_attempts, initial=0)
+    assert Runner(store, retry=policy).run("commit-then-fail", one_commit) == "the committed result"
+    assert store.get("commit-then-fail.0").attempts == 1  # found, not tried again

@@ -29,9 +29,9 @@ UNSTORABLE_VALUE = "unstorable_value"  # JSON cannot write it back (nested > 254
 def problem_with(record: dict[str, Any]) -> str | None:
     """Why `record` cannot be imported, or None if it can."""
     record_id = record.get("id")
-    if record_id is None or str(record_id).strip() == "":
+    if record_id is None or (type(record_id) is str and not record_id.strip()):
         return MISSING_ID
-    if type(record_id) not in (str, int):
+    if type(record_id) not in (str, int):  # checked before any str(): it may be nested deep
         return INVALID_ID
     if any(isinstance(v, str) and len(v) > MAX_FIELD_CHARS for v in record.values()):
         return FIELD_TOO_LARGE

@@ -16,6 +16,8 @@ import csv
 import hashlib
 import json
 import os
+import re
+import reprlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,9 +58,13 @@ class Row:
 
     @property
     def record_id(self) -> str | None:
-        if self.record is None or self.record.get("id") is None:
-            return None
-        return str(self.record["id"])
+        """The id as text; an id of another type (skipped as invalid) is shown shortened."""
+        value = None if self.record is None else self.record.get("id")
+        if value is None or type(value) is str:
+            return value
+        if type(value) is int:
+            return str(value)
+        return reprlib.repr(value)  # bounded, however deep or long it is
 
 
 # -- descriptors ------------------------------------------------------------------------------
@@ -262,17 +268,19 @@ def _jsonl_rows(
 
 def _jsonl_row(text: str, position: int, line: int) -> Row:
     try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
+        # orjson reads a whole number beyond 64 bits as a float, or refuses one beyond a double:
+        # a line with such a long run of digits is read by the stdlib, which keeps ints exact.
+        value = json.loads(text) if _LONG_DIGITS.search(text) else orjson.loads(text)
+    except json.JSONDecodeError:  # orjson's is one too
         return Row(position, line, None, records.MALFORMED_JSON)
+    except (RecursionError, ValueError):  # deeper than the stdlib reads, more digits than Python
+        return Row(position, line, None, records.UNSTORABLE_VALUE)  # converts: far too big to store
     if not isinstance(value, dict):
         return Row(position, line, None, records.NOT_AN_OBJECT)
-    if type(value.get("id")) is float:  # maybe a whole number beyond 64 bits, which orjson rounds
-        try:
-            value = json.loads(text)  # the stdlib keeps integers exact; 1.5 and 1e20 stay floats
-        except RecursionError:  # nested deeper than the stdlib reads: far too deep to store
-            return Row(position, line, None, records.UNSTORABLE_VALUE)
     return Row(position, line, value, records.problem_with(value))
+
+
+_LONG_DIGITS = re.compile(r"\d{19}")  # 2**63 has 19 digits
 
 
 def _csv_rows(
