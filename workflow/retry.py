@@ -15,6 +15,8 @@ from .errors import EngineError
 
 log = logging.getLogger("workflow.retry")
 
+MAX_TIMEOUT_S = 1e6  # eleven days: beyond it the timer overflows long before it could matter
+
 # Failures of the engine itself are never retried as if the step had failed.
 _NEVER_RETRIED: tuple[type[BaseException], ...] = (StoreError, EngineError)
 
@@ -39,8 +41,10 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT_S:
+            raise ValueError(
+                f"timeout must be above 0 and at most {MAX_TIMEOUT_S:g} seconds, not {self.timeout}"
+            )
         if self.initial < 0 or self.factor < 1 or self.max_interval < 0:
             raise ValueError(f"invalid backoff: {self}")
 

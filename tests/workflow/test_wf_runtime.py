@@ -691,7 +691,8 @@ def test_unregistered_function_is_described_as_module_qualname_v1() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{"max_attempts": 0}, {"initial": -1}, {"factor": 0.5}, {"max_interval": -1}]
+    "options", [{"max_attempts": 0}, {"initial": -1}, {"factor": 0.5}, {"max_interval": -1},
+                {"timeout": 0}, {"timeout": -1}, {"timeout": 1e300}, {"timeout": float("nan")}]
 )
 def test_retry_policy_refuses_nonsense(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
