@@ -230,7 +230,7 @@ EOF
 run_into_a_full_disk() {
     local status last problem="" log="$work/disk-full.err"
     what+=" disk-full-limit=$disk_full_limit"
-    timeout -k 5 "$DISK_FULL_DEADLINE_S" prlimit --fsize="$disk_full_limit" -- "${cmd[@]}" \
+    timeout --foreground -k 5 "$DISK_FULL_DEADLINE_S" prlimit --fsize="$disk_full_limit" -- "${cmd[@]}" \
         >"$work/disk-full.json" 2>"$work/disk-full.err"
     status=$?
     last=$(tail -n 1 "$work/disk-full.err")
