@@ -11,19 +11,30 @@
 # (500-5000), a batch size (10-200), a number of random kills (0-8) and their seed, in about
 # one run out of four a SIGKILL of the supervisor itself after a short random delay, and in
 # about one run out of five a stall: the worker is SIGSTOPped after a short random delay (or the
-# next worker, if none runs at that moment). Then:
+# next worker, if none runs at that moment), and in about one run out of five a full disk: the
+# first run gets a file size limit (RLIMIT_FSIZE, through util-linux's prlimit) drawn to be reached
+# between its fourth batch and its end. Then:
 #   python -m supervisor run --state-dir DIR --records N --batch-size B --kill-random K --seed S --json
 # in a fresh `mktemp -d` state dir (removed afterwards; CHAOS_KEEP_FAILED=1 keeps failed ones).
+# A run under a file size limit must finish (the limit was not reached) or, within 120 s, exit 1
+# with a last line `error: ...` naming store.jsonl or import.db and no traceback. Then, as an
+# operator would, `python -m supervisor retry --id ID --state-dir DIR` if the error says to, and
+# the rest of the run goes on without the limit; what was resolved when the disk filled (the
+# promises in the store, the commit rows in the sink) must be unchanged at the end.
 # After a supervisor kill, its worker must die within 5 s (PR_SET_PDEATHSIG), and the same
 # command is run again to finish the import. In a stall run that command also gets
 # `--stall-timeout 2`: the supervisor must SIGKILL the stopped worker (a stopped worker that
-# outlives its run is a violation) and finish. Then the audit checks the invariants of DESIGN.md.
+# outlives its run is a violation) and finish. Then the audit checks the invariants of DESIGN.md,
+# and every run must leave no `.compact` temp file and no process running on its state dir.
 #
 # The verdict sums, over all runs: kills = the workers' SIGKILLs in the final reports (the kills
 # of ours and of stalled workers) plus the supervisor SIGKILLs (the kills in the middle of a
-# store write, of the supervisor and of stalled workers are also shown apart); lost,
-# reruns_of_completed_batches and duplicate_rows from the audits; violations = audit violations
-# plus failed runs, report/sink mismatches, orphaned workers and stopped workers left behind.
+# store write, of the supervisor and of stalled workers are also shown apart); disk-full = the
+# runs whose disk filled and that ended as they should; lost, reruns_of_completed_batches and
+# duplicate_rows from the audits; violations = audit violations plus failed runs, report/sink
+# mismatches, orphaned workers, stopped workers and other processes left behind, a full disk
+# handled otherwise than above, a resolved promise or commit row changed after the disk filled,
+# and leftover `.compact` files.
 # Exit status: 0 when the verdict is PASS, 1 on any violation, 2 on a usage error.
 
 set -u -o pipefail
@@ -37,9 +48,17 @@ SEED=${2:-1}
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null || { echo "chaos: '$PY' not found; run inside the project's venv" >&2; exit 2; }
+command -v prlimit >/dev/null && command -v timeout >/dev/null \
+    || { echo "chaos: prlimit (util-linux) and timeout (coreutils) are needed" >&2; exit 2; }
 
 ORPHAN_DEADLINE_TENTHS=50
 STALL_TIMEOUT_S=2
+DISK_FULL_DEADLINE_S=120
+# Under a file size limit, the file that grows fastest is SQLite's write-ahead log, import.db-wal
+# (the store grows by ~500 B a batch): ~40 kB at the start, then per batch ~38 kB plus up to
+# ~80 kB more for bigger batches (measured); it stops growing at its checkpoint (~4.1 MB).
+WAL_START_BYTES=40000
+WAL_CHECKPOINT_BYTES=3900000
 work=""
 background=""
 stopped=""  # "pid:start-time" of the workers this script SIGSTOPped in the current run
@@ -100,6 +119,73 @@ kill_stopped_left() {
     echo "$left"
 }
 
+# The live pids that have $1 among their arguments (a supervisor or worker of state dir $1).
+running_on() {
+    local p args arg
+    for p in /proc/[0-9]*; do
+        { mapfile -d '' -t args <"$p/cmdline"; } 2>/dev/null || continue
+        for arg in "${args[@]}"; do
+            if [[ $arg == "$1" ]]; then
+                is_running "${p#/proc/}" && echo "${p#/proc/}"
+                break
+            fi
+        done
+    done
+}
+
+# A file size limit that the import of $1 records in batches of $2 should reach in the middle
+# of batch k, k drawn from $3 between the fourth batch and the last (or the WAL's checkpoint).
+disk_full_limit() {
+    local batches=$((($1 + $2 - 1) / $2)) per_batch=$((38000 + 80000 * $2 / ($2 + 60))) first last
+    last=$(((WAL_CHECKPOINT_BYTES - WAL_START_BYTES) / per_batch))
+    ((last > batches - 1)) && last=$((batches - 1))
+    first=$((last < 3 ? last : 3))
+    echo $((WAL_START_BYTES + (first + $3 % (last - first + 1)) * per_batch + per_batch / 2))
+}
+
+# With one argument, state dir $1: print what is resolved there as JSON (the store's resolved
+# promises with their values and settle times, the sink's commit rows). With a second, such a
+# JSON file: print (prefixed "! ") each of its entries that is no longer the same.
+settled() {
+    "$PY" - "$@" <<'EOF'
+import json, sqlite3, sys
+from pathlib import Path
+
+sys.path.insert(0, "scripts")
+from audit import load_store
+
+state = Path(sys.argv[1])
+store, sink = state / "store.jsonl", state / "import.db"
+now = {"promise": {}, "commit row": {}}
+if store.exists():
+    now["promise"] = {pid: [p["value"], p["settled_at"]] for pid, p in load_store(store).items()
+                      if p["state"] == "resolved"}
+if sink.exists():  # read-only: closing must not checkpoint the log between two runs
+    db = sqlite3.connect(f"file:{sink}?mode=ro", uri=True)
+    now["commit row"] = {row[0]: list(row[1:]) for row in db.execute("SELECT * FROM batch_commits")}
+    db.close()
+if len(sys.argv) == 2:
+    print(json.dumps(now))
+    sys.exit()
+before = json.loads(Path(sys.argv[2]).read_text())
+for kind, entries in before.items():
+    for key, was in entries.items():
+        if now[kind].get(key) != was:
+            print(f"! {kind} {key}, {was} when the disk filled, is now {now[kind].get(key)}")
+EOF
+}
+
+# How many batches' commit rows the snapshot of `settled` in $1 holds.
+committed_batches() {
+    "$PY" -c 'import json, sys; print(len(json.load(sys.stdin)["commit row"]))' <"$1"
+}
+
+# The import's id from the report in $1 (the id the synthetic input gets, if there is none).
+root_of() {
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["id"])' <"$1" 2>/dev/null \
+        || echo "import/synthetic-$records-b$batch_size"
+}
+
 # Fold one run's report and audit into
 # "kills store_write_kills stall_kills lost reruns duplicates violations" and print the problems
 # (one per line, prefixed "! ") on stderr.
@@ -137,6 +223,79 @@ print(len(kills) + len(stalls), sum(1 for k in kills if k.get("kind") == "store-
 EOF
 }
 
+# Run "${cmd[@]}" under a file size limit of $disk_full_limit bytes: it must finish, or end as a
+# full disk should (see the header) and be retried if its error says so. Saves what is resolved
+# then in $work/settled.json; sets disk_full to 1 if the disk filled and the run ended as it
+# should, and counts anything else in extra_violations.
+run_into_a_full_disk() {
+    local status last problem="" log="$work/disk-full.err"
+    what+=" disk-full-limit=$disk_full_limit"
+    timeout --foreground -k 5 "$DISK_FULL_DEADLINE_S" prlimit --fsize="$disk_full_limit" -- "${cmd[@]}" \
+        >"$work/disk-full.json" 2>"$work/disk-full.err"
+    status=$?
+    last=$(tail -n 1 "$work/disk-full.err")
+    if ! settled "$state" >"$work/settled.json" 2>"$work/settled.err"; then
+        problem="could not read what was resolved after the run under a file size limit"
+        log="$work/settled.err"
+    elif ((status == 0)); then
+        what+=" (limit not reached)"
+    elif ((status == 124 || status == 137)); then
+        problem="the run under a file size limit did not end within ${DISK_FULL_DEADLINE_S} s"
+    elif ((status != 1)); then
+        problem="the run under a file size limit exited $status, not 1"
+    elif grep -q '^Traceback' "$work/disk-full.err"; then
+        problem="the run under a file size limit printed a traceback"
+    elif [[ $last != "error: "* || ($last != *"$state/store.jsonl"* && $last != *"$state/import.db"*) ]]; then
+        problem="the run under a file size limit did not end with an error naming store.jsonl or import.db"
+    else
+        disk_full=1
+        [[ $last == *"$state/store.jsonl"* ]] && what+=" (store.jsonl full" || what+=" (import.db full"
+        what+=" after $(committed_batches "$work/settled.json") batch(es)"
+        if [[ $last == *"supervisor retry"* ]]; then
+            what+=", retried"
+            "$PY" -m supervisor retry --id "$(root_of "$work/disk-full.json")" --state-dir "$state" \
+                >/dev/null 2>"$work/retry.err" \
+                || problem="\`supervisor retry\` after the full disk failed" log="$work/retry.err"
+        fi
+        what+=")"
+    fi
+    if [[ -n $problem ]]; then
+        echo "! $problem; ${log##*/} ends:" >>"$work/problems"
+        tail -n 5 "$log" | sed 's/^/    /' >>"$work/problems"
+        extra_violations=$((extra_violations + 1))
+    fi
+}
+
+# After the run: a resolved promise or commit row changed since the disk filled, a `.compact`
+# temp file left in the state dir, or a process still running on it (SIGKILLed, after up to 5 s)
+# is a violation: counted in extra_violations.
+check_what_is_left() {
+    local changes leftovers t file pid
+    if [[ -f $work/settled.json ]]; then
+        changes=$(settled "$state" "$work/settled.json" 2>&1) \
+            || changes="! could not compare what was resolved when the disk filled: ${changes##*$'\n'}"
+        if [[ -n $changes ]]; then
+            echo "$changes" >>"$work/problems"
+            extra_violations=$((extra_violations + $(wc -l <<<"$changes")))
+        fi
+    fi
+    for file in "$state"/*.compact; do
+        [[ -e $file ]] || continue
+        echo "! a compaction's temp file was left behind: $file" >>"$work/problems"
+        extra_violations=$((extra_violations + 1))
+    done
+    for ((t = 0; t < ORPHAN_DEADLINE_TENTHS; t++)); do
+        leftovers=$(running_on "$state")
+        [[ -z $leftovers ]] && return
+        sleep 0.1
+    done
+    for pid in $leftovers; do
+        echo "! process $pid still runs on the state dir after the run" >>"$work/problems"
+        kill -KILL "$pid" 2>/dev/null
+        extra_violations=$((extra_violations + 1))
+    done
+}
+
 # Run "${cmd[@]}" with a short stall timeout in the background, SIGSTOP its worker after
 # $stall_delay (or the next worker, if none runs then), and wait for it: sets returncode, and
 # counts a stopped worker that outlived the run in extra_violations (and SIGKILLs it).
@@ -168,7 +327,7 @@ run_with_a_stall() {
 }
 
 RANDOM=$SEED
-total_kills=0 total_store_write=0 total_supervisor=0 total_stall=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
+total_kills=0 total_store_write=0 total_supervisor=0 total_stall=0 total_disk_full=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
 
 for ((run = 1; run <= RUNS; run++)); do
     # Draw everything first, whatever the branches below take, so a seed always means the same runs.
@@ -180,8 +339,11 @@ for ((run = 1; run <= RUNS; run++)); do
     delay_ms=$((50 + RANDOM % 700))  # drawn here: $RANDOM inside $(...) draws in a subshell
     stall=$((RANDOM % 5 == 0))
     stall_delay_ms=$((20 + RANDOM % 380))
+    disk_full_run=$((RANDOM % 5 == 0))
+    disk_full_draw=$RANDOM
     delay=$(printf '0.%03d' "$delay_ms")
     stall_delay=$(printf '0.%03d' "$stall_delay_ms")
+    disk_full_limit=$(disk_full_limit "$records" "$batch_size" "$disk_full_draw")
 
     work=$(mktemp -d "${TMPDIR:-/tmp}/chaos.XXXXXX")
     state="$work/state"
@@ -190,6 +352,9 @@ for ((run = 1; run <= RUNS; run++)); do
     what="records=$records batch-size=$batch_size kill-random=$kill_random seed=$kill_seed"
     extra_violations=0
     supervisor_kills=0
+    disk_full=0
+
+    ((disk_full_run)) && run_into_a_full_disk
 
     if ((supervisor_kill)); then
         what+=" supervisor-kill-after=${delay}s"
@@ -224,10 +389,9 @@ for ((run = 1; run <= RUNS; run++)); do
         "${cmd[@]}" >"$work/report.json" 2>"$work/run.err"
         returncode=$?
     fi
-    root=$("$PY" -c 'import json, sys; print(json.load(sys.stdin)["id"])' <"$work/report.json" 2>/dev/null) \
-        || root="import/synthetic-$records-b$batch_size"
-    "$PY" scripts/audit.py --state-dir "$state" --id "$root" --records "$records" \
+    "$PY" scripts/audit.py --state-dir "$state" --id "$(root_of "$work/report.json")" --records "$records" \
         >"$work/audit.json" 2>"$work/audit.err"
+    check_what_is_left
 
     read -r kills store_write stall_kills lost reruns dupes violations < <(
         summarize "$work/report.json" "$work/audit.json" "$records" "$returncode" \
@@ -240,6 +404,7 @@ for ((run = 1; run <= RUNS; run++)); do
     total_store_write=$((total_store_write + ${store_write:-0}))
     total_supervisor=$((total_supervisor + supervisor_kills))
     total_stall=$((total_stall + ${stall_kills:-0}))
+    total_disk_full=$((total_disk_full + disk_full))
     total_lost=$((total_lost + lost))
     total_reruns=$((total_reruns + reruns))
     total_dupes=$((total_dupes + dupes))
@@ -264,7 +429,7 @@ done
 verdict=PASS
 ((total_violations + total_lost + total_reruns + total_dupes == 0)) || verdict=FAIL
 echo "chaos: runs=$done_runs kills=$total_kills (store-write=$total_store_write" \
-     "supervisor=$total_supervisor stall=$total_stall) lost=$total_lost" \
+     "supervisor=$total_supervisor stall=$total_stall disk-full=$total_disk_full) lost=$total_lost" \
      "reruns_of_completed_batches=$total_reruns duplicate_rows=$total_dupes" \
      "violations=$total_violations -> $verdict"
 [[ $verdict == PASS ]]

@@ -10,11 +10,14 @@ from pathlib import Path
 from supervisor_helpers import REPO, child_env
 
 VERDICT = re.compile(
-    r"^chaos: runs=(\d+) kills=(\d+) \(store-write=\d+ supervisor=\d+ stall=(\d+)\) lost=0 "
+    r"^chaos: runs=(\d+) kills=(\d+) \(store-write=\d+ supervisor=\d+ stall=(\d+) disk-full=(\d+)\) lost=0 "
     r"reruns_of_completed_batches=0 duplicate_rows=0 "
     r"violations=0 -> PASS$"
 )
 STALL_SEED = "13"  # its one run draws a stall: the first worker is SIGSTOPped in its start-up
+# Its one run (1029 records in 19 batches, no kills) draws a file size limit that SQLite's log
+# reaches after 14 batches.
+DISK_FULL_SEED = "896"
 
 
 def _chaos(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,3 +48,14 @@ def test_chaos_rejects_bad_arguments(tmp_path: Path) -> None:
     result = _chaos(tmp_path, "zero")
     assert result.returncode == 2
     assert "usage: scripts/chaos.sh" in result.stderr
+
+
+def test_chaos_run_into_a_full_disk_passes_and_counts_it(tmp_path: Path) -> None:
+    result = _chaos(tmp_path, "1", DISK_FULL_SEED)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    filled = re.search(r"disk-full-limit=\d+ \(import\.db full after (\d+) batch\(es\), retried\)",
+                       result.stderr)
+    assert filled and int(filled.group(1)) >= 3, result.stderr  # a full disk mid-import
+    verdict = VERDICT.match(result.stdout.strip())
+    assert verdict and verdict.group(4) == "1", result.stdout + result.stderr[-4000:]
+    assert list(tmp_path.iterdir()) == []
