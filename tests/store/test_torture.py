@@ -35,13 +35,13 @@ def test_no_settle_is_lost_and_no_line_is_damaged_across_100_sigkills(
     torture_store: ModuleType, tmp_path: Path
 ) -> None:
     verdict = torture_store.torture(tmp_path / "promises.jsonl", KILLS, SEED, compact_every=40)
-    assert verdict.violations == []
-    assert verdict.lost == []
-    assert verdict.kills == KILLS
-    assert verdict.confirmed >= KILLS  # every writer settled at least its first id
-    assert verdict.mid_write_kills > 0
-    assert verdict.torn_repaired >= verdict.mid_write_kills
-    assert verdict.compactions == KILLS // 40
+    assert verdict.violations == [], verdict
+    assert verdict.lost == [], verdict
+    assert verdict.kills == KILLS, verdict
+    assert verdict.confirmed >= KILLS, verdict  # every writer settled at least its first id
+    assert verdict.mid_write_kills > 0, verdict
+    assert verdict.torn_repaired >= verdict.mid_write_kills, verdict
+    assert verdict.compactions == KILLS // 40, verdict
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
