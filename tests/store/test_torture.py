@@ -38,7 +38,9 @@ def test_no_settle_is_lost_and_no_line_is_damaged_across_100_sigkills(
     assert verdict.violations == [], verdict
     assert verdict.lost == [], verdict
     assert verdict.kills == KILLS, verdict
-    assert verdict.confirmed >= KILLS, verdict  # every writer settled at least its first id
+    # Every writer settled at least its first id before it was killed, except one paused in
+    # mid-write of that very first resolve (its first line is then the pause's announcement).
+    assert verdict.confirmed >= KILLS - verdict.mid_write_kills, verdict
     assert verdict.mid_write_kills > 0, verdict
     assert verdict.torn_repaired >= verdict.mid_write_kills, verdict
     assert verdict.compactions == KILLS // 40, verdict
