@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .errors import CallNotYieldedError
+from .ids import child_id, parent_id
 from .retry import RetryPolicy
 
 
@@ -40,7 +41,7 @@ class Context:
         `fn` is a plain function (a step, retried per `retry`) or a generator function taking a
         Context first (a sub-workflow, replayed like the root).
         """
-        call = Call(f"{self.promise_id}.{self._next}", fn, args, kwargs, retry)
+        call = Call(child_id(self.promise_id, self._next), fn, args, kwargs, retry)
         self._next += 1
         self._unyielded.append(call)
         return call
@@ -81,7 +82,7 @@ class StepInfo:
     @property
     def parent_id(self) -> str:
         """The id of the workflow that made this call (ids are `<parent id>.<n>`)."""
-        return self.promise_id.rpartition(".")[0]
+        return parent_id(self.promise_id)
 
     def dependency(self, name: str) -> Any:
         try:

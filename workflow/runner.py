@@ -22,6 +22,7 @@ from store import (
     PromiseStore,
     State,
     StoreError,
+    failpoints,
     normalize,
     same_json,
 )
@@ -35,6 +36,7 @@ from .errors import (
     WorkflowConflictError,
     WorkflowInterrupted,
 )
+from .ids import check_root_id, child_id, children_prefix
 from .registry import Registered, describe
 from .retry import RetryPolicy
 
@@ -93,8 +95,7 @@ class Runner:
 
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
-        if not root_id or "." in root_id:
-            raise ValueError(f"a root id is non-empty and has no '.', which separates call ids: {root_id!r}")
+        check_root_id(root_id)
         with self.store.own(root_id):  # one driver per workflow, before anything runs
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
@@ -114,7 +115,7 @@ class Runner:
                 raise PromiseConflictError(
                     root_id, f"is {root.state.value}; only a failed (rejected) workflow can be retried"
                 )
-            reopened = [p.id for p in self.store.list(root_id + ".") if p.state is State.REJECTED]
+            reopened = [p.id for p in self.store.list(children_prefix(root_id)) if p.state is State.REJECTED]
             reopened.append(root_id)
             for promise_id in reopened:  # the root last: until then, a crash leaves it failed
                 self.store.reopen(promise_id, "retry")
@@ -200,7 +201,7 @@ class Runner:
         history records: ending before a recorded call means the code changed (Temporal's
         replayer refuses this too)."""
         ctx.check_all_yielded()
-        unmatched = f"{call.promise_id}.{ctx.calls_made}"
+        unmatched = child_id(call.promise_id, ctx.calls_made)
         recorded = self.store.get(unmatched)
         if recorded is not None:
             raise NonDeterminismError(
@@ -232,6 +233,8 @@ class Runner:
         """One attempt: recorded durably before the function runs, so crashes count too."""
         attempt = self.store.start_attempt(call.promise_id)
         self._emit("started", call, entry, attempt=attempt)
+        if failpoints.armed:  # a supervisor's "kill at step N" waits here to be killed
+            failpoints.hit(failpoints.STEP_STARTED, failpoints.step_started_key(call.promise_id))
         with self._as_step(call, entry, attempt), deadline(
             policy.timeout, f"step '{entry.name}' ({call.promise_id})"
         ):
