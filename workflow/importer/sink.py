@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ..errors import PermanentError
 from . import records
 from .sources import Row
 
@@ -65,8 +66,8 @@ CREATE TABLE IF NOT EXISTS executions (
 _IDS_PER_QUERY = 500
 
 
-class SinkError(Exception):
-    """The sink database cannot be used; names the file."""
+class SinkError(PermanentError):
+    """The sink database cannot be used; names the file. No retry can fix it."""
 
 
 class SinkStorageError(SinkError):
