@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workflow import ids
+from workflow import Context, ids
 
 
 def test_a_child_id_parses_back() -> None:
@@ -38,3 +38,8 @@ def test_a_root_id_is_non_empty_without_a_dot(root_id: str) -> None:
 def test_a_root_id_has_no_parent() -> None:
     with pytest.raises(ValueError, match="is a root id"):
         ids.parent_id("wf/x")
+
+
+def test_context_hands_out_the_ids_child_id_builds() -> None:
+    ctx = Context("wf/x")
+    assert [ctx.run(print).promise_id for _ in range(12)] == [ids.child_id("wf/x", n) for n in range(12)]
