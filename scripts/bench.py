@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import orjson  # noqa: E402
 
-from store import Durability, JsonlStore  # noqa: E402
+from store import Durability, JsonlStore, failpoints  # noqa: E402
 from workflow import Runner, WorkflowInterrupted, register  # noqa: E402
 from workflow.importer import Sink, import_records, plan_batches, synthetic_source  # noqa: E402
 from workflow.importer.sources import read_batch  # noqa: E402
@@ -132,20 +132,28 @@ def replay(base: Path, n: int) -> dict[str, float]:
 def restart_latency(base: Path, reps: int) -> float:
     """Median seconds from the supervisor's SIGKILL to the next worker's first new batch starting."""
     from supervisor.child import Child
+    from supervisor.import_command import function_name
+    from supervisor.location import StoreLocation
+    from supervisor.supervise import Settings, worker_args
+    from workflow.importer import setup as import_setup
 
     samples = []
     for _ in range(reps):
         with scratch(base) as d:
-            args = ["--state-dir", str(d), "--id", "import/bench",
-                    "--source", orjson.dumps(synthetic_source(2000)).decode(), "--batch-size", "100"]
-            pause = [{"name": "batch.mid", "key": "5", "action": "pause"}]
-            first = Child.spawn(args, {"DURABLE_FAILPOINTS": orjson.dumps(pause).decode()})
-            _wait_event(first, lambda e: e.get("event") == "failpoint")
+            args = worker_args(Settings(
+                root_id="import/bench", target=function_name(import_records),
+                location=StoreLocation.in_state_dir(d),
+                args=[orjson.dumps(synthetic_source(2000)).decode(), "100"],
+                setup=function_name(import_setup),
+            ))
+            pause = [failpoints.entry(failpoints.BATCH_MID, failpoints.batch_mid_key(5), "pause")]
+            first = Child.spawn(args, failpoints.environment(pause))
+            _wait_event(first, lambda e: e.get("event") == failpoints.ANNOUNCED)
             killed_at = time.perf_counter()
             first.signal_group(signal.SIGKILL)
             first.reap()
             second = Child.spawn(args, {})
-            _wait_event(second, lambda e: e.get("kind") == "started" and e.get("batch") == 5)
+            _wait_event(second, lambda e: e.get("kind") == "started" and e.get("step") == 5)
             samples.append(time.perf_counter() - killed_at)
             second.signal_group(signal.SIGKILL)
             second.reap()

@@ -9,6 +9,9 @@ listens or what happens next:
 DURABLE_FAILPOINT_FD (stderr if unset) and waits there to be killed; `delay` announces the same
 and goes on after `"seconds"` (default 1); `raise` raises InjectedFault. Unarmed, a hit costs one
 truth test.
+
+This module owns the failpoints' names and the format of their keys: whoever hits or arms one
+uses the constants and key builders below.
 """
 
 from __future__ import annotations
@@ -23,6 +26,47 @@ ENV_POINTS = "DURABLE_FAILPOINTS"
 ENV_FD = "DURABLE_FAILPOINT_FD"
 PAUSE_LIMIT_S = 60.0
 ACTIONS = ("pause", "delay", "raise")
+ANNOUNCED = "failpoint"  # the `event` of the line a paused or delayed process announces itself with
+
+# -- the failpoints, and their keys -------------------------------------------------------------
+
+STORE_APPEND = "store.append"  # a JSON-lines store writing one record (torn in mid-write)
+STEP_STARTED = "step.started"  # the runner: a step's attempt is recorded, its function not yet run
+BATCH_MID = "batch.mid"  # the import: half a batch's rows written, its transaction not committed
+BATCH_FAIL = "batch.fail"  # the import: a batch's attempt begins
+
+
+def store_append_key(op: str, promise_id: str) -> str:
+    """`store.append` of the record `op` (create, attempt, resolve, reject, reopen) of a promise."""
+    return f"{op}:{promise_id}"
+
+
+def step_started_key(promise_id: str) -> str:
+    """`step.started` of the step `promise_id` (any attempt)."""
+    return promise_id
+
+
+def batch_mid_key(batch: int) -> str:
+    """`batch.mid` of batch number `batch` (any attempt)."""
+    return str(batch)
+
+
+def batch_fail_key(batch: int, attempt: int) -> str:
+    """`batch.fail` of one attempt of batch number `batch`."""
+    return f"{batch}/{attempt}"
+
+
+def entry(name: str, key: str, action: str) -> dict[str, str]:
+    """One armed failpoint, as the DURABLE_FAILPOINTS list holds it."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown failpoint action {action!r} (one of {', '.join(ACTIONS)})")
+    return {"name": name, "key": key, "action": action}
+
+
+def environment(entries: list[dict[str, str]]) -> dict[str, str]:
+    """The environment variables that arm `entries` in a child process (none for no entries)."""
+    return {ENV_POINTS: json.dumps(entries)} if entries else {}
+
 
 
 class InjectedFault(RuntimeError):
@@ -77,5 +121,5 @@ def hit(name: str, key: str) -> None:
 
 def _announce(name: str, key: str) -> None:
     fd = int(os.environ.get(ENV_FD, "2"))
-    line = json.dumps({"event": "failpoint", "name": name, "key": key, "pid": os.getpid()})
+    line = json.dumps({"event": ANNOUNCED, "name": name, "key": key, "pid": os.getpid()})
     write_all(fd, line.encode() + b"\n")

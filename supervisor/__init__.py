@@ -1,1 +1,1 @@
-"""Process supervision: spawn the import worker, SIGKILL it on purpose, restart it, report."""
+"""Process supervision: spawn a workflow's worker, SIGKILL it on purpose, restart it, report."""

@@ -1,8 +1,9 @@
-"""One worker process: spawned in its own process group, watched through pipes, reaped.
+"""One worker process, `python -m workflow ...`: spawned in its own process group, watched
+through pipes, reaped.
 
-The worker writes JSON-lines events on a progress pipe; its stderr is relayed line by line and
-its last lines kept for error reports. It dies with the supervisor (PR_SET_PDEATHSIG), so an
-orphan never runs on beside a new supervisor.
+The worker writes JSON-lines events on a progress pipe; its stdout and stderr (one pipe) are
+relayed line by line to our stderr, and their last lines kept for error reports. It dies with
+the supervisor (PR_SET_PDEATHSIG), so an orphan never runs on beside a new supervisor.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import orjson
 import psutil
+
+from store.failpoints import ENV_FD
 
 log = logging.getLogger("supervisor")
 _PR_SET_PDEATHSIG = 1
@@ -71,28 +74,37 @@ class ChildEnd:
 class Child:
     process: subprocess.Popen[bytes]
     progress_fd: int
+    output_fd: int  # the worker's stdout and stderr
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     _buffers: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
     def spawn(cls, args: list[str], env: dict[str, str]) -> Child:
-        read_fd, write_fd = os.pipe()
-        env = {**os.environ, **env, "DURABLE_FAILPOINT_FD": str(write_fd)}
+        """Start `python -m workflow ARGS --progress-fd N`; `env` adds to ours (failpoints)."""
+        progress_r, progress_w = os.pipe()
+        output_r, output_w = os.pipe()
+        env = {**os.environ, **env, ENV_FD: str(progress_w), "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         parent = os.getpid()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "workflow.importer", *args, "--progress-fd", str(write_fd)],
+                [sys.executable, "-m", "workflow", *args, "--progress-fd", str(progress_w)],
                 env=env,
-                pass_fds=(write_fd,),
+                pass_fds=(progress_w,),
                 stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stdout=output_w,
+                stderr=output_w,
                 process_group=0,
                 preexec_fn=lambda: _die_with_parent(parent),
             )
+        except BaseException:
+            os.close(progress_r)
+            os.close(output_r)
+            raise
         finally:
-            os.close(write_fd)
-        return cls(process, read_fd)
+            os.close(progress_w)
+            os.close(output_w)
+        return cls(process, progress_r, output_r)
 
     @property
     def pid(self) -> int:
@@ -100,7 +112,7 @@ class Child:
 
     def register(self, selector: selectors.BaseSelector) -> None:
         selector.register(self.progress_fd, selectors.EVENT_READ, "progress")
-        selector.register(self.process.stderr.fileno(), selectors.EVENT_READ, "stderr")
+        selector.register(self.output_fd, selectors.EVENT_READ, "stderr")
 
     def read(self, fd: int) -> tuple[list[bytes], bool]:
         """Whole lines now readable on `fd`, and whether it reached end of file."""
@@ -139,7 +151,7 @@ class Child:
         returncode = self.process.wait()
         _wait_for_group_to_die(self.pid)
         os.close(self.progress_fd)
-        self.process.stderr.close()
+        os.close(self.output_fd)
         return ChildEnd(self.pid, returncode)
 
     def last_error(self) -> str:

@@ -1,23 +1,25 @@
 """Which kills a run delivers, and where: pure decisions, so tests can check them without processes.
 
-`--kill-at-batch K` arms the worker's `batch.mid` failpoint: the worker announces itself halfway
-through batch K's rows, before its transaction commits, and waits; the supervisor SIGKILLs it.
-So the kill lands while batch K is in flight every time, not by luck of timing.
+`--kill-at-step N` arms the runtime's `step.started` failpoint of step N (`<root>.<N>`): the
+worker announces itself once the step's attempt is recorded, before its function runs, and
+waits; the supervisor SIGKILLs it. So the kill lands while step N is in flight every time, not by
+luck of timing. An application may name another failpoint inside its steps (the import's
+`--kill-at-batch` waits halfway through a batch's rows).
 
 `--kill-random N` draws N kills from a seeded generator. Each is one of
-  - "timed": SIGKILL after a random delay since the child started (startup, replay, mid-batch,
-    between batches: wherever it falls);
-  - "store-write": arm the store's `store.append` failpoint on the resolve of a batch that is
+  - "timed": SIGKILL after a random delay since the child started (startup, replay, mid-step,
+    between steps: wherever it falls);
+  - "store-write": arm the store's `store.append` failpoint on the resolve of a step that is
     about to run, so the worker is killed halfway through writing that store line.
 The choices are reproducible with `--seed`; the exact moment of a timed kill is real time.
 A fifth of the timed kills land in start-up or replay (a drawn fraction of the measured start-up
-time); the others wait for the child to finish a drawn number of new batches, then a drawn
-fraction of a batch's duration, so they land mid-batch or between batches whatever the speed
-of the machine.
+time); the others wait for the child to finish a drawn number of new steps (a share of the steps
+left, when their number is known; none when it is not), then a drawn fraction of a step's
+duration, so they land mid-step or between steps whatever the speed of the machine.
 
-No kill of ours may spend a batch's last attempt (the batch would be rejected for a fault we
+No kill of ours may spend a step's last attempt (the step would be rejected for a fault we
 made): `attempts_before_kill` and `kill_would_fail` decide it, for flags checked up front and
-for batches whose attempts a resumed import already partly used.
+for steps whose attempts a resumed run already partly used.
 """
 
 from __future__ import annotations
@@ -25,31 +27,37 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from store import Promise
+from store import Promise, failpoints
+from workflow.ids import child_id
+
+Point = tuple[str, str]  # a failpoint: (name, key)
 
 
 @dataclass(frozen=True, slots=True)
 class RandomKill:
     kind: str  # "timed" or "store-write"
-    share: float  # timed: which share of its part of the remaining batches to let finish first
-    delay: float  # timed: then wait this fraction of a batch (or of start-up)
-    batch_offset: int  # store-write: how many batches after the first unfinished one
+    share: float  # timed: which share of its part of the remaining steps to let finish first
+    delay: float  # timed: then wait this fraction of a step (or of start-up)
+    batch_offset: int  # store-write: how many steps after the first unfinished one
 
-    def batches_before(self, remaining: int, kills_left: int) -> int:
-        """How many new batches a timed kill lets finish; kills share the remaining batches."""
+    def steps_before(self, remaining: int | None, kills_left: int) -> int:
+        """How many new steps a timed kill lets finish; kills share the remaining steps. With
+        their number unknown, none: the kill lands in or after the first new step."""
+        if remaining is None:
+            return 0
         return int(self.share * remaining / max(1, kills_left))
 
 
-def attempts_before_kill(batch: int, promise: Promise | None, fail_at_batch: int | None) -> int:
-    """Attempts of `batch` spent (since a reopen) before a kill of ours lands in it: those
-    already started, plus the injected failure of its first attempt if that is still to come."""
+def attempts_before_kill(step: int, promise: Promise | None, planned_failure: int | None) -> int:
+    """Attempts of `step` spent (since a reopen) before a kill of ours lands in it: those
+    already started, plus a planned failure of its first attempt if that is still to come."""
     started = promise.attempts if promise is not None else 0
     since_reopen = promise.attempts_since_reopen if promise is not None else 0
-    return since_reopen + (batch == fail_at_batch and started == 0)
+    return since_reopen + (step == planned_failure and started == 0)
 
 
 def kill_would_fail(spent_before: int, max_attempts: int) -> bool:
-    """Whether a kill after `spent_before` attempts would take the batch's last attempt."""
+    """Whether a kill after `spent_before` attempts would take the step's last attempt."""
     return spent_before + 1 >= max_attempts
 
 
@@ -65,23 +73,38 @@ def random_kills(count: int, seed: int | None) -> list[RandomKill]:
     return kills
 
 
-def store_write_key(kill: RandomKill | None, root_id: str, next_batch: int, batches: int) -> str | None:
-    """The `store.append` failpoint key of a store-write kill: the resolve of a batch ahead."""
-    if kill is None or kill.kind != "store-write" or next_batch + kill.batch_offset >= batches:
+def store_write_step(kill: RandomKill | None, next_step: int, step_count: int | None) -> int | None:
+    """The step whose resolve a store-write kill tears: one just ahead (if the run has it)."""
+    if kill is None or kill.kind != "store-write":
         return None
-    return f"resolve:{root_id}.{next_batch + kill.batch_offset}"
+    step = next_step + kill.batch_offset
+    return None if step_count is not None and step >= step_count else step
 
 
-def failpoints_for(pause_batches: set[int], store_write: str | None) -> list[dict[str, str]]:
-    """The failpoints to arm in the next child (DURABLE_FAILPOINTS entries)."""
-    points = [{"name": "batch.mid", "key": str(b), "action": "pause"} for b in sorted(pause_batches)]
-    if store_write is not None:
-        points.append({"name": "store.append", "key": store_write, "action": "pause"})
-    return points
+def at_step_start(root_id: str, step: int) -> Point:
+    """Where `--kill-at-step` waits: step `step`'s attempt recorded, its function not yet run."""
+    return failpoints.STEP_STARTED, failpoints.step_started_key(child_id(root_id, step))
 
 
-def fail_once_at(batch: int | None) -> list[dict[str, str]]:
-    """`--fail-at-batch K`: the first attempt of batch K raises (and is retried with backoff)."""
-    if batch is None:
-        return []
-    return [{"name": "batch.fail", "key": f"{batch}/1", "action": "raise"}]
+def in_store_write(root_id: str, step: int) -> Point:
+    """Where a store-write kill waits: halfway through writing the resolve of step `step`."""
+    return failpoints.STORE_APPEND, failpoints.store_append_key("resolve", child_id(root_id, step))
+
+
+def paused_at(points: list[Point]) -> list[dict[str, str]]:
+    """The DURABLE_FAILPOINTS entries that make a worker wait at `points` to be killed."""
+    return [failpoints.entry(name, key, "pause") for name, key in points]
+
+
+def kill_budget_error(
+    kill_at: list[int], planned_failure: int | None, max_attempts: int, unit: str
+) -> str | None:
+    """Why a kill-at-step (`--kill-at-<unit> N`) would spend its step's last attempt, if it would."""
+    for step in sorted(kill_at):
+        spent = attempts_before_kill(step, None, planned_failure)
+        if kill_would_fail(spent, max_attempts):
+            failure = f", the injected --fail-at-{unit} failure one more," if spent else ""
+            return (f"--kill-at-{unit} {step} needs --max-attempts {spent + 2} or more, not "
+                    f"{max_attempts}: the planned kill spends one attempt of {unit} {step}"
+                    f"{failure} and the {unit} needs one more to finish")
+    return None

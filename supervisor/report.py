@@ -1,25 +1,65 @@
-"""What a supervised run reports: per child, per kill, and the import's stored result."""
+"""What a supervised run reports: per child, per kill, and the workflow's stored result.
+
+The words are a `Terms`: a workflow's "steps" by default; an application's wiring may bring its
+own (the import calls its steps batches, and summarizes its result).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
+
+from store import Promise
+
+RESULT_TEXT_CHARS = 200  # a result longer than this is cut in the text report (never in JSON)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """How reports name a workflow and its direct steps, and show its result."""
+
+    noun: str = "workflow"
+    unit: str = "step"
+    units: str = "steps"
+    units_maybe: str = "step(s)"
+    command: str = "exec"  # the supervisor command that runs it
+
+    def result_fields(self, result: Any) -> dict[str, Any]:
+        """The result's keys in a JSON report (`result` is None when the run did not finish)."""
+        return {"result": result}
+
+    def summary(self, result: Any) -> Any:
+        """The result as `status` shows it."""
+        return result
+
+    def result_text(self, result: Any) -> str:
+        """The result in one line of a text report."""
+        text = orjson.dumps(result).decode()
+        if len(text) > RESULT_TEXT_CHARS:
+            text = text[:RESULT_TEXT_CHARS] + f"... ({len(text)} characters; --json shows it all)"
+        return text
+
+    def step_count(self, root: Promise) -> int | None:
+        """How many direct steps the workflow `root` has; None when only its run will tell."""
+        return None
+
 
 @dataclass
 class ChildReport:
     pid: int
     exit: str  # "exit code N" or "killed by SIGNAME"
-    executed: list[int] = field(default_factory=list)  # batches this child completed
-    replayed: int = 0  # batches it found completed and did not run
+    executed: list[int] = field(default_factory=list)  # steps this child completed
+    replayed: int = 0  # steps it found completed and did not run
     error: str | None = None
 
 
 @dataclass
 class KillReport:
     pid: int
-    kind: str  # "kill-at-batch", "timed", "store-write"
-    batch: int | None
+    kind: str  # "kill-at-<unit>", "timed", "store-write"
+    step: int | None
 
 
 @dataclass
@@ -27,7 +67,7 @@ class StallReport:
     """A worker killed for silence (hung: stopped, or stuck in C code): not one of our kills."""
 
     pid: int
-    batch: int | None  # the batch in flight, if any
+    step: int | None  # the step in flight, if any
     silent_s: float  # how long its progress pipe had been silent
     kind: str = "stall"
 
@@ -35,66 +75,66 @@ class StallReport:
 @dataclass
 class RunReport:
     id: str
-    state_dir: str
+    where: tuple[str, str]  # ("state_dir", DIR) or ("store", URL)
+    terms: Terms = field(default_factory=Terms)
+    ok: bool = False  # the workflow finished and its result is stored
     restarts: int = 0
     kills: list[KillReport] = field(default_factory=list)
     stalls: list[StallReport] = field(default_factory=list)
     undelivered_kills: list[str] = field(default_factory=list)
     children: list[ChildReport] = field(default_factory=list)
-    result: dict[str, Any] | None = None
+    result: Any = None
     error: str | None = None
     interrupted_by: str | None = None  # SIGINT or SIGTERM, when the run was stopped
     elapsed_s: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "ok": self.result is not None}
-        if self.result is not None:
-            out.update({k: v for k, v in self.result.items() if k != "batches"})
+        unit = self.terms.unit
+        out: dict[str, Any] = {"id": self.id, "ok": self.ok}
+        out.update(self.terms.result_fields(self.result if self.ok else None))
         out.update(
             restarts=self.restarts,
-            kills=[asdict(k) for k in self.kills],
-            stalls=[asdict(s) for s in self.stalls],
+            kills=[{"pid": k.pid, "kind": k.kind, unit: k.step} for k in self.kills],
+            stalls=[{"pid": s.pid, unit: s.step, "silent_s": s.silent_s, "kind": s.kind}
+                    for s in self.stalls],
             undelivered_kills=self.undelivered_kills,
             children=[asdict(c) for c in self.children],
             error=self.error,
             elapsed_s=round(self.elapsed_s, 3),
-            state_dir=self.state_dir,
         )
+        out[self.where[0]] = self.where[1]
         return out
 
     def as_text(self) -> str:
-        lines = [f"import {self.id} ({self.state_dir})"]
+        t = self.terms
+        lines = [f"{t.noun} {self.id} ({self.where[1]})"]
         for c in self.children:
             lines.append(
-                f"  worker {c.pid}: {c.exit}; ran {len(c.executed)} batch(es)"
+                f"  worker {c.pid}: {c.exit}; ran {len(c.executed)} {t.units_maybe}"
                 f"{' ' + _ranges(c.executed) if c.executed else ''}, replayed {c.replayed}"
             )
         for k in self.kills:
-            where = f" during batch {k.batch}" if k.batch is not None else ""
+            where = f" during {t.unit} {k.step}" if k.step is not None else ""
             lines.append(f"  SIGKILL ({k.kind}) to worker {k.pid}{where}")
         for s in self.stalls:
-            where = f"during batch {s.batch}" if s.batch is not None else "outside any batch"
+            where = f"during {t.unit} {s.step}" if s.step is not None else f"outside any {t.unit}"
             lines.append(f"  worker {s.pid} stalled {where}: nothing on its progress pipe for "
                          f"{s.silent_s:.1f} s; SIGKILLed and restarted")
         lines.extend(f"  kill not delivered: {u}" for u in self.undelivered_kills)
-        if self.result is not None:
-            r = self.result
-            reasons = ", ".join(f"{k} {v}" for k, v in r["skipped_reasons"].items()) or "none"
+        if self.ok:
             lines.append(
-                f"done: {r['total_records']} records in {r['batch_count']} batches: "
-                f"{r['total_processed']} imported, {r['total_skipped']} skipped ({reasons}); "
-                f"{self.restarts} restart(s), {len(self.kills)} kill(s), {len(self.stalls)} stall(s), "
-                f"{self.elapsed_s:.2f} s"
+                f"done: {t.result_text(self.result)}; {self.restarts} restart(s), "
+                f"{len(self.kills)} kill(s), {len(self.stalls)} stall(s), {self.elapsed_s:.2f} s"
             )
         if self.error:
             lines.append(f"error: {self.error}")
         return "\n".join(lines)
 
 
-def _ranges(batches: list[int]) -> str:
+def _ranges(steps: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'"""
     parts: list[list[int]] = []
-    for b in sorted(batches):
+    for b in sorted(steps):
         if parts and parts[-1][1] == b - 1:
             parts[-1][1] = b
         else:

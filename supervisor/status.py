@@ -1,117 +1,114 @@
-"""`status` (read-only view of an import) and `retry` (reopen a failed import's rejected steps)."""
+"""`status` (a read-only view of a workflow) and `retry` (reopen a failed workflow so that the
+next run resumes it), for any workflow in a state dir or store.
+
+Both read the workflow through the runtime (workflow/history.py) and retry through
+`Runner.retry`; the words and the step count come from `terms_for(root)`, which knows the
+import's batches.
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from store import JsonlStore, Promise, State, StoreError, StoreLockedError
-from workflow.importer import SourceError, batch_index, plan_batches
-from workflow.importer.worker import STORE_FILE
+from store import Promise, State, StoreError, StoreLockedError, open_store
+from workflow import Runner
+from workflow.history import History, read_history, root_ids
 
 from . import exits
+from .location import StoreLocation
+from .report import Terms
+
+TermsFor = Callable[[Promise], Terms]  # the words (and step count) of the workflow at a root
+RETRY_LOCK_TIMEOUT_S = 1.0
 
 
-def show_status(state_dir: Path, root_id: str, *, as_json: bool) -> int:
-    store_path = state_dir / STORE_FILE
-    if not store_path.exists():
-        print(f"error: {store_path}: no import has run in this state dir", file=sys.stderr)
-        return exits.FAILED
+def show_status(location: StoreLocation, root_id: str, *, as_json: bool, terms_for: TermsFor) -> int:
     try:
-        store = JsonlStore(store_path, readonly=True)
+        store = location.open_readonly()
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exits.FAILED
+        return _error(str(exc), exits.FAILED)
+    if store is None:
+        return _error(f"{location.url}: no import has run in this state dir, and no other workflow "
+                      "either", exits.FAILED)
     with store:
-        root = store.get(root_id)
-        if root is None:
-            known = [p.id for p in store.list() if "." not in p.id]
-            print(f"error: {store_path}: no import {root_id!r} (known: {', '.join(known) or 'none'})",
-                  file=sys.stderr)
-            return exits.FAILED
-        status = _status(root, _batches(store, root_id))
+        history = read_history(store, root_id)
+        if history is None:
+            known = ", ".join(root_ids(store)) or "none"
+            return _error(f"{location.url}: no workflow {root_id!r} (known: {known})", exits.FAILED)
+        terms = terms_for(history.root)
+        status = status_of(history, terms, terms.step_count(history.root))
     if as_json:
         sys.stdout.write(orjson.dumps(status).decode() + "\n")
     else:
-        print(_as_text(status))
-    return 0
+        print(status_text(status, terms))
+    return exits.OK
 
 
-def retry_failed(state_dir: Path, root_id: str, *, as_json: bool) -> int:
-    """Reopen a rejected import and its rejected steps; resolved batches stay final."""
+def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_for: TermsFor) -> int:
+    """Reopen a rejected workflow and its rejected steps; resolved steps stay final."""
     try:
-        store = JsonlStore(state_dir / STORE_FILE, exclusive=True, lock_timeout=1.0)
+        store = open_store(location.url, exclusive=True, lock_timeout=RETRY_LOCK_TIMEOUT_S)
     except StoreLockedError as exc:
-        print(f"error: {exc}; stop the running import first", file=sys.stderr)
-        return exits.BUSY
+        return _error(f"{exc}; stop its supervisor (or worker) first", exits.BUSY)
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exits.FAILED
+        return _error(str(exc), exits.FAILED)
     with store:
         root = store.get(root_id)
+        terms = Terms() if root is None else terms_for(root)
         if root is None or root.state is not State.REJECTED:
             state = "missing" if root is None else root.state.value
-            print(f"error: import {root_id} is {state}; only a failed import can be retried",
-                  file=sys.stderr)
-            return exits.FAILED
-        rejected = [p for p in store.list(root_id + ".") if p.state is State.REJECTED]
-        for promise in [*rejected, root]:
-            store.reopen(promise.id, "operator retry")
-    reopened = [p.id for p in rejected]
+            return _error(f"{terms.noun} {root_id} is {state}; only a failed {terms.noun} can be retried",
+                          exits.FAILED)
+        errors = {p.id: p.error for p in read_history(store, root_id).in_state(State.REJECTED)}
+        reopened = Runner(store).retry(root_id)
     if as_json:
-        sys.stdout.write(orjson.dumps({"id": root_id, "reopened": [*reopened, root_id]}).decode() + "\n")
-    else:
-        for p in rejected:
-            print(f"reopened {p.id} (was: {p.error.get('type')}: {p.error.get('message')})")
-        print(f"reopened {root_id}; run the same `python -m supervisor run` command to resume it")
-    return 0
+        sys.stdout.write(orjson.dumps({"id": root_id, "reopened": reopened}).decode() + "\n")
+        return exits.OK
+    for promise_id in reopened[:-1]:
+        error = errors.get(promise_id) or {}
+        print(f"reopened {promise_id} (was: {error.get('type')}: {error.get('message')})")
+    print(f"reopened {root_id}; run the same `python -m supervisor {terms.command}` command to resume it")
+    return exits.OK
 
 
-def _batches(store: JsonlStore, root_id: str) -> list[Promise]:
-    return [p for p in store.list(root_id + ".") if batch_index(root_id, p.id) is not None]
-
-
-def _status(root: Promise, batches: list[Promise]) -> dict[str, Any]:
-    source, batch_size = root.param["args"][:2]
-    try:
-        batch_count: int | None = len(plan_batches(source, batch_size))
-    except (SourceError, KeyError, TypeError):
-        batch_count = None
-    pending = next((p for p in batches if p.state is State.PENDING), None)
-    errors = [p.error for p in [*batches, root] if p.error]
+def status_of(history: History, terms: Terms, step_count: int | None) -> dict[str, Any]:
+    """The status report; its keys name the steps in the workflow's own words (`batches_done`)."""
+    root, unit, units = history.root, terms.unit, terms.units
+    pending, error = history.first_pending, history.last_error
     return {
         "id": root.id,
         "state": root.state.value,
-        "batches_done": sum(p.state is State.RESOLVED for p in batches),
-        "batch_count": batch_count,
-        "batches_failed": sum(p.state is State.REJECTED for p in batches),
-        "pending_batch": None if pending is None else {
-            "id": pending.id, "attempts": pending.attempts,
-        },
-        "attempts": sum(p.attempts for p in batches),
-        "last_error": None if not errors else f"{errors[-1].get('type')}: {errors[-1].get('message')}",
-        "result": None if root.state is not State.RESOLVED else {
-            k: v for k, v in root.value.items() if k != "batches"
-        },
+        f"{units}_done": len(history.in_state(State.RESOLVED)),
+        f"{unit}_count": step_count,
+        f"{units}_failed": len(history.in_state(State.REJECTED)),
+        f"pending_{unit}": None if pending is None else {"id": pending.id, "attempts": pending.attempts},
+        "attempts": history.attempts,
+        "last_error": None if error is None else f"{error.get('type')}: {error.get('message')}",
+        "result": None if root.state is not State.RESOLVED else terms.summary(root.value),
     }
 
 
-def _as_text(s: dict[str, Any]) -> str:
-    total = "?" if s["batch_count"] is None else s["batch_count"]
-    lines = [f"{s['id']}: {s['state']}, {s['batches_done']}/{total} batches done, "
-             f"{s['attempts']} batch attempts in all"]
-    if s["pending_batch"]:
-        p = s["pending_batch"]
+def status_text(s: dict[str, Any], terms: Terms) -> str:
+    unit, units = terms.unit, terms.units
+    done, count = s[f"{units}_done"], s[f"{unit}_count"]
+    progress = f"{done}/{count}" if count is not None else f"{done}"
+    lines = [f"{s['id']}: {s['state']}, {progress} {units} done, {s['attempts']} {unit} attempts in all"]
+    if s[f"pending_{unit}"]:
+        p = s[f"pending_{unit}"]
         lines.append(f"  pending: {p['id']} ({p['attempts']} attempt(s) started)")
-    if s["batches_failed"]:
-        lines.append(f"  failed batches: {s['batches_failed']}")
+    if s[f"{units}_failed"]:
+        lines.append(f"  failed {units}: {s[f'{units}_failed']}")
     if s["last_error"]:
         lines.append(f"  last error: {s['last_error']}")
-    if s["result"]:
-        r = s["result"]
-        lines.append(f"  result: {r['total_records']} records, {r['total_processed']} imported, "
-                     f"{r['total_skipped']} skipped")
+    if s["state"] == State.RESOLVED.value:
+        lines.append(f"  result: {terms.result_text(s['result'])}")
     return "\n".join(lines)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -1,11 +1,15 @@
 """The supervision loop: spawn the worker, watch it, kill it when asked, restart it, report.
 
+Generic over workflows: the worker is `python -m workflow run MODULE:FUNCTION ...`, and all the
+supervisor learns comes from its progress pipe, its exit status (workflow/exitcodes.py) and the
+store, read through the store API and workflow/ids.py; it imports no application module.
+
 Restarts: after a kill of ours, at once; after an unplanned death (a crash or a signal from
 elsewhere), with exponential backoff, and at most `max_restarts` times in a row. A worker whose
 progress pipe stays silent for `stall_timeout` seconds (it heartbeats every second or so) is
 hung, stopped or stuck in C code holding the GIL: it is SIGKILLed and restarted like an
 unplanned death. A worker that ends with a status no restart can change (bad input, a failed
-batch, a conflicting id) ends the run. The result is read from the store, never taken from the
+step, a conflicting id) ends the run. The result is read from the store, never taken from the
 worker's word.
 """
 
@@ -16,34 +20,36 @@ import os
 import selectors
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import orjson
-
-from store import JsonlStore, Promise, State
+from store import Promise, State, failpoints
 from store.locking import LockHeldError, OwnedLock
-from workflow.importer import batch_index, exitcodes
-from workflow.importer.worker import STEP_TIMEOUT_S, STORE_FILE
+from workflow import exitcodes, progress
+from workflow.child import LOCK_TIMEOUT_S, STEP_TIMEOUT_S
+from workflow.history import History, read_history
 
 from .child import Child, ChildEnd
 from .faults import (
+    Point,
     RandomKill,
+    at_step_start,
     attempts_before_kill,
-    fail_once_at,
-    failpoints_for,
+    in_store_write,
     kill_would_fail,
-    store_write_key,
+    paused_at,
+    store_write_step,
 )
 from .live import LiveLine
-from .report import ChildReport, KillReport, RunReport, StallReport
+from .location import StoreLocation
+from .report import ChildReport, KillReport, RunReport, StallReport, Terms
 
 log = logging.getLogger("supervisor")
 MAX_BACKOFF_S = 30.0
 STARTUP_GUESS_S = 0.15
 STARTUP_SHARE = 0.2  # the share of timed kills that land in start-up or replay
-BATCH_GUESS_S = 0.005
+STEP_GUESS_S = 0.005
 HEARTBEAT_S = 1.0  # how often a worker heartbeats: at most a quarter of the stall timeout
 
 
@@ -53,14 +59,19 @@ class StateDirBusyError(Exception):
 
 @dataclass
 class Settings:
-    state_dir: Path
+    """One supervised workflow: what the worker runs, where its store is, which kills to make."""
+
     root_id: str
-    source: dict[str, Any]
-    batch_size: int
-    batch_count: int
-    kill_at_batches: set[int] = field(default_factory=set)
+    target: str  # MODULE:FUNCTION, imported only by the worker
+    location: StoreLocation
+    args: list[str] = field(default_factory=list)  # the workflow's arguments, as JSON texts
+    setup: str | None = None  # MODULE:FUNCTION of the worker's setup hook
+    step_count: int | None = None  # the root's direct steps, when the application knows
+    kill_at_steps: set[int] = field(default_factory=set)
+    kill_point: Callable[[str, int], Point] = at_step_start  # where a kill-at-step waits
     random_kills: list[RandomKill] = field(default_factory=list)
-    fail_at_batch: int | None = None
+    planned_failure: int | None = None  # a step whose first attempt is made to fail (see faults)
+    extra_failpoints: list[dict[str, str]] = field(default_factory=list)  # armed in every worker
     max_restarts: int = 10
     restart_backoff: float = 0.5
     max_attempts: int = 10
@@ -68,8 +79,28 @@ class Settings:
     grace: float = 10.0
     stall_timeout: float = 180.0
     step_timeout: float = STEP_TIMEOUT_S
-    lock_timeout: float = 10.0
+    lock_timeout: float = LOCK_TIMEOUT_S
     durability: str = "full"
+    terms: Terms = field(default_factory=Terms)
+
+
+def worker_args(s: Settings) -> list[str]:
+    """The worker's command line after `python -m workflow` (Child.spawn adds the progress fd)."""
+    args = ["run", s.target, "--id", s.root_id]
+    for arg in s.args:
+        args += ["--arg", arg]
+    if s.setup is not None:
+        args += ["--setup", s.setup]
+    return [
+        *args, *s.location.child_flags(),
+        "--max-attempts", str(s.max_attempts),
+        "--retry-initial", str(s.retry_initial),
+        "--step-timeout", str(s.step_timeout),
+        "--lock-timeout", str(s.lock_timeout),
+        "--durability", s.durability,
+        "--heartbeat", str(min(HEARTBEAT_S, s.stall_timeout / 4)),
+        "--quiet",
+    ]
 
 
 @dataclass
@@ -77,18 +108,21 @@ class _Watch:
     """What the supervisor learns about one child while it runs."""
 
     report: ChildReport
+    steps_done_before: int = 0  # steps resolved before this child started
+    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its step
     kill: KillReport | None = None
     stall: StallReport | None = None
-    batch_in_flight: int | None = None
-    batch_started_at: float = 0.0
-    last_attempts: dict[int, int] = field(default_factory=dict)  # batch -> its last allowed attempt
+    in_flight: str | None = None  # the id of the step (at any depth) whose attempt runs
+    step_in_flight: int | None = None  # its number, if it is a direct step of the root
+    step_started_at: float = 0.0
+    last_attempts: dict[str, int] = field(default_factory=dict)  # id -> its last allowed attempt
     attempt_in_flight: int = 0
-    timed_kill_after: int | None = None  # new batches to let finish before a timed kill
-    timed_kill_delay: float = 0.0  # then this fraction of a batch
+    timed_kill_after: int | None = None  # new steps to let finish before a timed kill
+    timed_kill_delay: float = 0.0  # then this fraction of a step
     kill_deadline: float | None = None
     stop_forwarded: bool = False
     grace_deadline: float | None = None  # when a forwarded stop turns into a SIGKILL
-    store_write_key: str | None = None  # the store.append failpoint armed in this child
+    store_write: int | None = None  # the step whose resolve the store.append failpoint tears
     spawned_at: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # its last progress line
 
@@ -99,23 +133,23 @@ class _Watch:
         return self.last_heard + stall_timeout
 
     def on_last_attempt(self, max_attempts: int) -> bool:
-        """Whether the batch in flight runs its last allowed attempt (a kill would fail it)."""
-        if self.batch_in_flight is None:
+        """Whether the step in flight runs its last allowed attempt (a kill would fail it)."""
+        if self.in_flight is None:
             return False
-        return self.attempt_in_flight >= self.last_attempts.get(self.batch_in_flight, max_attempts)
+        return self.attempt_in_flight >= self.last_attempts.get(self.in_flight, max_attempts)
 
 
 class Supervisor:
-    """Runs one import to its end through as many workers as it takes; `run()` reports it."""
+    """Runs one workflow to its end through as many workers as it takes; `run()` reports it."""
 
     def __init__(self, settings: Settings, live: LiveLine | None = None) -> None:
         self.s = settings
-        self.report = RunReport(settings.root_id, str(settings.state_dir))
+        self.report = RunReport(settings.root_id, settings.location.report_entry(), settings.terms)
         self.stop_signal: signal.Signals | None = None
         self._live = live
-        self._pending_pauses = set(settings.kill_at_batches)
+        self._pending_pauses = set(settings.kill_at_steps)
         self._random = list(settings.random_kills)
-        self._batch_seconds = BATCH_GUESS_S
+        self._step_seconds = STEP_GUESS_S
         self._startup_seconds = STARTUP_GUESS_S
         self._wakeup_r = -1
 
@@ -123,34 +157,48 @@ class Supervisor:
 
     def run(self) -> RunReport:
         started = time.monotonic()
-        lock = OwnedLock(self.s.state_dir / "supervisor.lock")
+        lock = self._lock()
+        try:
+            self.s.location.create_if_missing(self.s.lock_timeout)
+            with self._signals_forwarded():
+                self._loop()
+        finally:
+            if lock is not None:
+                lock.release()
+            self.report.elapsed_s = time.monotonic() - started
+        return self.report
+
+    def _lock(self) -> OwnedLock | None:
+        """One supervisor per state dir (a store given by URL has its workflow lock only)."""
+        path = self.s.location.lock_path
+        if path is None:
+            return None
+        lock = OwnedLock(path)
         try:
             lock.acquire(0, record_owner=True)
         except LockHeldError as exc:
             raise StateDirBusyError(
-                f"{self.s.state_dir}: another supervisor is running here ({exc.owner})"
+                f"{self.s.location.state_dir}: another supervisor is running here ({exc.owner})"
             ) from None
-        try:
-            with self._signals_forwarded():
-                self._loop()
-        finally:
-            lock.release()
-            self.report.elapsed_s = time.monotonic() - started
-        return self.report
+        return lock
 
     def _loop(self) -> None:
-        unplanned = 0  # unplanned deaths in a row, with no batch done in between
+        unplanned = 0  # unplanned deaths in a row, with no step done in between
         while True:
-            next_batch, batches = self._progress()
-            self._drop_pauses_that_would_fail(batches)
-            kill = self._next_kill(next_batch, batches)
-            store_write = store_write_key(kill, self.s.root_id, next_batch, self.s.batch_count)
-            child = self._spawn(store_write)
-            watch = _Watch(ChildReport(child.pid, exit="running"), store_write_key=store_write,
-                           last_attempts={b: p.attempts_at_reopen + self.s.max_attempts
-                                          for b, p in batches.items()})
+            history = self._read_history()
+            calls, steps = ([], {}) if history is None else (history.calls, history.steps)
+            next_step = _done(steps)
+            self._drop_pauses_that_would_fail(steps)
+            kill = self._next_kill(next_step, steps)
+            store_write = store_write_step(kill, next_step, self.s.step_count)
+            pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
+            child = self._spawn(list(pauses), store_write)
+            watch = _Watch(ChildReport(child.pid, exit="running"), steps_done_before=next_step,
+                           pauses=pauses, store_write=store_write,
+                           last_attempts={p.id: p.attempts_at_reopen + self.s.max_attempts
+                                          for p in calls})
             if kill is not None and kill.kind == "timed":
-                self._arm_timed_kill(watch, kill, next_batch)
+                self._arm_timed_kill(watch, kill, next_step)
             self._watch(child, watch)
             end = child.reap()
             watch.report.exit = end.describe()
@@ -169,8 +217,8 @@ class Supervisor:
                 return
             if self.stop_signal is not None:
                 self._interrupted(
-                    f"worker {end.pid} {end.describe()}; {self._progress()[0]} of "
-                    f"{self.s.batch_count} batches done; run the same command again to resume"
+                    f"worker {end.pid} {end.describe()}; {self._steps_done()} done; "
+                    "run the same command again to resume"
                 )
                 return
             if ours is not None:
@@ -203,79 +251,72 @@ class Supervisor:
         self.report.error = watch.report.error or child.last_error() or end.describe()
         if end.returncode == exitcodes.FAILED:
             self.report.error += (
-                f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}`"
-                " and run the same command again to resume"
+                f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}"
+                f"{self.s.location.cli_flags()}` and run the same command again to resume"
             )
 
     def _finish(self, end: ChildEnd) -> None:
-        root = self._store_promise(self.s.root_id)
-        if root is None or root.state is not State.RESOLVED:
-            self.report.error = f"worker {end.pid} exited 0 but the import's result is not stored"
+        t = self.s.terms
+        history = self._read_history()
+        if history is None or history.root.state is not State.RESOLVED:
+            self.report.error = f"worker {end.pid} exited 0 but the {t.noun}'s result is not stored"
             return
-        self.report.result = root.value
+        self.report.ok, self.report.result = True, history.root.value
+        for n in sorted(self._pending_pauses):
+            known = n in history.steps
+            why = f"the {t.unit} was already done" if known else f"the {t.noun} has no {t.unit} {n}"
+            self.report.undelivered_kills.append(f"kill at {t.unit} {n}: {why}")
         self.report.undelivered_kills.extend(
-            f"kill at batch {b}: the batch was already done" for b in sorted(self._pending_pauses)
-        )
-        self.report.undelivered_kills.extend(
-            f"random {k.kind} kill: the import finished first" for k in self._random
+            f"random {k.kind} kill: the {t.noun} finished first" for k in self._random
         )
 
     # -- one child -----------------------------------------------------------------------
 
-    def _spawn(self, store_write: str | None) -> Child:
-        points = failpoints_for(self._pending_pauses, store_write) + fail_once_at(self.s.fail_at_batch)
-        env = {"DURABLE_FAILPOINTS": orjson.dumps(points).decode()} if points else {}
-        args = [
-            "--state-dir", str(self.s.state_dir), "--id", self.s.root_id,
-            "--source", orjson.dumps(self.s.source).decode(),
-            "--batch-size", str(self.s.batch_size),
-            "--max-attempts", str(self.s.max_attempts),
-            "--retry-initial", str(self.s.retry_initial),
-            "--step-timeout", str(self.s.step_timeout),
-            "--lock-timeout", str(self.s.lock_timeout),
-            "--durability", self.s.durability,
-            "--heartbeat", str(min(HEARTBEAT_S, self.s.stall_timeout / 4)),
-        ]
-        child = Child.spawn(args, env)
+    def _spawn(self, pauses: list[Point], store_write: int | None) -> Child:
+        if store_write is not None:
+            pauses = [*pauses, in_store_write(self.s.root_id, store_write)]
+        points = paused_at(pauses) + self.s.extra_failpoints
+        child = Child.spawn(worker_args(self.s), failpoints.environment(points))
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
         return child
 
-    def _next_kill(self, next_batch: int, batches: dict[int, Promise]) -> RandomKill | None:
-        """The next random kill, unless it could use up a batch's last attempt: a kill of ours
-        must never fail a batch. (A timed kill is checked again when it is due.)"""
+    def _next_kill(self, next_step: int, steps: dict[int, Promise]) -> RandomKill | None:
+        """The next random kill, unless it could use up a step's last attempt: a kill of ours
+        must never fail a step. (A timed kill is checked again when it is due.)"""
         if not self._random:
             return None
         kill = self._random[0]
-        target = next_batch + (kill.batch_offset if kill.kind == "store-write" else 0)
-        spent = attempts_before_kill(target, batches.get(target), self.s.fail_at_batch)
+        target = next_step + (kill.batch_offset if kill.kind == "store-write" else 0)
+        spent = attempts_before_kill(target, steps.get(target), self.s.planned_failure)
         if kill_would_fail(spent, self.s.max_attempts):
             return None
         return self._random.pop(0)
 
-    def _drop_pauses_that_would_fail(self, batches: dict[int, Promise]) -> None:
-        """Disarm a `--kill-at-batch` whose batch (of a resumed import) is down to its last
-        attempt: the kill is reported undelivered, and the batch is not failed by it."""
-        for batch in sorted(self._pending_pauses):
-            promise = batches.get(batch)
+    def _drop_pauses_that_would_fail(self, steps: dict[int, Promise]) -> None:
+        """Disarm a kill-at-step whose step (of a resumed run) is down to its last attempt: the
+        kill is reported undelivered, and the step is not failed by it."""
+        unit = self.s.terms.unit
+        for n in sorted(self._pending_pauses):
+            promise = steps.get(n)
             if promise is not None and promise.state is State.RESOLVED:
                 continue  # reported at the end as already done
-            spent = attempts_before_kill(batch, promise, self.s.fail_at_batch)
+            spent = attempts_before_kill(n, promise, self.s.planned_failure)
             if kill_would_fail(spent, self.s.max_attempts):
-                self._pending_pauses.discard(batch)
+                self._pending_pauses.discard(n)
                 self.report.undelivered_kills.append(
-                    f"kill at batch {batch}: it has {max(0, self.s.max_attempts - spent)} of its "
+                    f"kill at {unit} {n}: it has {max(0, self.s.max_attempts - spent)} of its "
                     f"{self.s.max_attempts} attempts left, and a kill of ours must not spend the last"
                 )
 
-    def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_batch: int) -> None:
+    def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_step: int) -> None:
         """A timed kill lands in start-up and replay (a few of them), or a drawn number of new
-        batches into the run plus a fraction of a batch: timed by the worker's own pace."""
-        remaining = self.s.batch_count - next_batch
+        steps into the run plus a fraction of a step: timed by the worker's own pace."""
+        remaining = None if self.s.step_count is None else self.s.step_count - next_step
         watch.timed_kill_delay = kill.delay
         if kill.share < STARTUP_SHARE:
             watch.kill_deadline = time.monotonic() + kill.delay * self._startup_seconds
         else:
-            watch.timed_kill_after = kill.batches_before(remaining, len(self._random) + 1)
+            watch.timed_kill_after = kill.steps_before(remaining, len(self._random) + 1)
 
     def _watch(self, child: Child, watch: _Watch) -> None:
         """Follow the child until its pipes close, delivering kills and forwarded signals."""
@@ -302,7 +343,8 @@ class Supervisor:
             selector.close()
 
     def _forward_stop(self, child: Child, watch: _Watch) -> None:
-        log.warning("%s: stopping worker %d after its batch in flight", self.stop_signal.name, child.pid)
+        log.warning("%s: stopping worker %d after its %s in flight", self.stop_signal.name, child.pid,
+                    self.s.terms.unit)
         child.signal_group(signal.SIGTERM)
         watch.stop_forwarded = True
         watch.grace_deadline = time.monotonic() + self.s.grace
@@ -314,12 +356,12 @@ class Supervisor:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _act_on_deadlines(self, child: Child, watch: _Watch) -> None:
-        """A timed kill that is due (unless it would take the batch's last attempt), and the
+        """A timed kill that is due (unless it would take the step's last attempt), and the
         SIGKILL of a worker that did not stop within its grace after a forwarded signal."""
         now = time.monotonic()
         if watch.kill_deadline is not None and now >= watch.kill_deadline:
             if watch.kill is None and not watch.on_last_attempt(self.s.max_attempts):
-                self._kill(child, watch, "timed", watch.batch_in_flight)
+                self._kill(child, watch, "timed", watch.step_in_flight)
             watch.kill_deadline = None
         if watch.grace_deadline is not None and now >= watch.grace_deadline:
             log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
@@ -339,45 +381,51 @@ class Supervisor:
 
     def _on_event(self, event: dict[str, Any], child: Child, watch: _Watch) -> None:
         kind = event.get("event")
-        if kind == "step" and event.get("batch") is not None:
-            self._on_batch_step(event, watch)
-        elif kind == "step" and event.get("kind") == "replayed" and event.get("id") == self.s.root_id:
-            watch.report.replayed = self.s.batch_count  # the import was done: all batches found done
-        elif kind == "failpoint" and watch.kill is None:
-            name, key = event.get("name"), event.get("key", "")
-            if name == "batch.mid" and key.isdigit() and int(key) in self._pending_pauses:
-                self._pending_pauses.discard(int(key))
-                self._kill(child, watch, "kill-at-batch", int(key))
-            elif name == "store.append" and key == watch.store_write_key:
-                self._kill(child, watch, "store-write", batch_index(self.s.root_id, key.partition(":")[2]))
-        elif kind == "ended":
+        if kind == progress.STEP:
+            self._on_step(event, watch)
+        elif kind == failpoints.ANNOUNCED and watch.kill is None:
+            point = (event.get("name"), event.get("key"))
+            paused = watch.pauses.get(point)
+            if paused is not None and paused in self._pending_pauses:
+                self._pending_pauses.discard(paused)
+                self._kill(child, watch, f"kill-at-{self.s.terms.unit}", paused)
+            elif watch.store_write is not None and point == in_store_write(self.s.root_id, watch.store_write):
+                self._kill(child, watch, "store-write", watch.store_write)
+        elif kind == progress.ENDED:
             watch.report.error = event.get("error")
 
-    def _on_batch_step(self, event: dict[str, Any], watch: _Watch) -> None:
-        batch, step = event["batch"], event.get("kind")
+    def _on_step(self, event: dict[str, Any], watch: _Watch) -> None:
+        """Follow the steps: the attempt in flight (at any depth), the direct steps done."""
+        kind, promise_id, step = event.get("kind"), event.get("id"), event.get("step")
         now = time.monotonic()
-        if step == "started":
-            if watch.batch_started_at == 0.0:  # the first batch this worker starts: start-up is over
+        if kind == progress.KIND_STARTED:
+            if watch.step_started_at == 0.0:  # the first step this worker starts: start-up is over
                 self._startup_seconds = 0.8 * self._startup_seconds + 0.2 * (now - watch.spawned_at)
                 if watch.timed_kill_after == 0:
-                    watch.kill_deadline = now + watch.timed_kill_delay * self._batch_seconds
-            watch.batch_in_flight, watch.batch_started_at = batch, now
+                    watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
+            watch.in_flight, watch.step_in_flight, watch.step_started_at = promise_id, step, now
             watch.attempt_in_flight = event.get("attempt") or 0
-        elif step == "resolved":
-            watch.report.executed.append(batch)
-            if watch.batch_in_flight == batch:
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - watch.batch_started_at)
-            watch.batch_in_flight = None
-            if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
-                watch.kill_deadline = now + watch.timed_kill_delay * self._batch_seconds
-            if self._live is not None:
-                self._live.update(batch + 1, self.s.batch_count, self.report)
-        elif step == "replayed":
+        elif kind == progress.KIND_RESOLVED:
+            if watch.in_flight == promise_id:
+                self._step_seconds = 0.8 * self._step_seconds + 0.2 * (now - watch.step_started_at)
+                watch.in_flight = watch.step_in_flight = None
+            if step is not None:
+                self._step_done(step, watch, now)
+        elif kind == progress.KIND_REPLAYED and step is not None:
             watch.report.replayed += 1
+        elif kind == progress.KIND_REPLAYED and promise_id == self.s.root_id:
+            watch.report.replayed = watch.steps_done_before  # it was done: all steps found done
 
-    def _kill(self, child: Child, watch: _Watch, kind: str, batch: int | None) -> None:
+    def _step_done(self, step: int, watch: _Watch, now: float) -> None:
+        watch.report.executed.append(step)
+        if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
+            watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
+        if self._live is not None:
+            self._live.update(step + 1, self.s.step_count, self.report)
+
+    def _kill(self, child: Child, watch: _Watch, kind: str, step: int | None) -> None:
         child.signal_group(signal.SIGKILL)
-        watch.kill = KillReport(child.pid, kind, batch)
+        watch.kill = KillReport(child.pid, kind, step)
 
     def _kill_stalled(self, child: Child, watch: _Watch) -> None:
         """The worker is hung (it would not even heartbeat): kill it to restart it. SIGKILL also
@@ -386,31 +434,30 @@ class Supervisor:
         log.warning("worker %d sent nothing for %.1f s (hung or stopped; --stall-timeout %g): "
                     "SIGKILL, then a restart", child.pid, silent, self.s.stall_timeout)
         child.signal_group(signal.SIGKILL)
-        watch.stall = StallReport(child.pid, watch.batch_in_flight, round(silent, 3))
+        watch.stall = StallReport(child.pid, watch.step_in_flight, round(silent, 3))
 
     def _log_end(self, end: ChildEnd, watch: _Watch, ours: KillReport | None) -> None:
         why = f" ({ours.kind} kill of ours)" if ours else " (stalled)" if watch.stall else ""
-        log.info("worker %d %s%s: ran %d batch(es), replayed %d", end.pid, end.describe(), why,
-                 len(watch.report.executed), watch.report.replayed)
+        log.info("worker %d %s%s: ran %d %s, replayed %d", end.pid, end.describe(), why,
+                 len(watch.report.executed), self.s.terms.units_maybe, watch.report.replayed)
 
     # -- store and signals ---------------------------------------------------------------
 
-    def _store_promise(self, promise_id: str) -> Promise | None:
-        path = self.s.state_dir / STORE_FILE
-        if not path.exists():
+    def _read_history(self) -> History | None:
+        """The workflow's root and direct steps, read from the store (None before it exists)."""
+        store = self.s.location.open_readonly()
+        if store is None:
             return None
-        with JsonlStore(path, readonly=True) as store:
-            return store.get(promise_id)
+        with store:
+            return read_history(store, self.s.root_id)
 
-    def _progress(self) -> tuple[int, dict[int, Promise]]:
-        """How many batches are done, and the batch promises by batch number."""
-        path = self.s.state_dir / STORE_FILE
-        if not path.exists():
-            return 0, {}
-        with JsonlStore(path, readonly=True) as store:
-            promises = store.list(self.s.root_id + ".")
-        batches = {b: p for p in promises if (b := batch_index(self.s.root_id, p.id)) is not None}
-        return sum(p.state is State.RESOLVED for p in batches.values()), batches
+    def _steps_done(self) -> str:
+        """'3 of 10 batches', or '3 steps' when their number is not known."""
+        history = self._read_history()
+        done, units = 0 if history is None else _done(history.steps), self.s.terms.units
+        if self.s.step_count is None:
+            return f"{done} {units}"
+        return f"{done} of {self.s.step_count} {units}"
 
     def _signals_forwarded(self) -> _SignalForwarding:
         return _SignalForwarding(self)
@@ -425,6 +472,12 @@ class Supervisor:
         finally:
             selector.close()
         return self.stop_signal is not None
+
+
+def _done(steps: dict[int, Promise]) -> int:
+    """How many direct steps are resolved: the number of the first unfinished one, as they run
+    in order."""
+    return sum(p.state is State.RESOLVED for p in steps.values())
 
 
 class _SignalForwarding:

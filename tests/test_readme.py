@@ -39,3 +39,62 @@ def test_the_engine_example_runs_and_replays(tmp_path: Path) -> None:
     ]
     assert [r.stdout for r in runs] == ["['hello ann', 'hello bob']\n"] * 2
     assert (tmp_path / "hello.jsonl").read_text().count('"op":"resolve"') == 3  # 2 steps + the root
+
+
+def _section(title: str) -> str:
+    start = README.index(f"## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end]
+
+
+def _engine_example() -> str:
+    [example] = [b for b in re.findall(r"```python\n(.*?)\n```", README, re.S) if "JsonlStore" in b]
+    return example
+
+
+def _run_commands(block: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A README shell block, run line by line as typed (with this interpreter as `python`)."""
+    script = "\n".join(line.strip().replace("python -m", f"{sys.executable} -m", 1)
+                       for line in block.splitlines())
+    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+                          timeout=60, check=False)
+
+
+def test_the_engine_example_runs_under_the_supervisor_with_random_kills(tmp_path: Path) -> None:
+    (tmp_path / "hello.py").write_text(_engine_example())
+    plain = subprocess.run([sys.executable, "hello.py"], cwd=tmp_path, capture_output=True, text=True,
+                           check=True, env={"PYTHONPATH": str(REPO)})
+    [under_kills] = re.findall(r"```sh\n(.*?)\n```", _section("Supervising your own workflow"), re.S)[:1]
+    assert "--kill-random 3" in under_kills
+
+    supervised = _run_commands(under_kills + " --seed 3", tmp_path)
+
+    assert supervised.returncode == 0, supervised.stderr[-3000:]
+    assert plain.stdout == "['hello ann', 'hello bob']\n"
+    assert 'done: ["hello ann","hello bob"];' in supervised.stdout  # the same result
+
+
+def test_the_readme_loop_of_a_new_user_break_fix_retry_resume(tmp_path: Path) -> None:
+    hello = tmp_path / "hello.py"
+    section = _section("Supervising your own workflow")
+    _first, break_it, fix_it = re.findall(r"```sh\n(.*?)\n *```", section, re.S)
+    broken_line = re.search(r'`(if name == "bob": raise ValueError\("no\s+bob"\))`', section).group(1)
+    greet = '    return f"hello {name}"'
+    hello.write_text(_engine_example().replace(greet, f"    {' '.join(broken_line.split())}\n{greet}"))
+
+    failed = _run_commands(break_it, tmp_path)
+
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "(hello/2.1) failed after 2 attempts: ValueError: no bob" in last
+    assert "`python -m supervisor retry --id hello/2`" in last
+
+    hello.write_text(_engine_example())
+    fixed = _run_commands(fix_it, tmp_path)
+
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "hello/2: rejected, 1 steps done" in fixed.stdout  # status, before the retry
+    assert "reopened hello/2.1 (was: ValueError: no bob)" in fixed.stdout
+    assert "ran 1 step(s) 1, replayed 1" in fixed.stdout  # ann's step was not run again
+    assert 'done: ["hello ann","hello bob"];' in fixed.stdout

@@ -1,11 +1,13 @@
 """The durable runtime: workflows are generators replayed over a promise store."""
 
+from .child import RunInfo
 from .context import Call, Context, StepInfo, current_step
 from .deadline import StepTimeoutError
 from .errors import (
     CallNotYieldedError,
     EngineError,
     NonDeterminismError,
+    PermanentError,
     StepError,
     VersionNotRegisteredError,
     WorkflowConflictError,
@@ -23,7 +25,9 @@ __all__ = [
     "EngineError",
     "NonDeterminismError",
     "ObserverError",
+    "PermanentError",
     "RetryPolicy",
+    "RunInfo",
     "Runner",
     "StepError",
     "StepEvent",

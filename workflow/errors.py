@@ -3,6 +3,7 @@
 `StepError` is the one error a workflow sees at its `yield`: a step (or sub-workflow) that was
 rejected, now or in an earlier run. The `EngineError`s never settle a promise: they mean the code
 or the store is not what the recorded history expects, or the run was asked to stop.
+`PermanentError` is for applications: the base of their errors that no retry can fix.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ class StepError(Exception):
         super().__init__(
             f"step '{fn}' ({promise_id}) failed{tries}: {error.get('type')}: {error.get('message')}"
         )
+
+
+class PermanentError(Exception):
+    """An application's error that no retry can fix (bad input, a full disk): subclass it.
+
+    A step that raises one is rejected at once, whatever its retry policy allows; raised by a
+    child's setup hook, it ends the child with exit status FATAL, so no supervisor restarts it.
+    """
 
 
 class EngineError(Exception):

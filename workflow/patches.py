@@ -6,7 +6,7 @@
         ...the old code...
 
 The first time a run reaches a patch at the end of its recorded history, the runner records a
-marker (a resolved promise `<workflow id>.patch:<name>` holding the call position it was reached
+marker (a resolved promise, `ids.patch_marker_id`, holding the call position it was reached
 at) and the new branch is taken, then and at every later pass. A run that went past that point
 with the old code (its history records a call there, but no marker) takes the old branch, so
 its recorded calls still match. Markers take no call position: call ids stay `<id>.<n>`.
@@ -21,8 +21,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .errors import EngineError
-
-MARKER = "patch:"
 
 
 class PatchNotYieldedError(EngineError, TypeError):
@@ -39,14 +37,3 @@ class Patch(NamedTuple):
         raise PatchNotYieldedError(
             f"ctx.patched({self.name!r}) must be yielded: write `if (yield ctx.patched({self.name!r})):`"
         )
-
-
-def check_patch_name(name: object) -> str:
-    if type(name) is not str or not name or "." in name:
-        raise ValueError(f"a patch name is a non-empty str without '.', not {name!r}")
-    return name
-
-
-def marker_id(workflow_id: str, name: str) -> str:
-    """The id of the marker a patch leaves in the workflow `workflow_id`."""
-    return f"{workflow_id}.{MARKER}{name}"

@@ -11,14 +11,15 @@ import tenacity
 
 from store import StoreError
 
-from .errors import EngineError
+from .errors import EngineError, PermanentError
 
 log = logging.getLogger("workflow.retry")
 
 MAX_TIMEOUT_S = 1e6  # eleven days: beyond it the timer overflows long before it could matter
 
-# Failures of the engine itself are never retried as if the step had failed.
-_NEVER_RETRIED: tuple[type[BaseException], ...] = (StoreError, EngineError)
+# Failures of the engine itself are never retried as if the step had failed, nor an error the
+# application declared permanent.
+_NEVER_RETRIED: tuple[type[BaseException], ...] = (StoreError, EngineError, PermanentError)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class RetryPolicy:
     that kills its worker every time is eventually rejected instead of looping forever.
     `timeout` (seconds) fails an attempt that has not returned by then with StepTimeoutError,
     which is retried like any failure (see deadline.py for how and where it can interrupt).
+    A PermanentError is never retried, nor are the `non_retryable` exception types.
     """
 
     max_attempts: int = 10

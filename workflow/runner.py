@@ -21,6 +21,7 @@ from store import (
     PromiseStore,
     State,
     StoreError,
+    failpoints,
     normalize,
     same_json,
 )
@@ -35,7 +36,8 @@ from .errors import (
     WorkflowConflictError,
     WorkflowInterrupted,
 )
-from .patches import Patch, marker_id
+from .ids import check_root_id, child_id, children_prefix, patch_marker_id
+from .patches import Patch
 from .registry import Registered, describe, registered, versions
 from .retry import RetryPolicy
 
@@ -94,8 +96,7 @@ class Runner:
 
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
-        if not root_id or "." in root_id:
-            raise ValueError(f"a root id is non-empty and has no '.', which separates call ids: {root_id!r}")
+        check_root_id(root_id)
         with self.store.own(root_id):  # one driver per workflow, before anything runs
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
@@ -115,7 +116,7 @@ class Runner:
                 raise PromiseConflictError(
                     root_id, f"is {root.state.value}; only a failed (rejected) workflow can be retried"
                 )
-            reopened = [p.id for p in self.store.list(root_id + ".") if p.state is State.REJECTED]
+            reopened = [p.id for p in self.store.list(children_prefix(root_id)) if p.state is State.REJECTED]
             reopened.append(root_id)
             for promise_id in reopened:  # the root last: until then, a crash leaves it failed
                 self.store.reopen(promise_id, "retry")
@@ -224,7 +225,7 @@ class Runner:
         history records: ending before a recorded call means the code changed (Temporal's
         replayer refuses this too)."""
         ctx.check_all_yielded()
-        unmatched = f"{call.promise_id}.{ctx.calls_made}"
+        unmatched = child_id(call.promise_id, ctx.calls_made)
         recorded = self.store.get(unmatched)
         if recorded is not None:
             raise NonDeterminismError(
@@ -236,25 +237,25 @@ class Runner:
     def _patched(self, ctx: Context, patch: Patch) -> bool | None:
         """Which branch of a patch this run takes here (see patches.py); None when deprecated."""
         here = ctx.calls_made
-        marker = self.store.get(marker_id(ctx.promise_id, patch.name))
+        marker = self.store.get(patch_marker_id(ctx.promise_id, patch.name))
         if marker is not None:
             new_code = here >= marker.param["at"]
         else:
-            new_code = self.store.get(f"{ctx.promise_id}.{here}") is None  # at the end of history
+            new_code = self.store.get(child_id(ctx.promise_id, here)) is None  # at the end of history
             if new_code and not patch.deprecated:
                 self._record_patch(ctx.promise_id, patch.name, here)
         if not patch.deprecated:
             return new_code
         if not new_code:
             raise NonDeterminismError(
-                f"{ctx.promise_id}.{here}", f"the code before patch {patch.name!r}",
+                child_id(ctx.promise_id, here), f"the code before patch {patch.name!r}",
                 f"deprecate_patch({patch.name!r}): a run recorded before the patch is still "
                 f"in flight, so restore `if (yield ctx.patched({patch.name!r})):` and its old branch",
             )
         return None
 
     def _record_patch(self, workflow_id: str, name: str, at: int) -> None:
-        promise_id = marker_id(workflow_id, name)
+        promise_id = patch_marker_id(workflow_id, name)
         self.store.create(promise_id, {"patch": name, "at": at})
         self.store.resolve(promise_id, True)
 
@@ -281,6 +282,8 @@ class Runner:
         """One attempt: recorded durably before the function runs, so crashes count too."""
         attempt = self.store.start_attempt(call.promise_id)
         self._emit("started", call, entry, attempt=attempt)
+        if failpoints.armed:  # a supervisor's "kill at step N" waits here to be killed
+            failpoints.hit(failpoints.STEP_STARTED, failpoints.step_started_key(call.promise_id))
         if policy.timeout is None:
             return self._as_step(call, entry, attempt, call.fn)
         with deadline(policy.timeout, f"step '{entry.name}' ({call.promise_id})"):

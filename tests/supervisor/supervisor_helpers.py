@@ -237,10 +237,10 @@ def snapshot(state_dir: Path) -> dict[str, bytes]:
 
 
 def worker_of(supervisor_pid: int) -> psutil.Process:
-    """The supervisor's worker child (`python -m workflow.importer`)."""
+    """The supervisor's worker child (`python -m workflow run ...`)."""
     for child in psutil.Process(supervisor_pid).children():
         try:
-            if "workflow.importer" in child.cmdline():
+            if child.cmdline()[1:4] == ["-m", "workflow", "run"]:
                 return child
         except psutil.NoSuchProcess:
             continue

@@ -15,7 +15,7 @@ EVENTS = 40
 # A process whose progress fd is its stdout (a pipe): long events from the main thread while
 # the heartbeat thread beats every half millisecond.
 WRITER = f"""
-from workflow.importer.worker import Progress
+from workflow.progress import Progress
 
 progress = Progress(1, "import/x")
 progress.start_heartbeat(0.0005)

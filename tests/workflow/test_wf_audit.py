@@ -7,7 +7,8 @@ from types import ModuleType
 
 from wf_helpers import run_worker_plain
 
-from workflow.importer import exitcodes, synthetic_source
+from workflow import exitcodes
+from workflow.importer import synthetic_source
 
 
 def test_audit_keeps_imports_apart_whose_ids_match_as_like_patterns(

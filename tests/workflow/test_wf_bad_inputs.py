@@ -13,8 +13,8 @@ import pytest
 from wf_helpers import SINK_FILE, run_worker_plain
 
 from store import JsonlStore
-from workflow import RetryPolicy, Runner
-from workflow.importer import Sink, exitcodes, file_source, import_records
+from workflow import RetryPolicy, Runner, exitcodes
+from workflow.importer import Sink, file_source, import_records
 from workflow.importer.sources import MAX_CSV_COLUMNS
 
 ROOT = "import/bad-inputs"

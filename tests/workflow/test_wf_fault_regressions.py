@@ -35,9 +35,10 @@ from workflow import (
     Runner,
     StepError,
     current_step,
+    exitcodes,
     register,
 )
-from workflow.importer import exitcodes, synthetic_source
+from workflow.importer import synthetic_source
 
 ROOT = "import/faults"
 KILLED = -9

@@ -17,7 +17,8 @@ import pytest
 from wf_helpers import SINK_FILE, STORE_FILE, read_store, run_worker_plain, supervisor_retry
 
 from store import State
-from workflow.importer import exitcodes, synthetic_source
+from workflow import exitcodes
+from workflow.importer import synthetic_source
 from workflow.importer.sink import Sink, SinkStorageError
 from workflow.importer.sources import plan_batches, read_batch
 

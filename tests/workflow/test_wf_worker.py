@@ -17,7 +17,8 @@ from wf_helpers import (
 )
 
 from store import State
-from workflow.importer import exitcodes, file_source, synthetic_source
+from workflow import exitcodes
+from workflow.importer import file_source, synthetic_source
 
 ROOT = "import/worker-test"
 KILLED = -9
@@ -125,7 +126,7 @@ def test_injected_batch_failure_is_retried_and_the_import_finishes(
     run = run_worker(tmp_path, ROOT, synthetic_source(500), 100, *FAST_RETRY,
                      failpoints=raise_at(2, 1))
     assert run.returncode == exitcodes.OK
-    assert [e["batch"] for e in run.events if e.get("kind") == "retrying"] == [2]
+    assert [e["step"] for e in run.events if e.get("kind") == "retrying"] == [2]
     assert batch_executions(tmp_path, 2) == [(1, None), (2, "committed")]
     assert_audit_ok(audit, tmp_path, 500)
 

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wf_helpers import run_worker
 
-from workflow.importer import exitcodes, synthetic_source
+from workflow import exitcodes
+from workflow.importer import synthetic_source
 
 ROOT = "import/property"
 KILLED = -9

@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -119,17 +120,18 @@ class WorkerRun:
 
     def batches(self, kind: str) -> list[int]:
         """The batches of the step events of `kind` (started, resolved, replayed...)."""
-        return [e["batch"] for e in self.events
-                if e["event"] == "step" and e["kind"] == kind and e["batch"] is not None]
+        return [e["step"] for e in self.events
+                if e["event"] == "step" and e["kind"] == kind and e["step"] is not None]
 
 
 def worker_argv(
     state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, *extra: str
 ) -> list[str]:
+    """The import's worker: the runtime's child running the import workflow with its setup hook."""
     return [
-        sys.executable, "-m", "workflow.importer", "--state-dir", str(state_dir), "--id", root_id,
-        "--source", json.dumps(source), "--batch-size", str(batch_size), "--durability", "none",
-        *extra,
+        sys.executable, "-m", "workflow", "run", "workflow.importer.app:import_records", "--id", root_id,
+        "--arg", json.dumps(source), "--arg", str(batch_size), "--setup", "workflow.importer.app:setup",
+        "--state-dir", str(state_dir), "--durability", "none", *extra,
     ]
 
 
@@ -182,7 +184,7 @@ def run_worker(
     failpoints: list[dict[str, Any]] | None = None,
     term_when: Callable[[Event], bool] | None = None,
 ) -> WorkerRun:
-    """Run `python -m workflow.importer` to its end, or SIGKILL it when it pauses mid-batch.
+    """Run the import's worker (`python -m workflow run`) to its end, or SIGKILL it mid-batch.
 
     With `kill_at_batch`, the batch.mid failpoint of that batch is armed; the worker announces
     it on the progress pipe and waits there, and this SIGKILLs it. A worker that never reaches
@@ -306,3 +308,83 @@ def attempts_logged(log_path: Path) -> list[int]:
     if not log_path.exists():
         return []
     return [json.loads(line)["attempt"] for line in log_path.read_text().splitlines()]
+
+
+# -- the runtime's child: `python -m workflow run` ---------------------------------------------
+
+
+@dataclass
+class ChildEnded:
+    """How a `python -m workflow run` process ended, its progress events and its output."""
+
+    returncode: int
+    events: list[Event]
+    stdout: str
+    stderr: str
+
+    def steps(self, kind: str) -> list[int]:
+        """The direct steps of the step events of `kind` (started, resolved, replayed...)."""
+        return [e["step"] for e in self.events
+                if e["event"] == "step" and e["kind"] == kind and e["step"] is not None]
+
+
+def run_workflow_child(
+    cwd: Path,
+    *args: str,
+    failpoints: list[dict[str, Any]] | None = None,
+    act: Callable[[subprocess.Popen[bytes], Event], None] | None = None,
+) -> ChildEnded:
+    """Run `python -m workflow run ARGS` in `cwd` with a progress pipe (failpoint announcements
+    come on it too); `act(process, event)` sees every event as it comes, to signal the child."""
+    read_fd, write_fd = os.pipe()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workflow", "run", *args, "--progress-fd", str(write_fd)],
+                pass_fds=(write_fd,), env=worker_env(failpoints, write_fd), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, cwd=cwd,
+            )
+        finally:
+            os.close(write_fd)
+        try:
+            events = _follow(JsonLines(read_fd), proc, act)
+        except BaseException:
+            _reap(proc, kill=True)
+            raise
+        finally:
+            os.close(read_fd)
+        returncode = _reap(proc, kill=False)
+        out.seek(0)
+        err.seek(0)
+        return ChildEnded(returncode, events, out.read().decode(), err.read().decode())
+
+
+def _follow(
+    lines: JsonLines,
+    proc: subprocess.Popen[bytes],
+    act: Callable[[subprocess.Popen[bytes], Event], None] | None,
+) -> list[Event]:
+    events: list[Event] = []
+    while (event := lines.next()) is not None:
+        events.append(event)
+        if act is not None:
+            act(proc, event)
+    return events
+
+
+APPS = HERE.parent / "apps"
+
+
+def install_app(directory: Path, name: str = "squares") -> Path:
+    """Copy the test application tests/apps/NAME.py into `directory`, as a user's own module."""
+    target = directory / f"{name}.py"
+    target.write_text((APPS / f"{name}.py").read_text())
+    return target
+
+
+def steps_logged(directory: Path) -> list[tuple[str, int]]:
+    """(id, attempt) of every step attempt the squares app logged in `directory`, in order."""
+    log = directory / "steps.log"
+    if not log.exists():
+        return []
+    return [(e["id"], e["attempt"]) for e in map(json.loads, log.read_text().splitlines())]

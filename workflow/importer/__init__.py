@@ -1,17 +1,19 @@
 """The bulk import application: sources, batches, the SQLite sink, and the workflow."""
 
-from .app import batch_index, import_records, process_batch, summarize
+from .app import SINK_FILE, ImportArgumentsError, import_records, process_batch, setup, summarize
 from .sink import Sink
 from .sources import SourceError, file_source, plan_batches, synthetic_source
 
 __all__ = [
+    "SINK_FILE",
+    "ImportArgumentsError",
     "Sink",
     "SourceError",
-    "batch_index",
     "file_source",
     "import_records",
     "plan_batches",
     "process_batch",
+    "setup",
     "summarize",
     "synthetic_source",
 ]

@@ -1,17 +1,52 @@
-"""The bulk import workflow: the seed's plain loop, one durable step per batch."""
+"""The bulk import workflow: the seed's plain loop, one durable step per batch.
+
+Run it with the runtime's child, which a supervisor spawns:
+
+    python -m workflow run workflow.importer.app:import_records --id ID --arg SOURCE --arg B \
+        --setup workflow.importer.app:setup --state-dir DIR
+"""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from store import failpoints
+from store import Durability, failpoints
 
+from ..child import RunInfo
 from ..context import Context, current_step
+from ..errors import PermanentError
 from ..registry import register
+from .sink import Sink
 from .sources import plan_batches, read_batch
+
+SINK_FILE = "import.db"  # the SQLite sink's file in a state dir
+
+
+class ImportArgumentsError(PermanentError):
+    """The import was not given its two arguments: a source descriptor and a batch size."""
+
+
+@contextmanager
+def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
+    """The child's setup hook: plan the input first, so that a bad or changed file stops the run
+    before anything is written, then open the sink in the state dir (the steps' `sink`)."""
+    if len(run.args) != 2:
+        raise ImportArgumentsError(
+            f"the import takes 2 arguments (a source descriptor and a batch size), not {len(run.args)}"
+        )
+    try:
+        plan_batches(*run.args)
+    except ValueError as exc:
+        raise ImportArgumentsError(str(exc)) from exc
+    sink = Sink(run.state_dir / SINK_FILE, durable=run.durability is Durability.FULL)
+    try:
+        yield {"sink": sink}
+    finally:
+        sink.close()
 
 
 @register(name="import_records")
@@ -47,23 +82,15 @@ def process_batch(i: int, batch: dict[str, Any]) -> dict[str, Any]:
     step = current_step()
     sink = step.dependency("sink")
     execution = sink.start_execution(step.promise_id, i, step.attempt, os.getpid(), step.code)
-    failpoints.hit("batch.fail", f"{i}/{step.attempt}")
+    failpoints.hit(failpoints.BATCH_FAIL, failpoints.batch_fail_key(i, step.attempt))
     return sink.commit_batch(
         step.promise_id,
         step.parent_id,
         i,
         read_batch(batch),
         execution,
-        halfway=lambda: failpoints.hit("batch.mid", str(i)),
+        halfway=lambda: failpoints.hit(failpoints.BATCH_MID, failpoints.batch_mid_key(i)),
     )
-
-
-def batch_index(root_id: str, promise_id: str) -> int | None:
-    """The batch number of `promise_id` if it is a batch step of the import `root_id`."""
-    prefix = root_id + "."
-    if promise_id.startswith(prefix) and promise_id[len(prefix):].isdigit():
-        return int(promise_id[len(prefix):])
-    return None
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

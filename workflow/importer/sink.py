@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ..errors import PermanentError
 from . import records
 from .sources import Row
 
@@ -68,8 +69,8 @@ ADDED_COLUMNS = [("executions", "code", "TEXT")]
 _IDS_PER_QUERY = 500
 
 
-class SinkError(Exception):
-    """The sink database cannot be used; names the file."""
+class SinkError(PermanentError):
+    """The sink database cannot be used; names the file. No retry can fix it."""
 
 
 class SinkStorageError(SinkError):

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from ..errors import PermanentError
 from . import records
 
 CSV_FIELD_LIMIT = 64 * 1024 * 1024
@@ -36,8 +37,9 @@ SYNTHETIC_INVALID_AT = 13
 csv.field_size_limit(CSV_FIELD_LIMIT)  # larger fields are a row-level problem, not a parse error
 
 
-class SourceError(Exception):
-    """A problem with the input as a whole; names the file (and line when known)."""
+class SourceError(PermanentError):
+    """A problem with the input as a whole; names the file (and line when known). No retry
+    can fix it."""
 
     def __init__(
         self, path: str | os.PathLike[str], message: str, line: int | None = None

@@ -1,5 +1,5 @@
 import sys
 
-from .worker import main
+from .child import main
 
 sys.exit(main())

@@ -1,0 +1,110 @@
+"""What `exec` and `run` share: a state dir made ready, a supervision run to its end, its report
+printed, and its exit status (supervisor/exits.py). `exec` itself is here: any workflow, by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from store import StoreError
+from store.fsutil import make_dirs
+
+from . import exits
+from .faults import kill_budget_error, random_kills
+from .live import LiveLine
+from .location import StoreLocation
+from .supervise import Settings, StateDirBusyError, Supervisor
+
+
+def exec_command(args: argparse.Namespace) -> int:
+    """`python -m supervisor exec MODULE:FUNCTION --id ID ...`: supervise any workflow."""
+    budget_error = kill_budget_error(args.kill_at_step, None, args.max_attempts, "step")
+    if budget_error is not None:
+        return refuse(budget_error, exits.USAGE, args.json)
+    if args.store is not None:
+        location = StoreLocation.at_url(args.store)
+    else:
+        refused = prepare_state_dir(args.state_dir, args.json)
+        if refused is not None:
+            return refused
+        location = StoreLocation.in_state_dir(args.state_dir.resolve())
+    settings = Settings(
+        root_id=args.id,
+        target=args.target,
+        location=location,
+        args=[orjson.dumps(a).decode() for a in args.arg],
+        setup=args.setup,
+        kill_at_steps=set(args.kill_at_step),
+        random_kills=random_kills(args.kill_random, args.seed),
+        **common_settings(args),
+    )
+    return supervise(settings, as_json=args.json)
+
+
+def common_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings every supervised run takes from its flags alike."""
+    return {
+        "max_restarts": args.max_restarts,
+        "restart_backoff": args.restart_backoff,
+        "max_attempts": args.max_attempts,
+        "retry_initial": args.retry_initial,
+        "grace": args.grace,
+        "stall_timeout": args.stall_timeout,
+        "step_timeout": args.step_timeout,
+        "durability": args.durability,
+    }
+
+
+def prepare_state_dir(state_dir: Path, as_json: bool) -> int | None:
+    """Make the state dir (each new level synced); an exit status if it cannot be used."""
+    if state_dir.exists() and not state_dir.is_dir():
+        return refuse(f"{state_dir}: the state dir is not a directory", exits.FAILED, as_json)
+    try:
+        make_dirs(state_dir)  # each new directory's entry synced: it survives a power loss
+    except OSError as exc:
+        return refuse(f"{state_dir}: cannot create the state dir ({exc.strerror})", exits.FAILED, as_json)
+    return None
+
+
+def supervise(settings: Settings, *, as_json: bool) -> int:
+    """Run the supervision to its end, print its report, and return the exit status."""
+    live = LiveLine.for_stderr()
+    try:
+        report = Supervisor(settings, live).run()
+    except StateDirBusyError as exc:
+        return refuse(str(exc), exits.BUSY, as_json)
+    except StoreError as exc:  # a damaged or unusable store: refused before any worker ran
+        return refuse(str(exc), exits.FAILED, as_json)
+    except OSError as exc:
+        return refuse(f"{exc.filename}: {exc.strerror}", exits.FAILED, as_json)
+    finally:
+        if live is not None:
+            live.close()
+    _print(report.as_json() if as_json else report.as_text(), as_json)
+    if report.ok:
+        return exits.OK
+    print(f"error: {report.error}", file=sys.stderr)
+    if report.interrupted_by:
+        return 128 + signal.Signals[report.interrupted_by].value
+    return exits.FAILED
+
+
+def refuse(error: str, code: int, as_json: bool) -> int:
+    """A run that could not start: one line on stderr (and a JSON report with --json)."""
+    print(f"error: {error}", file=sys.stderr)
+    if as_json:
+        _print({"ok": False, "error": error}, as_json)
+    return code
+
+
+def _print(report: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    else:
+        print(report)

@@ -1,0 +1,124 @@
+"""The `run` command: the import application's wiring, the one module of the supervisor that
+imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`).
+
+`run` plans the import here (a bad input file is refused before anything runs), derives its
+default id, and supervises `python -m workflow run workflow.importer.app:import_records` with
+the import's setup hook, on the generic machinery of supervise.py: the import's batches are its
+steps. `--kill-at-batch K` waits at the import's own `batch.mid` failpoint (halfway through batch
+K's rows, before its transaction commits); `--fail-at-batch K` arms `batch.fail` on batch K's
+first attempt. `status` gets the import's words and batch totals from `terms_for`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from store import Promise, failpoints
+from workflow.history import recorded_call, records_call_of
+from workflow.importer import SourceError, file_source, import_records, plan_batches, synthetic_source
+from workflow.importer import setup as import_setup
+from workflow.importer.sources import source_label
+
+from . import exits
+from .commands import common_settings, prepare_state_dir, refuse, supervise
+from .faults import Point, kill_budget_error, random_kills
+from .location import StoreLocation
+from .report import Terms
+from .supervise import Settings
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    """MODULE:FUNCTION of `fn`, as the worker's command line names it."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+@dataclass(frozen=True)
+class ImportTerms(Terms):
+    """An import's steps are batches; its result is a summary of record counts."""
+
+    noun: str = "import"
+    unit: str = "batch"
+    units: str = "batches"
+    units_maybe: str = "batch(es)"
+    command: str = "run"
+
+    def result_fields(self, result: Any) -> dict[str, Any]:
+        return {} if result is None else self.summary(result)
+
+    def summary(self, result: Any) -> Any:
+        return {k: v for k, v in result.items() if k != "batches"}  # one entry per batch: too long
+
+    def result_text(self, result: Any) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in result["skipped_reasons"].items()) or "none"
+        return (f"{result['total_records']} records in {result['batch_count']} batches: "
+                f"{result['total_processed']} imported, {result['total_skipped']} skipped ({reasons})")
+
+    def step_count(self, root: Promise) -> int | None:
+        """The import's batch count, planned again from the arguments its root records."""
+        call = recorded_call(root)
+        if call is None or len(call.args) != 2:
+            return None
+        try:
+            return len(plan_batches(*call.args))
+        except (SourceError, ValueError):  # the input is gone or changed since: no count
+            return None
+
+
+IMPORT_TERMS = ImportTerms()
+
+
+def terms_for(root: Promise) -> Terms:
+    """The import's words for an import's root; the generic ones for any other workflow."""
+    return IMPORT_TERMS if records_call_of(root, import_records) else Terms()
+
+
+def at_mid_batch(_root_id: str, batch: int) -> Point:
+    """Where `--kill-at-batch` waits: halfway through the batch's rows, before its commit."""
+    return failpoints.BATCH_MID, failpoints.batch_mid_key(batch)
+
+
+def fail_once_at(batch: int | None) -> list[dict[str, str]]:
+    """`--fail-at-batch K`: the first attempt of batch K raises (and is retried with backoff)."""
+    if batch is None:
+        return []
+    return [failpoints.entry(failpoints.BATCH_FAIL, failpoints.batch_fail_key(batch, 1), "raise")]
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`python -m supervisor run`: plan the import, then supervise it."""
+    budget_error = kill_budget_error(args.kill_at_batch, args.fail_at_batch, args.max_attempts, "batch")
+    if budget_error is not None:
+        return refuse(budget_error, exits.USAGE, args.json)
+    try:
+        source = file_source(args.input) if args.input else synthetic_source(args.records)
+        batch_count = len(plan_batches(source, args.batch_size))
+    except SourceError as exc:
+        return refuse(str(exc), exits.FAILED, args.json)
+    beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch] if k is not None and k >= batch_count]
+    if beyond:
+        parser.error(f"batch {beyond[0]} is beyond the last batch ({batch_count - 1}); "
+                     f"the import has {batch_count} batch(es)")
+    refused = prepare_state_dir(args.state_dir, args.json)
+    if refused is not None:
+        return refused
+    settings = Settings(
+        root_id=args.id or f"import/{source_label(source)}-b{args.batch_size}",
+        target=function_name(import_records),
+        location=StoreLocation.in_state_dir(args.state_dir.resolve()),
+        args=[orjson.dumps(source).decode(), str(args.batch_size)],
+        setup=function_name(import_setup),
+        step_count=batch_count,
+        kill_at_steps=set(args.kill_at_batch),
+        kill_point=at_mid_batch,
+        random_kills=random_kills(args.kill_random, args.seed),
+        planned_failure=args.fail_at_batch,
+        extra_failpoints=fail_once_at(args.fail_at_batch),
+        terms=IMPORT_TERMS,
+        **common_settings(args),
+    )
+    return supervise(settings, as_json=args.json)

@@ -1,0 +1,85 @@
+"""The progress pipe: what a workflow child tells its supervisor, one JSON object per line.
+
+The schema, owned here (every line has `event`; a supervisor reads these names and fields):
+
+- `started` {pid}: the child is up (before it imports the workflow or opens the store).
+- `heartbeat`: every `--heartbeat` seconds from a thread of its own, while the process runs
+  Python code at all: its silence is how a supervisor tells a hung child (stopped, or stuck in
+  C code holding the GIL).
+- `step` {id, kind, attempt, error, delay, step}: a StepEvent of the runner. `kind` is replayed,
+  started, recovered, retrying, resolved or rejected; `step` is n when `id` is `<root>.<n>`, a
+  direct call of the root (see ids.step_index), else null.
+- `ended` {pid, code, error}: the child stops with exit status `code` (workflow/exitcodes.py)
+  for the one-line reason `error`.
+- `finished` {pid}: the workflow's result is stored; the child exits 0.
+
+A failpoint's announcement (store/failpoints.py) may come on the same fd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from .ids import step_index
+from .runner import StepEvent
+
+log = logging.getLogger("workflow.progress")
+
+STARTED = "started"
+HEARTBEAT = "heartbeat"
+STEP = "step"
+ENDED = "ended"
+FINISHED = "finished"
+
+# The `kind` of a `step` event a supervisor follows (the runner's StepEvent.kind).
+KIND_REPLAYED = "replayed"
+KIND_STARTED = "started"
+KIND_RESOLVED = "resolved"
+
+
+class Progress:
+    """Writes the events above on an inherited fd (or nowhere, without one).
+
+    Each line is written whole under one lock: the heartbeat thread shares the fd, and a line
+    longer than PIPE_BUF (a step event with a long error) could otherwise interleave with another.
+    """
+
+    def __init__(self, fd: int | None, root_id: str) -> None:
+        self._fd = fd
+        self._root_id = root_id
+        self._lock = threading.Lock()
+
+    def send(self, event: str, **fields: Any) -> None:
+        if self._fd is None:
+            return
+        line = memoryview(orjson.dumps({"event": event, **fields}) + b"\n")
+        with self._lock:
+            while line:  # a write cut short by a signal returns what it wrote
+                line = line[os.write(self._fd, line):]
+
+    def start_heartbeat(self, interval: float) -> None:
+        """A `heartbeat` line every `interval` seconds from a daemon thread."""
+        if self._fd is not None:
+            threading.Thread(target=self._beat, args=(interval,), name="heartbeat", daemon=True).start()
+
+    def _beat(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                self.send(HEARTBEAT)
+            except OSError as exc:  # the supervisor is gone (and this child dies with it)
+                log.warning("heartbeat stopped: progress fd %d: %s", self._fd, exc.strerror)
+                return
+
+    def step(self, e: StepEvent) -> None:
+        """The runner's `on_event`: one `step` line."""
+        if self._fd is None:
+            return
+        self.send(STEP, kind=e.kind, id=e.promise_id, step=step_index(self._root_id, e.promise_id),
+                  attempt=e.attempt, error=e.error, delay=e.delay)
