@@ -30,6 +30,7 @@ from .report import Terms
 from .status import retry_failed, show_status
 from .supervise import Settings
 
+MAX_SYNTHETIC_RECORDS = 10**12
 DEFAULT_RECORDS = 1000  # the import's defaults, as its `run` command shows them
 DEFAULT_BATCH_SIZE = 100
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run (or resume) an import under supervision")
     source = run.add_mutually_exclusive_group()
-    source.add_argument("--records", type=_non_negative, default=DEFAULT_RECORDS,
+    source.add_argument("--records", type=_record_count, default=DEFAULT_RECORDS,
                         help=f"synthetic records to import (default {DEFAULT_RECORDS})")
     source.add_argument("--input", type=Path, help="a .csv or .jsonl file to import")
     run.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
@@ -156,6 +157,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _record_count(text: str) -> int:
+    value = _non_negative(text)
+    if value > MAX_SYNTHETIC_RECORDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SYNTHETIC_RECORDS:,} records, not {value:,}")
     return value
 
 

@@ -100,6 +100,10 @@ def kill_budget_error(
     kill_at: list[int], planned_failure: int | None, max_attempts: int, unit: str
 ) -> str | None:
     """Why a kill-at-step (`--kill-at-<unit> N`) would spend its step's last attempt, if it would."""
+    if planned_failure is not None and max_attempts < 2:
+        return (f"--fail-at-{unit} {planned_failure} needs --max-attempts 2 or more, not "
+                f"{max_attempts}: the injected failure spends the {unit}'s only attempt and fails "
+                "the run for good")
     for step in sorted(kill_at):
         spent = attempts_before_kill(step, None, planned_failure)
         if kill_would_fail(spent, max_attempts):

@@ -99,6 +99,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         batch_count = len(plan_batches(source, args.batch_size))
     except SourceError as exc:
         return refuse(str(exc), exits.FAILED, args.json)
+    except ValueError as exc:  # a batch size out of range
+        parser.error(f"argument --batch-size: {exc}")
     beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch] if k is not None and k >= batch_count]
     if beyond:
         parser.error(f"batch {beyond[0]} is beyond the last batch ({batch_count - 1}); "

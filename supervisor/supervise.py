@@ -267,7 +267,8 @@ class Supervisor:
             why = f"the {t.unit} was already done" if known else f"the {t.noun} has no {t.unit} {n}"
             self.report.undelivered_kills.append(f"kill at {t.unit} {n}: {why}")
         self.report.undelivered_kills.extend(
-            f"random {k.kind} kill: the {t.noun} finished first" for k in self._random
+            f"random {k.kind} kill: the {t.noun} finished first, or every chance to land it "
+            "would have spent a step's last attempt" for k in self._random
         )
 
     # -- one child -----------------------------------------------------------------------
@@ -329,13 +330,13 @@ class Supervisor:
                 if self.stop_signal is not None and not watch.stop_forwarded:
                     self._forward_stop(child, watch)
                 ready = selector.select(self._time_to_next_deadline(watch))
-                self._act_on_deadlines(child, watch)
-                for key, _ in ready:
+                for key, _ in ready:  # what the worker said first: a kill decides on it
                     if key.data == "signal":
                         os.read(self._wakeup_r, 512)
                     elif self._read_pipe(key.fd, key.data, child, watch):
                         selector.unregister(key.fd)
                         open_pipes -= 1
+                self._act_on_deadlines(child, watch)
                 stall_deadline = watch.stall_deadline(self.s.stall_timeout)
                 if open_pipes and stall_deadline is not None and time.monotonic() >= stall_deadline:
                     self._kill_stalled(child, watch)
@@ -356,17 +357,33 @@ class Supervisor:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _act_on_deadlines(self, child: Child, watch: _Watch) -> None:
-        """A timed kill that is due (unless it would take the step's last attempt), and the
-        SIGKILL of a worker that did not stop within its grace after a forwarded signal."""
+        """A timed kill that is due, and the SIGKILL of a worker that did not stop within its
+        grace after a forwarded signal: neither when it would spend a step's last attempt."""
         now = time.monotonic()
         if watch.kill_deadline is not None and now >= watch.kill_deadline:
-            if watch.kill is None and not watch.on_last_attempt(self.s.max_attempts):
+            if watch.kill is None and not self._last_attempt_in_flight(watch):
                 self._kill(child, watch, "timed", watch.step_in_flight)
             watch.kill_deadline = None
         if watch.grace_deadline is not None and now >= watch.grace_deadline:
+            watch.grace_deadline = None
+            if self._last_attempt_in_flight(watch):
+                log.warning("worker %d did not stop within %g s, but a kill would spend the last "
+                            "attempt of %s: waiting for it to end (--step-timeout bounds it)",
+                            child.pid, self.s.grace, watch.in_flight)
+                return
             log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
             child.signal_group(signal.SIGKILL)
-            watch.grace_deadline = None
+
+    def _last_attempt_in_flight(self, watch: _Watch) -> bool:
+        """Whether a step's last allowed attempt may be running, by what the worker said and by
+        the store (which the worker writes before it says so): then a kill would fail the step."""
+        if watch.on_last_attempt(self.s.max_attempts):
+            return True
+        history = self._read_history()
+        return history is not None and any(
+            p.state is State.PENDING and p.attempts >= watch.last_attempts.get(p.id, self.s.max_attempts)
+            for p in history.calls
+        )
 
     def _read_pipe(self, fd: int, pipe: str, child: Child, watch: _Watch) -> bool:
         """Relay stderr or act on progress events (any line is a sign of life); True at EOF."""

@@ -39,9 +39,12 @@ SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
     (("--records", "ten"), "invalid"),
     (("--id", "import/a.b"), "without '.'"),
     (("--kill-random", "1000000000"), "--kill-random: at most 1000 random kills"),
+    (("--records", str(10**13)), "--records: at most 1,000,000,000,000 records"),
+    (("--batch-size", str(10**21)), "--batch-size: batch size must be a whole number from 1 to 10,000,000"),
 ], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
         "fail-beyond-last", "kill-negative", "unknown-flag", "input-and-records", "records-not-a-number",
-        "id-with-a-dot", "kill-random-beyond-the-cap"])
+        "id-with-a-dot", "kill-random-beyond-the-cap", "records-beyond-the-cap",
+        "batch-size-beyond-the-cap"])
 def test_usage_error_exits_2_and_touches_nothing(tmp_path: Path, args: tuple[str, ...],
                                                  complaint: str) -> None:
     state_dir = tmp_path / "state"
@@ -162,3 +165,12 @@ def test_same_id_with_other_records_is_refused(tmp_path: Path, audit: ModuleType
     assert snapshot(state_dir)["store.jsonl"] == before["store.jsonl"]
     assert executions(state_dir, root) == runs
     assert_audit_ok(audit, state_dir, root, RECORDS)
+
+
+def test_an_import_of_more_batches_than_a_plan_can_hold_is_refused_in_one_line(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    run = run_import(state_dir, "--records", str(10**12), "--batch-size", "1")
+    assert run.returncode == 1, run.describe()
+    assert run.stderr.strip() == ("error: source: 1,000,000,000,000 records in batches of 1 would be "
+                                  "more than 10,000,000 batches: use a larger batch size")
+    assert not state_dir.exists()

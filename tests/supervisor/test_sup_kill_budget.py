@@ -3,6 +3,7 @@ on a resumed import a kill that would fail its batch is reported undelivered ins
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from types import ModuleType
@@ -73,4 +74,36 @@ def test_resumed_kill_at_a_batch_on_its_last_attempt_is_undelivered_and_the_impo
     assert child["executed"] == list(range(3, BATCHES))
     assert batch_attempts(audit, state_dir, root, 3) == 2
     assert_report_matches_sink(report, state_dir, root, frozenset({worker.pid}))
+    assert_audit_ok(audit, state_dir, root, RECORDS)
+
+
+def test_fail_at_batch_with_a_single_attempt_is_refused_up_front(tmp_path: Path) -> None:
+    run = run_import(tmp_path / "state", *SIZES, "--fail-at-batch", "3", "--max-attempts", "1")
+    assert run.returncode == 2, run.describe()
+    assert "--fail-at-batch 3 needs --max-attempts 2 or more, not 1" in run.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_stop_past_its_grace_never_kills_a_batch_on_its_last_attempt(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    # Batch 3 lingers 3 s halfway: SIGTERM lands while it runs its only attempt, grace is 0.3 s.
+    linger = {"DURABLE_FAILPOINTS": json.dumps(
+        [{"name": "batch.mid", "key": "3", "action": "delay", "seconds": 3}])}
+    sup = start_import(state_dir, *SIZES, "--max-attempts", "1", "--grace", "0.3", env=linger)
+    try:
+        wait_until(lambda: batch_attempts(audit, state_dir, root, 3) >= 1, "batch 3 starts")
+        sup.process.send_signal(signal.SIGTERM)
+        stopped = sup.finish()
+    finally:
+        sup.close()
+
+    assert stopped.returncode == 143, stopped.describe()
+    assert "a kill would spend the last attempt" in stopped.stderr
+    assert stopped.report["kills"] == [] and 3 in stopped.report["children"][0]["executed"]
+    assert batch_attempts(audit, state_dir, root, 3) == 1
+    rerun = run_import(state_dir, *SIZES, "--max-attempts", "1")  # resumes: nothing was spent
+    assert_finished(rerun, RECORDS, BATCH_SIZE)
     assert_audit_ok(audit, state_dir, root, RECORDS)

@@ -160,9 +160,10 @@ def test_synthetic_source_has_exactly_one_invalid_email_in_twenty() -> None:
     assert sum(row.problem is None for row in rows) == 95
 
 
-def test_batch_size_below_one_is_refused() -> None:
-    with pytest.raises(ValueError, match="at least 1"):
-        plan_batches(synthetic_source(10), 0)
+@pytest.mark.parametrize("size", [0, -1, 10_000_001, 10**21])
+def test_batch_size_out_of_range_is_refused(size: int) -> None:
+    with pytest.raises(ValueError, match="a whole number from 1 to 10,000,000"):
+        plan_batches(synthetic_source(10), size)
 
 
 def test_input_that_grew_since_planning_is_a_source_error(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from ..errors import PermanentError
 from . import records
 
 CSV_FIELD_LIMIT = 64 * 1024 * 1024
+MAX_BATCH_SIZE = 10_000_000  # records a batch holds, at most: one transaction, in memory
+MAX_BATCHES = 10_000_000  # the plan is held in memory, and the store keeps a promise per batch
 MAX_CSV_COLUMNS = 10_000  # a wider header is refused: no real import has that many columns
 _REPEATS_NAMED = 5  # a header's repeated columns named in its error, at most
 SYNTHETIC_INVALID_EVERY = 20  # record i has a malformed email when i % 20 == 13: exactly 5%
@@ -113,9 +115,15 @@ _plans: dict[bytes, tuple[dict[str, Any], ...]] = {}
 
 def plan_batches(source: dict[str, Any], batch_size: int) -> tuple[dict[str, Any], ...]:
     """The batch descriptors of `source`; reads a whole file once per process (then cached)."""
-    if type(batch_size) is not int or batch_size < 1:
-        raise ValueError(f"batch size must be a whole number of at least 1, not {batch_size!r}")
+    if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(
+            f"batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, not {batch_size!r}"
+        )
     _check_descriptor(source)
+    if source["kind"] == "synthetic" and -(-source["records"] // batch_size) > MAX_BATCHES:
+        raise SourceError("source", (
+            f"{source['records']:,} records in batches of {batch_size:,} would be more than "
+            f"{MAX_BATCHES:,} batches: use a larger batch size"))
     key = orjson.dumps([source, batch_size], option=orjson.OPT_SORT_KEYS)
     if key not in _plans:
         if source["kind"] == "synthetic":
