@@ -362,14 +362,14 @@ class JsonlStore(IndexedStore):
     def _torn_write_failpoint(self, record: dict[str, Any], line: bytes) -> None:
         """`store.append` failpoint: write half the line, then pause to be killed mid-write
         (or raise, like a failed write); `delay` only waits before the write."""
-        key = f"{record['op']}:{record['id']}"
-        what = failpoints.action("store.append", key)
+        key = failpoints.store_append_key(record["op"], record["id"])
+        what = failpoints.action(failpoints.STORE_APPEND, key)
         if what == "delay":
-            failpoints.hit("store.append", key)
+            failpoints.hit(failpoints.STORE_APPEND, key)
         elif what is not None:
             self._write_bytes(line[: len(line) // 2])
             try:
-                failpoints.hit("store.append", key)
+                failpoints.hit(failpoints.STORE_APPEND, key)
             except BaseException:  # "raise": a write that failed; cut what it left
                 self._undo_partial_write()
                 raise

@@ -48,12 +48,18 @@ class ImportTerms(Terms):
     command: str = "run"
 
     def result_fields(self, result: Any) -> dict[str, Any]:
-        return {} if result is None else self.summary(result)
+        if result is None:
+            return {}
+        return self.summary(result) if _is_summary(result) else super().result_fields(result)
 
     def summary(self, result: Any) -> Any:
+        if not _is_summary(result):  # a store edited by hand: shown as it is, never a traceback
+            return result
         return {k: v for k, v in result.items() if k != "batches"}  # one entry per batch: too long
 
     def result_text(self, result: Any) -> str:
+        if not _is_summary(result):
+            return f"a result that is not an import summary: {super().result_text(result)}"
         reasons = ", ".join(f"{k} {v}" for k, v in result["skipped_reasons"].items()) or "none"
         return (f"{result['total_records']} records in {result['batch_count']} batches: "
                 f"{result['total_processed']} imported, {result['total_skipped']} skipped ({reasons})")
@@ -70,6 +76,13 @@ class ImportTerms(Terms):
 
 
 IMPORT_TERMS = ImportTerms()
+_SUMMARY_KEYS = frozenset({"total_records", "total_processed", "total_skipped", "skipped_reasons",
+                           "batch_count"})
+
+
+def _is_summary(result: Any) -> bool:
+    return (isinstance(result, dict) and result.keys() >= _SUMMARY_KEYS
+            and isinstance(result["skipped_reasons"], dict))
 
 
 def terms_for(root: Promise) -> Terms:

@@ -16,7 +16,7 @@ import orjson
 
 from store import Promise, State, StoreError, StoreLockedError, open_store
 from workflow import Runner
-from workflow.history import History, read_history, root_ids
+from workflow.history import History, read_history, recorded_call, root_ids
 
 from . import exits
 from .location import StoreLocation
@@ -78,10 +78,11 @@ def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_
 def status_of(history: History, terms: Terms, step_count: int | None) -> dict[str, Any]:
     """The status report; its keys name the steps in the workflow's own words (`batches_done`)."""
     root, unit, units = history.root, terms.unit, terms.units
-    pending, error = history.first_pending, history.last_error
+    pending, error, call = history.first_pending, history.last_error, recorded_call(root)
     return {
         "id": root.id,
         "state": root.state.value,
+        "code": None if call is None else f"{call.fn} v{call.version}",  # which code it runs
         f"{units}_done": len(history.in_state(State.RESOLVED)),
         f"{unit}_count": step_count,
         f"{units}_failed": len(history.in_state(State.REJECTED)),
@@ -97,6 +98,8 @@ def status_text(s: dict[str, Any], terms: Terms) -> str:
     done, count = s[f"{units}_done"], s[f"{unit}_count"]
     progress = f"{done}/{count}" if count is not None else f"{done}"
     lines = [f"{s['id']}: {s['state']}, {progress} {units} done, {s['attempts']} {unit} attempts in all"]
+    if s["code"]:
+        lines.append(f"  code: {s['code']}")
     if s[f"pending_{unit}"]:
         p = s[f"pending_{unit}"]
         lines.append(f"  pending: {p['id']} ({p['attempts']} attempt(s) started)")

@@ -36,9 +36,9 @@ def recorded_call(promise: Promise) -> RecordedCall | None:
 
 
 def records_call_of(promise: Promise, fn: Callable[..., Any]) -> bool:
-    """Whether `promise` was created for a call of `fn` (its registered name and version)."""
-    call, entry = recorded_call(promise), describe(fn)
-    return call is not None and (call.fn, call.version) == (entry.name, entry.version)
+    """Whether `promise` was created for a call of `fn`'s registered name (of any version)."""
+    call = recorded_call(promise)
+    return call is not None and call.fn == describe(fn).name
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from supervisor_helpers import (
     wait_until,
 )
 
+from store.codec import decode, encode
+
 RECORDS = 200
 BATCH_SIZE = 50
 BATCHES = 4
@@ -174,3 +176,22 @@ def test_an_import_of_more_batches_than_a_plan_can_hold_is_refused_in_one_line(t
     assert run.stderr.strip() == ("error: source: 1,000,000,000,000 records in batches of 1 would be "
                                   "more than 10,000,000 batches: use a larger batch size")
     assert not state_dir.exists()
+
+
+def test_an_import_whose_stored_result_is_not_a_summary_is_shown_not_a_traceback(tmp_path: Path) -> None:
+    """A store edited by hand can hold any JSON as the import's result: run and status show it."""
+    state_dir = tmp_path / "state"
+    assert run_import(state_dir, *SIZES).returncode == 0
+    store = state_dir / "store.jsonl"
+    records = [decode(line) for line in store.read_bytes().splitlines()]
+    for record in records:
+        if record["op"] == "resolve" and record["id"] == root_id(RECORDS, BATCH_SIZE):
+            record["value"] = "just text"
+    store.write_bytes(b"".join(encode(r) for r in records))
+
+    again = run_cli("run", state_dir, *SIZES)
+    status = run_cli("status", state_dir, "--id", root_id(RECORDS, BATCH_SIZE))
+
+    for done in (again, status):
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.describe()
+        assert 'a result that is not an import summary: "just text"' in done.stdout

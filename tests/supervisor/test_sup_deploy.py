@@ -167,9 +167,14 @@ def test_a_patched_or_versioned_deploy_finishes_the_import_in_flight(
         strict = sum(1 for i in range((STOP_AT + 1) * BATCH_SIZE, RECORDS)
                      if i % 20 != 13 and str(i).endswith("7"))
         assert report["total_skipped"] == RECORDS // 20 + strict
-    else:  # the run recorded with import_records v1 finishes on v1
+    else:  # the run recorded with import_records v1 finishes on v1, and status says so
         assert all(by_batch[b] == old for b in range(BATCHES))
         assert report["total_skipped"] == RECORDS // 20
+        status = subprocess.run(
+            [sys.executable, "-m", "supervisor", "status", "--id", ROOT, "--state-dir", str(state_dir),
+             "--json"], cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True,
+            text=True, timeout=60, check=True)
+        assert json.loads(status.stdout)["code"] == "import_records v1"
     verdict = audit.audit(state_dir, ROOT, RECORDS)
     assert verdict["ok"], verdict["violations"]
 

@@ -120,7 +120,8 @@ def test_a_new_users_loop_fail_fix_retry_resume(tmp_path: Path) -> None:
 
     status = supervisor(tmp_path, "status", "--id", ROOT, "--state-dir", STATE, "--json")
     assert json.loads(status.stdout) == {
-        "id": ROOT, "state": "resolved", "steps_done": 4, "step_count": None, "steps_failed": 0,
+        "id": ROOT, "state": "resolved", "code": "squares v1", "steps_done": 4, "step_count": None,
+        "steps_failed": 0,
         "pending_step": None, "attempts": 6, "last_error": None, "result": [0, 1, 4, 9],
     }
 
