@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from store import Promise
@@ -16,6 +17,7 @@ from workflow.child import (
     DEFAULT_STATE_DIR,
     durable_store_url,
     json_value,
+    non_negative_float,
     positive_float,
     positive_int,
     root_id,
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run (or resume) an import under supervision")
     source = run.add_mutually_exclusive_group()
-    source.add_argument("--records", type=_record_count, default=DEFAULT_RECORDS,
+    source.add_argument("--records", type=_count_up_to(MAX_SYNTHETIC_RECORDS, "records"),
+                        default=DEFAULT_RECORDS,
                         help=f"synthetic records to import (default {DEFAULT_RECORDS})")
     source.add_argument("--input", type=Path, help="a .csv or .jsonl file to import")
     run.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kills(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kill-random", type=_kill_count, default=0, metavar="N",
+    p.add_argument("--kill-random", default=0, metavar="N",
+                   type=_count_up_to(MAX_RANDOM_KILLS, "random kills (each costs a worker restart)"),
                    help=f"N SIGKILLs at random moments (at most {MAX_RANDOM_KILLS})")
     p.add_argument("--seed", type=int, default=None, help="seed for --kill-random")
 
@@ -100,13 +104,13 @@ def _supervision(p: argparse.ArgumentParser, *, unit: str) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--max-restarts", type=_non_negative, default=10,
                    help="give up after this many unplanned restarts in a row (default 10)")
-    p.add_argument("--restart-backoff", type=_non_negative_float, default=0.5, metavar="S",
+    p.add_argument("--restart-backoff", type=non_negative_float, default=0.5, metavar="S",
                    help="first delay before an unplanned restart, doubled each time (default 0.5)")
     p.add_argument("--max-attempts", type=positive_int, default=RetryPolicy.max_attempts,
                    help=f"attempts of a {unit} before it fails for good")
-    p.add_argument("--retry-initial", type=_non_negative_float, default=RetryPolicy.initial,
+    p.add_argument("--retry-initial", type=non_negative_float, default=RetryPolicy.initial,
                    metavar="S", help=f"first retry delay of a failing {unit} (default 1 s)")
-    p.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="S",
+    p.add_argument("--grace", type=non_negative_float, default=10.0, metavar="S",
                    help=f"how long a stopping worker may finish its {unit} before SIGKILL")
     p.add_argument("--stall-timeout", type=positive_float, default=Settings.stall_timeout,
                    metavar="S", help="SIGKILL and restart a worker whose progress pipe (a "
@@ -160,24 +164,14 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _record_count(text: str) -> int:
-    value = _non_negative(text)
-    if value > MAX_SYNTHETIC_RECORDS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_SYNTHETIC_RECORDS:,} records, not {value:,}")
-    return value
+def _count_up_to(limit: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from 0 to `limit` (of `what`, for the message)."""
 
+    def count(text: str) -> int:
+        value = _non_negative(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"at most {limit:,} {what}, not {value:,}")
+        return value
 
-def _kill_count(text: str) -> int:
-    value = _non_negative(text)
-    if value > MAX_RANDOM_KILLS:
-        raise argparse.ArgumentTypeError(
-            f"at most {MAX_RANDOM_KILLS} random kills (each costs a worker restart), not {value}"
-        )
-    return value
+    return count
 
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
-    return value

@@ -40,7 +40,7 @@ SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
     (("--input", "records.csv", "--records", "5"), "--records: not allowed with argument --input"),
     (("--records", "ten"), "invalid"),
     (("--id", "import/a.b"), "without '.'"),
-    (("--kill-random", "1000000000"), "--kill-random: at most 1000 random kills"),
+    (("--kill-random", "1000000000"), "--kill-random: at most 1,000 random kills"),
     (("--records", str(10**13)), "--records: at most 1,000,000,000,000 records"),
     (("--batch-size", str(10**21)), "--batch-size: batch size must be a whole number from 1 to 10,000,000"),
 ], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
