@@ -24,15 +24,20 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
 - **get / list** read: `get` returns None for an unknown id; `list(prefix)` returns the
   promises whose id starts with `prefix`, in creation order.
 - **Durability.** When `resolve`, `reject` or `reopen` return, the settle survives a process
-  kill and (unless the store was opened with durability "none") a power loss. Creations and
-  attempts survive a process kill at once and reach the disk with the next settle.
+  kill and (unless the store was opened with durability "none") a power loss. Attempts survive
+  a process kill at once and reach the disk with the next settle. So do creations, except that
+  an exclusive JSON-lines store holds a creation back until its next write (so a step's creation
+  and first attempt are one line): a creation lost with its process is made again by the replay.
+- **Values handed out** (`param`, `value`, `error` of a Promise) may be the store's own cached
+  objects: treat them as read-only (the runner gives workflow code copies).
 - **Ownership.** `own(root_id)` is held by whoever drives that workflow (runs and settles its
   steps). A second owner waits up to the store's lock timeout, then gets `WorkflowBusyError`
   naming the holder: it never runs anything beside the first.
 - **Failure.** Every failure of the store itself is a `StoreError` (`StoreWriteError` when a
   write or sync failed: nothing was written, or the store refuses further writes until it is
   opened again; `StoreCorruptedError` naming file and line for damaged or impossible history).
-- **Lifetime.** `close()` is idempotent; a store is a context manager that closes on exit.
+- **Lifetime.** `close()` is idempotent; a store is a context manager that closes on exit; a
+  closed store refuses every call with `StoreError`.
 """
 
 from __future__ import annotations

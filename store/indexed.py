@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from .base import PromiseStore
 from .codec import normalize, unstorable_part
-from .errors import UnstorableValueError
+from .errors import StoreError, UnstorableValueError
 from .log import Entry, check_attempt, check_create, check_reopen, check_settle, snapshot
 from .promise import Promise, State
 
@@ -25,12 +25,12 @@ class IndexedStore(PromiseStore):
     """The PromiseStore contract over `self._index` (promise id -> log.Entry)."""
 
     _index: dict[str, Entry]
+    _closed = False  # a closed store refuses every call, whatever the backend
 
     # -- the contract ----------------------------------------------------------------------
 
     def create(self, promise_id: str, param: Any) -> Promise:
-        if type(promise_id) is not str or not promise_id:
-            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
+        self._check(promise_id)
         param = _storable(promise_id, "param", param)
         self._refresh()
         entry = self._index.get(promise_id)
@@ -40,29 +40,41 @@ class IndexedStore(PromiseStore):
         return self._locked(self._create, promise_id, param)
 
     def start_attempt(self, promise_id: str) -> int:
+        self._check(promise_id)
         return self._locked(self._start_attempt, promise_id)
 
     def resolve(self, promise_id: str, value: Any) -> Promise:
+        self._check(promise_id)
         value = _storable(promise_id, "value", value)
         return self._locked(self._settle, promise_id, State.RESOLVED, value)
 
     def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
+        self._check(promise_id)
         if isinstance(error, BaseException):
             error = {"type": type(error).__name__, "message": str(error)}
         error = _storable(promise_id, "error", error)
         return self._locked(self._settle, promise_id, State.REJECTED, error)
 
     def reopen(self, promise_id: str, reason: str) -> Promise:
+        self._check(promise_id)
         return self._locked(self._reopen, promise_id, reason)
 
     def get(self, promise_id: str) -> Promise | None:
+        self._check(promise_id)
         self._refresh()
         entry = self._index.get(promise_id)
         return None if entry is None else snapshot(promise_id, entry)
 
     def list(self, prefix: str = "") -> list[Promise]:
+        self._check(prefix or "-")
         self._refresh()
         return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
+
+    def _check(self, promise_id: Any) -> None:
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        if type(promise_id) is not str or not promise_id:
+            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
 
     # -- under the backend's lock, with the index caught up ----------------------------------
 

@@ -121,6 +121,7 @@ class JsonlStore(IndexedStore):
         """Write what is held back (unless discarded), close the file, release an exclusive lock."""
         if discard_held:
             self._held = None  # a creation is never synced anyway: the replay makes it again
+        self._closed = True
         fd, self._fd = self._fd, -1
         try:
             if fd >= 0 and self._failed is None and self._held is not None:

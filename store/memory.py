@@ -33,7 +33,8 @@ class MemoryStore(IndexedStore):
         return self._owning(root_id)
 
     def close(self) -> None:
-        """Nothing to release: the promises stay readable until the store is dropped."""
+        """Nothing to release; like every store, a closed one refuses further calls."""
+        self._closed = True
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._index)} promises)"

@@ -138,7 +138,7 @@ class Runner:
             self._check_same_call(promise, entry, param, root)
         if promise.state is State.RESOLVED:
             self._emit("replayed", call, entry)
-            return promise.value
+            return _own(promise.value)
         if promise.state is State.REJECTED:
             self._emit("replayed", call, entry)
             raise StepError(call.promise_id, entry.name, promise.error)
@@ -361,7 +361,7 @@ class Runner:
         except TypeError as exc:  # the result cannot be stored: a bug in the step, not retried
             self._fail(call, entry, exc)
         self._emit("resolved", call, entry)
-        return promise.value
+        return _own(promise.value)
 
     def _fail(self, call: Call, entry: Registered, exc: BaseException) -> NoReturn:
         """Reject the call's promise with `exc` and raise the StepError every replay will raise."""
@@ -391,6 +391,15 @@ class Runner:
                 raise WorkflowInterrupted("stopped during a retry backoff; run again to resume")
             self._sleep(min(left, _STOP_POLL_S))
             left -= _STOP_POLL_S
+
+
+_SHARED_SAFELY = (str, int, float, bool, type(None))
+
+
+def _own(value: Any) -> Any:
+    """A stored value as the workflow's own: a list or dict is copied, so code that changes the
+    result it got cannot change what the store holds (and replays later in this process)."""
+    return value if type(value) in _SHARED_SAFELY else normalize(value)
 
 
 def run(

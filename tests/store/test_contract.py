@@ -18,6 +18,7 @@ from store import (
     PromiseNotFoundError,
     PromiseStore,
     State,
+    StoreError,
     UnstorableValueError,
     WorkflowBusyError,
     open_store,
@@ -299,3 +300,20 @@ def test_compact_keeps_every_promise_as_it_was(store: PromiseStore) -> None:
     before = store.list()
     store.compact()
     assert store.list() == before
+
+
+@pytest.mark.parametrize("call", ["create", "start_attempt", "resolve", "reject", "reopen", "get"])
+def test_every_call_refuses_an_id_that_is_not_a_str(store: PromiseStore, call: str) -> None:
+    args = {"create": (None,), "resolve": (1,), "reject": ({"type": "E"},), "reopen": ("r",)}
+    with pytest.raises(TypeError, match="non-empty str"):
+        getattr(store, call)(123, *args.get(call, ()))
+
+
+def test_a_closed_store_refuses_every_call(backend: str, tmp_path: Path) -> None:
+    store = BACKENDS[backend](tmp_path)
+    store.create("a", 1)
+    store.close()
+    for call in (lambda: store.create("b", 1), lambda: store.get("a"), lambda: store.list(),
+                 lambda: store.start_attempt("a"), lambda: store.resolve("a", 2)):
+        with pytest.raises(StoreError, match="is closed"):
+            call()

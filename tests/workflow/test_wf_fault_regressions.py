@@ -290,3 +290,27 @@ def test_a_last_attempt_that_failed_after_its_commit_is_recovered_not_rejected(m
     policy = RetryPolicy(max_attempts=max_attempts, initial=0)
     assert Runner(store, retry=policy).run("commit-then-fail", one_commit) == "the committed result"
     assert store.get("commit-then-fail.0").attempts == 1  # found, not tried again
+
+
+@register(name="faults.rows")
+def rows() -> list[int]:
+    return [1, 2]
+
+
+@register(name="faults.changes_what_it_got")
+def changes_what_it_got(ctx: Context) -> Generator[Any, Any, list[int]]:
+    got = yield ctx.run(rows)
+    got.append(99)  # the workflow's own list: the stored result must not change
+    return got
+
+
+@pytest.mark.parametrize("backend", ["memory", "jsonl"])
+def test_a_workflow_that_changes_a_result_it_got_never_changes_the_stored_one(
+    tmp_path: Path, backend: str
+) -> None:
+    store = MemoryStore() if backend == "memory" else open_store(tmp_path / STORE_FILE)
+    with store:
+        assert Runner(store).run("own", changes_what_it_got) == [1, 2, 99]
+        assert store.get("own.0").value == [1, 2]
+        assert Runner(store).run("own", changes_what_it_got) == [1, 2, 99]  # the root's result, replayed
+        assert store.get("own").value == [1, 2, 99]
