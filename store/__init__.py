@@ -1,6 +1,6 @@
 """Durable promises: the only layer of the engine that touches the disk."""
 
-from .backends import open_store
+from .backends import open_store, parse_store_url
 from .base import PromiseStore
 from .codec import normalize, same_json
 from .errors import (
@@ -34,5 +34,6 @@ __all__ = [
     "WorkflowBusyError",
     "normalize",
     "open_store",
+    "parse_store_url",
     "same_json",
 ]

@@ -12,6 +12,7 @@ from .errors import (
     VersionNotRegisteredError,
     WorkflowConflictError,
     WorkflowInterrupted,
+    WorkflowUsageError,
 )
 from .registry import describe, lookup, register, registered, versions
 from .retry import RetryPolicy
@@ -36,6 +37,7 @@ __all__ = [
     "VersionNotRegisteredError",
     "WorkflowConflictError",
     "WorkflowInterrupted",
+    "WorkflowUsageError",
     "current_step",
     "describe",
     "lookup",

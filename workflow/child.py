@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from store import Durability, StoreError, open_store
+from store import Durability, StoreError, open_store, parse_store_url
 from store.fsutil import make_dirs
 
 from . import exitcodes
@@ -130,7 +130,11 @@ def json_value(text: str) -> Any:
 
 def durable_store_url(text: str) -> str:
     """An argparse type: a store that outlives the process (a path or jsonl:PATH)."""
-    if text.startswith("memory:"):
+    try:
+        backend, _ = parse_store_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if backend == "memory":
         raise argparse.ArgumentTypeError(
             "memory: dies with the process that holds it; give a path or jsonl:PATH"
         )

@@ -7,7 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .errors import CallNotYieldedError
+from .errors import CallNotYieldedError, WorkflowUsageError
 from .ids import check_patch_name, children_prefix, parent_id
 from .patches import Patch
 from .retry import RetryPolicy
@@ -69,7 +69,7 @@ class Context:
             return
         if unyielded and unyielded[0] is not call:
             raise CallNotYieldedError(unyielded[0])
-        raise TypeError(
+        raise WorkflowUsageError(
             f"workflow {self.promise_id} yielded the call {call.promise_id}, which is not its "
             "latest ctx.run(...): yield each call once, right where it is made"
         )

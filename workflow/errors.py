@@ -68,6 +68,12 @@ class VersionNotRegisteredError(EngineError):
         self.version = version
 
 
+class WorkflowUsageError(EngineError, TypeError):
+    """The code uses the engine wrongly (a root that is no workflow, arguments it does not take,
+    a yield of something that is not a durable call, a function without a stable name): no
+    retry or restart can help, and nothing is settled."""
+
+
 class CallNotYieldedError(EngineError):
     """A workflow made a durable call and never yielded it, so it never ran."""
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .errors import EngineError
+from .errors import WorkflowUsageError
 
 
-class PatchNotYieldedError(EngineError, TypeError):
+class PatchNotYieldedError(WorkflowUsageError):
     """`if ctx.patched(...)` without `yield`: it would always take the new branch, silently."""
 
 

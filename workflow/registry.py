@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import WorkflowUsageError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -80,9 +82,9 @@ def default_name(fn: Callable[..., Any]) -> str:
     """
     qualname = getattr(fn, "__qualname__", None)
     if qualname is None:
-        raise TypeError(f"{fn!r} is not a function: a durable call needs a named function")
+        raise WorkflowUsageError(f"{fn!r} is not a function: a durable call needs a named function")
     if "<lambda>" in qualname:
-        raise TypeError(
+        raise WorkflowUsageError(
             f"{qualname} (in {fn.__module__}) has no name of its own: a durable call needs a def, "
             "or register the lambda: register(fn, name=...)"
         )

@@ -35,6 +35,7 @@ from .errors import (
     VersionNotRegisteredError,
     WorkflowConflictError,
     WorkflowInterrupted,
+    WorkflowUsageError,
 )
 from .ids import check_root_id, child_id, children_prefix, patch_marker_id
 from .patches import Patch
@@ -97,6 +98,11 @@ class Runner:
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
         check_root_id(root_id)
+        if not describe(fn).is_workflow:
+            raise WorkflowUsageError(
+                f"{describe(fn).name} is not a workflow: a workflow is a generator function taking "
+                "a Context first (`def wf(ctx, ...): ... yield ctx.run(step, ...)`)"
+            )
         with self.store.own(root_id):  # one driver per workflow, before anything runs
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
@@ -189,7 +195,10 @@ class Runner:
     def _drive(self, call: Call, entry: Registered) -> Any:
         """Step a generator through its durable calls, feeding back results or errors."""
         ctx = Context(call.promise_id)
-        gen = entry.fn(ctx, *call.args, **call.kwargs)
+        try:
+            gen = entry.fn(ctx, *call.args, **call.kwargs)
+        except TypeError as exc:  # making a generator runs none of its code: the arguments
+            raise WorkflowUsageError(f"workflow {entry.name} ({call.promise_id}): {exc}") from None
         send: Any = None
         throw: StepError | None = None
         try:
@@ -208,7 +217,7 @@ class Runner:
                     send, throw = self._patched(ctx, yielded), None
                     continue
                 if not isinstance(yielded, Call):
-                    raise TypeError(
+                    raise WorkflowUsageError(
                         f"workflow {entry.name} ({call.promise_id}) yielded {yielded!r}; "
                         "yield ctx.run(...) instead"
                     )

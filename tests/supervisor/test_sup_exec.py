@@ -173,3 +173,12 @@ def test_exec_imports_no_application_module(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
                           env=child_env(), timeout=RUN_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_store_url_that_names_no_backend_is_a_usage_line_not_a_traceback(tmp_path: Path) -> None:
+    for url, says in [("foo:bar", "unknown store URL scheme 'foo'"),
+                      ("postgresql://h/db", "the PostgreSQL store is not built yet"),
+                      ("jsonl:", "jsonl: needs a path")]:
+        done = supervisor(tmp_path, "status", "--id", ROOT, "--store", url)
+        assert done.returncode == 2, done.describe()
+        assert says in done.stderr and "Traceback" not in done.stderr, done.describe()
