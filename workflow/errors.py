@@ -40,13 +40,16 @@ class EngineError(Exception):
 class NonDeterminismError(EngineError):
     """On replay, the call at a position is not the one recorded there."""
 
-    def __init__(self, promise_id: str, expected: str, actual: str) -> None:
+    HOW_TO_CHANGE = (
+        "If the change is deliberate, put it behind `if (yield ctx.patched('<name>')):` (the old "
+        "code in the else branch), or register the changed workflow as a new version beside the "
+        "old one (README: Changing code under running imports)"
+    )
+
+    def __init__(self, promise_id: str, expected: str, actual: str, hint: str = HOW_TO_CHANGE) -> None:
         super().__init__(
             f"non-deterministic workflow: call {promise_id} was recorded as {expected}, "
-            f"but the code now calls {actual}. If the change is deliberate, put it behind "
-            "`if (yield ctx.patched('<name>')):` (the old code in the else branch), or register "
-            "the changed workflow as a new version beside the old one (README: Changing code "
-            "under running imports)"
+            f"but the code now calls {actual}. {hint}"
         )
         self.promise_id = promise_id
         self.expected = expected

@@ -258,8 +258,9 @@ class Runner:
         if not new_code:
             raise NonDeterminismError(
                 child_id(ctx.promise_id, here), f"the code before patch {patch.name!r}",
-                f"deprecate_patch({patch.name!r}): a run recorded before the patch is still "
-                f"in flight, so restore `if (yield ctx.patched({patch.name!r})):` and its old branch",
+                f"deprecate_patch({patch.name!r})",
+                f"A run recorded before the patch is still in flight: restore "
+                f"`if (yield ctx.patched({patch.name!r})):` and its old branch until it is done",
             )
         return None
 

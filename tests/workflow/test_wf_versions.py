@@ -127,8 +127,11 @@ def test_deprecate_patch_lets_runs_recorded_with_the_marker_finish() -> None:
 
 def test_deprecate_patch_refuses_a_run_that_still_needs_the_old_branch() -> None:
     store = recorded("v.deprecated", old_done=2, old_in_flight=False)
-    with pytest.raises(NonDeterminismError, match=r"still in flight, so restore `if \(yield ctx.patched"):
+    with pytest.raises(NonDeterminismError) as refused:
         run(store, deprecated_loop)
+    message = str(refused.value)
+    assert "still in flight: restore `if (yield ctx.patched('new-step')):` and its old branch" in message
+    assert "put it behind" not in message  # no advice that contradicts it
 
 
 # -- a change that is not behind a patch --------------------------------------------------------
