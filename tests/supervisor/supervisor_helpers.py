@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -162,6 +163,23 @@ def start_import(
         stdout=out, stderr=err, env=child_env(env), cwd=state_dir.parent,
     )
     return Background(process, out_path, err_path, (out, err))
+
+
+def sigterm_while_batch_lingers(
+    audit: ModuleType, state_dir: Path, batch: int, seconds: float, *args: str
+) -> Finished:
+    """Run an import whose worker lingers `seconds` halfway through `batch`, SIGTERM the
+    supervisor once that batch has started, and wait for the end."""
+    root = root_id(*(int(args[i + 1]) for i in (args.index("--records"), args.index("--batch-size"))))
+    linger = {"DURABLE_FAILPOINTS": json.dumps(
+        [{"name": "batch.mid", "key": str(batch), "action": "delay", "seconds": seconds}])}
+    sup = start_import(state_dir, *args, env=linger)
+    try:
+        wait_until(lambda: batch_attempts(audit, state_dir, root, batch) >= 1, f"batch {batch} starts")
+        sup.process.send_signal(signal.SIGTERM)
+        return sup.finish()
+    finally:
+        sup.close()
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

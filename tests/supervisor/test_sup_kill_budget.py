@@ -3,7 +3,6 @@ on a resumed import a kill that would fail its batch is reported undelivered ins
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +20,7 @@ from supervisor_helpers import (
     is_gone,
     root_id,
     run_import,
+    sigterm_while_batch_lingers,
     start_import,
     wait_until,
     worker_of,
@@ -90,15 +90,8 @@ def test_a_stop_past_its_grace_never_kills_a_batch_on_its_last_attempt(
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
     # Batch 3 lingers 3 s halfway: SIGTERM lands while it runs its only attempt, grace is 0.3 s.
-    linger = {"DURABLE_FAILPOINTS": json.dumps(
-        [{"name": "batch.mid", "key": "3", "action": "delay", "seconds": 3}])}
-    sup = start_import(state_dir, *SIZES, "--max-attempts", "1", "--grace", "0.3", env=linger)
-    try:
-        wait_until(lambda: batch_attempts(audit, state_dir, root, 3) >= 1, "batch 3 starts")
-        sup.process.send_signal(signal.SIGTERM)
-        stopped = sup.finish()
-    finally:
-        sup.close()
+    stopped = sigterm_while_batch_lingers(audit, state_dir, 3, 3, *SIZES, "--max-attempts", "1",
+                                          "--grace", "0.3")
 
     assert stopped.returncode == 143, stopped.describe()
     assert "a kill would spend the last attempt" in stopped.stderr

@@ -22,6 +22,7 @@ from supervisor_helpers import (
     resolved_batches,
     root_id,
     run_import,
+    sigterm_while_batch_lingers,
     start_import,
     store_promises,
     wait_until,
@@ -39,16 +40,7 @@ def test_sigterm_lets_the_batch_in_flight_finish_then_exits_143(tmp_path: Path, 
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
     # The worker lingers 2 s halfway through batch 3: SIGTERM lands while it is in flight.
-    linger = {"DURABLE_FAILPOINTS": json.dumps(
-        [{"name": "batch.mid", "key": "3", "action": "delay", "seconds": 2}])}
-    args = SIZES
-    sup = start_import(state_dir, *args, env=linger)
-    try:
-        wait_until(lambda: batch_attempts(audit, state_dir, root, 3) >= 1, "batch 3 starts")
-        sup.process.send_signal(signal.SIGTERM)
-        stopped = sup.finish()
-    finally:
-        sup.close()
+    stopped = sigterm_while_batch_lingers(audit, state_dir, 3, 2, *SIZES)
 
     assert stopped.returncode == 143, stopped.describe()
     assert "SIGTERM" in stopped.stderr
@@ -64,7 +56,7 @@ def test_sigterm_lets_the_batch_in_flight_finish_then_exits_143(tmp_path: Path, 
     assert store_promises(audit, state_dir)[root]["state"] == "pending"
     assert audit.audit(state_dir, root, RECORDS, finished=False)["ok"]
 
-    rerun = run_import(state_dir, *args)
+    rerun = run_import(state_dir, *SIZES)
     report = assert_finished(rerun, RECORDS, BATCH_SIZE)
     [child2] = report["children"]
     assert child2["replayed"] == 4
