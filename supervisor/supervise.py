@@ -263,8 +263,13 @@ class Supervisor:
             return
         self.report.ok, self.report.result = True, history.root.value
         for n in sorted(self._pending_pauses):
-            known = n in history.steps
-            why = f"the {t.unit} was already done" if known else f"the {t.noun} has no {t.unit} {n}"
+            step = history.steps.get(n)
+            if step is None:
+                why = f"the {t.noun} has no {t.unit} {n}"
+            elif step.attempts == 0:  # a sub-workflow: its own calls have the attempts
+                why = f"{t.unit} {n} is a sub-workflow, which has no attempt to be killed in"
+            else:
+                why = f"the {t.unit} was already done"
             self.report.undelivered_kills.append(f"kill at {t.unit} {n}: {why}")
         self.report.undelivered_kills.extend(
             f"random {k.kind} kill: the {t.noun} finished first, or every chance to land it "

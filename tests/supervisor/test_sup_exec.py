@@ -182,3 +182,16 @@ def test_a_store_url_that_names_no_backend_is_a_usage_line_not_a_traceback(tmp_p
         done = supervisor(tmp_path, "status", "--id", ROOT, "--store", url)
         assert done.returncode == 2, done.describe()
         assert says in done.stderr and "Traceback" not in done.stderr, done.describe()
+
+
+def test_kill_at_a_step_that_is_a_sub_workflow_is_reported_undelivered_and_why(tmp_path: Path) -> None:
+    (tmp_path / "nested.py").write_text(
+        "def sq(i):\n    return i * i\n\n"
+        "def sub(ctx, i):\n    return (yield ctx.run(sq, i))\n\n"
+        "def outer(ctx):\n    return [(yield ctx.run(sq, 0)), (yield ctx.run(sub, 1))]\n"
+    )
+    run = supervisor(tmp_path, "exec", "nested:outer", "--id", "nested", "--kill-at-step", "1", "--json")
+    assert run.returncode == 0, run.describe()
+    assert run.report["result"] == [0, 1] and run.report["kills"] == []
+    assert run.report["undelivered_kills"] == [
+        "kill at step 1: step 1 is a sub-workflow, which has no attempt to be killed in"]
