@@ -92,7 +92,7 @@ def supervise(settings: Settings, *, as_json: bool) -> int:
     print(f"error: {report.error}", file=sys.stderr)
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value
-    return exits.FAILED
+    return exits.BUSY if report.busy else exits.FAILED
 
 
 def refuse(error: str, code: int, as_json: bool) -> int:

@@ -86,6 +86,7 @@ class RunReport:
     result: Any = None
     error: str | None = None
     interrupted_by: str | None = None  # SIGINT or SIGTERM, when the run was stopped
+    busy: bool = False  # another process held the store or drove the workflow
     elapsed_s: float = 0.0
 
     def as_json(self) -> dict[str, Any]:

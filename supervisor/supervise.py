@@ -249,6 +249,7 @@ class Supervisor:
     def _failed(self, end: ChildEnd, child: Child, watch: _Watch) -> None:
         """The worker ended with a status no restart can change."""
         self.report.error = watch.report.error or child.last_error() or end.describe()
+        self.report.busy = end.returncode == exitcodes.BUSY
         if end.returncode == exitcodes.FAILED:
             self.report.error += (
                 f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}"

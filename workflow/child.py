@@ -31,7 +31,14 @@ from typing import Any
 
 import orjson
 
-from store import Durability, StoreError, open_store, parse_store_url
+from store import (
+    Durability,
+    StoreError,
+    StoreLockedError,
+    WorkflowBusyError,
+    open_store,
+    parse_store_url,
+)
 from store.fsutil import make_dirs
 
 from . import exitcodes
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return _end(progress, exitcodes.INTERRUPTED, str(exc))
     except StepError as exc:
         return _end(progress, exitcodes.FAILED, str(exc))
+    except (StoreLockedError, WorkflowBusyError) as exc:
+        return _end(progress, exitcodes.BUSY, str(exc))
     except (TargetError, PermanentError, EngineError, StoreError) as exc:
         return _end(progress, exitcodes.FATAL, str(exc))
     if not args.quiet:

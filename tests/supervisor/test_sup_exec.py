@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from supervisor_helpers import REPO, RUN_TIMEOUT_S, Finished, child_env, parse_report
@@ -195,3 +196,26 @@ def test_kill_at_a_step_that_is_a_sub_workflow_is_reported_undelivered_and_why(t
     assert run.report["result"] == [0, 1] and run.report["kills"] == []
     assert run.report["undelivered_kills"] == [
         "kill at step 1: step 1 is a sub-workflow, which has no attempt to be killed in"]
+
+
+def test_a_second_supervisor_reaching_the_store_through_store_exits_3_naming_the_first(
+    tmp_path: Path,
+) -> None:
+    install_squares(tmp_path)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "exec", "squares:squares", "--id", ROOT, "--arg", "40",
+         "--arg", "0.6", "--state-dir", STATE], cwd=tmp_path, env=child_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = tmp_path / STATE / "store.jsonl"
+        deadline = time.monotonic() + 30
+        while not (store.exists() and b'"op":"create"' in store.read_bytes()):
+            assert time.monotonic() < deadline, "the first supervisor did not start its workflow"
+            time.sleep(0.05)
+        second = supervisor(tmp_path, "exec", "squares:squares", "--id", ROOT, "--arg", "40",
+                            "--arg", "0.6", "--store", str(store), "--max-restarts", "0")
+    finally:
+        first.kill()
+        first.wait(30)
+    assert second.returncode == 3, second.describe()
+    assert "is held by another worker (pid" in second.last_error_line, second.describe()

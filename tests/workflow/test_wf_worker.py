@@ -210,7 +210,7 @@ def test_second_worker_is_refused_while_the_first_holds_the_store(
     source = synthetic_source(500)
     with worker_paused_at(tmp_path, ROOT, source, 100, batch=2) as first:
         second = run_worker_plain(tmp_path, ROOT, source, 100, "--lock-timeout", "0.2")
-        assert second.returncode == exitcodes.FATAL
+        assert second.returncode == exitcodes.BUSY
         assert f"held by another worker (pid {first['pid']}" in second.stderr
     assert run_worker(tmp_path, ROOT, source, 100).returncode == exitcodes.OK
     assert_audit_ok(audit, tmp_path, 500)
