@@ -98,9 +98,10 @@ class Runner:
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
         check_root_id(root_id)
-        if not describe(fn).is_workflow:
+        entry = describe(fn)
+        if not entry.is_workflow:
             raise WorkflowUsageError(
-                f"{describe(fn).name} is not a workflow: a workflow is a generator function taking "
+                f"{entry.name} is not a workflow: a workflow is a generator function taking "
                 "a Context first (`def wf(ctx, ...): ... yield ctx.run(step, ...)`)"
             )
         with self.store.own(root_id):  # one driver per workflow, before anything runs
@@ -273,10 +274,9 @@ class Runner:
 
     def _execute_step(self, call: Call, entry: Registered, promise: Promise) -> Any:
         policy = call.retry or self.policy
-        if promise.attempts and entry.recover is not None:
-            found = self._recover(call, entry, promise.attempts)
-            if found is not None:  # the dead attempt's effect is durable: no attempt is spent
-                return self._resolve(call, entry, found)
+        found = self._recover(call, entry, promise.attempts)
+        if found is not None:  # the dead attempt's effect is durable: no attempt is spent
+            return self._resolve(call, entry, found)
         done = promise.attempts_since_reopen
         if done >= policy.max_attempts:
             self._fail(call, entry, AttemptsExhaustedError(
@@ -300,7 +300,10 @@ class Runner:
             return self._as_step(call, entry, attempt, call.fn)
 
     def _recover(self, call: Call, entry: Registered, last_attempt: int) -> Any:
-        """Ask the step's recover function for what its last, unsettled attempt made durable."""
+        """What the step's last, unsettled attempt made durable, if the step has a recover
+        function and an attempt was made; else None."""
+        if entry.recover is None or not last_attempt:
+            return None
         found = self._as_step(call, entry, last_attempt, entry.recover)
         if found is not None:
             self._emit("recovered", call, entry, attempt=last_attempt)
@@ -350,8 +353,6 @@ class Runner:
     def _recovered(self, call: Call, entry: Registered) -> Any:
         """After a failed attempt: what it made durable before it failed (a timeout can land
         after a commit), if the step has a recover function that finds it; else None."""
-        if entry.recover is None:
-            return None
         return self._recover(call, entry, self.store.get(call.promise_id).attempts)
 
     def _log_retry(
