@@ -66,15 +66,19 @@ class IndexedStore(PromiseStore):
         return None if entry is None else snapshot(promise_id, entry)
 
     def list(self, prefix: str = "") -> list[Promise]:
-        self._check(prefix or "-")
+        self._check_open()
         self._refresh()
         return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
 
     def _check(self, promise_id: Any) -> None:
-        if self._closed:
-            raise StoreError(f"{self!r} is closed")
+        """The store is open and `promise_id` can be an id."""
+        self._check_open()
         if type(promise_id) is not str or not promise_id:
             raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
 
     # -- under the backend's lock, with the index caught up ----------------------------------
 
