@@ -15,6 +15,7 @@ from pathlib import Path
 from store import Promise
 from workflow.child import (
     DEFAULT_STATE_DIR,
+    MAX_WORKERS,
     durable_store_url,
     json_value,
     non_negative_float,
@@ -22,6 +23,7 @@ from workflow.child import (
     positive_int,
     root_id,
     target,
+    worker_count,
 )
 from workflow.retry import RetryPolicy
 
@@ -121,6 +123,9 @@ def _supervision(p: argparse.ArgumentParser, *, unit: str) -> None:
                    f"(a step that never returns; default {Settings.step_timeout:g})")
     p.add_argument("--durability", choices=["full", "none"], default="full",
                    help="'none' skips fdatasync: survives kills, not power loss (benchmarks)")
+    p.add_argument("--workers", type=worker_count, default=1, metavar="N",
+                   help=f"run up to N {unit} attempts at once, each in a process of the worker's "
+                   f"pool (default 1; beyond the cores rarely helps; at most {MAX_WORKERS})")
 
 
 def _inspection(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ printed, and its exit status (supervisor/exits.py). `exec` itself is here: any w
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +22,8 @@ from .faults import kill_budget_error, random_kills
 from .live import LiveLine
 from .location import StoreLocation
 from .supervise import Settings, StateDirBusyError, Supervisor
+
+log = logging.getLogger("supervisor")
 
 
 def exec_command(args: argparse.Namespace) -> int:
@@ -58,6 +62,7 @@ def common_settings(args: argparse.Namespace) -> dict[str, Any]:
         "stall_timeout": args.stall_timeout,
         "step_timeout": args.step_timeout,
         "durability": args.durability,
+        "workers": args.workers,
     }
 
 
@@ -74,6 +79,7 @@ def prepare_state_dir(state_dir: Path, as_json: bool) -> int | None:
 
 def supervise(settings: Settings, *, as_json: bool) -> int:
     """Run the supervision to its end, print its report, and return the exit status."""
+    _say_if_beyond_cores(settings)
     live = LiveLine.for_stderr()
     try:
         report = Supervisor(settings, live).run()
@@ -93,6 +99,15 @@ def supervise(settings: Settings, *, as_json: bool) -> int:
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value
     return exits.BUSY if report.busy else exits.FAILED
+
+
+def _say_if_beyond_cores(settings: Settings) -> None:
+    """More step processes than cores is allowed (steps that wait on I/O gain from it), but
+    CPU-bound steps then share the cores: say so once."""
+    cores = os.cpu_count() or 1
+    if settings.workers > cores:
+        log.warning("--workers %d is more than the %d core(s) of this machine: CPU-bound %s "
+                    "will share them", settings.workers, cores, settings.terms.units)
 
 
 def refuse(error: str, code: int, as_json: bool) -> int:

@@ -81,6 +81,7 @@ class Settings:
     step_timeout: float = STEP_TIMEOUT_S
     lock_timeout: float = LOCK_TIMEOUT_S
     durability: str = "full"
+    workers: int = 1  # steps run at once, in a pool of processes under the worker
     terms: Terms = field(default_factory=Terms)
 
 
@@ -98,6 +99,7 @@ def worker_args(s: Settings) -> list[str]:
         "--step-timeout", str(s.step_timeout),
         "--lock-timeout", str(s.lock_timeout),
         "--durability", s.durability,
+        "--workers", str(s.workers),
         "--heartbeat", str(min(HEARTBEAT_S, s.stall_timeout / 4)),
         "--quiet",
     ]

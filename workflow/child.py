@@ -55,6 +55,7 @@ STORE_FILE = "store.jsonl"  # the promise store's file in a state dir
 HEARTBEAT_S = 1.0
 STEP_TIMEOUT_S = 600.0  # steps take milliseconds to seconds; ten minutes means one hangs
 LOCK_TIMEOUT_S = 10.0
+MAX_WORKERS = 64  # step processes at once; more than any one machine here has cores for
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--lock-timeout", type=non_negative_float, default=LOCK_TIMEOUT_S, metavar="S",
                      help="how long to wait for another process's hold on the store")
     run.add_argument("--durability", choices=[d.value for d in Durability], default="full")
+    run.add_argument("--workers", type=worker_count, default=1, metavar="N",
+                     help="run up to N steps at once, each in a process of the worker's pool")
     run.add_argument("--quiet", action="store_true", help="do not print the result")
     return parser.parse_args(argv)
 
@@ -153,6 +156,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def worker_count(text: str) -> int:
+    """An argparse type: how many step processes run at once, 1 to MAX_WORKERS."""
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_WORKERS}, not {value}")
     return value
 
 
@@ -215,6 +226,7 @@ def run(args: argparse.Namespace, on_event: Callable[..., None], should_stop: Ca
             dependencies=dependencies,
             on_event=on_event,
             should_stop=should_stop,
+            workers=args.workers,
         )
         return runner.run(args.id, fn, *info.args)
 

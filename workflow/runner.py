@@ -87,7 +87,9 @@ class Runner:
         on_event: Callable[[StepEvent], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         sleep: Callable[[float], Any] = time.sleep,
+        workers: int = 1,
     ) -> None:
+        self.workers = workers  # placeholder until the runtime's process pool lands
         self.store = store
         self.policy = retry or RetryPolicy()
         self.dependencies = dict(dependencies or {})
