@@ -77,6 +77,7 @@ class Child:
     output_fd: int  # the worker's stdout and stderr
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     _buffers: dict[int, bytes] = field(default_factory=dict)
+    _pool: dict[int, psutil.Process] = field(default_factory=dict)  # as `pool()` last found it
 
     @classmethod
     def spawn(cls, args: list[str], env: dict[str, str]) -> Child:
@@ -140,6 +141,29 @@ class Child:
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
+
+    def pool(self) -> list[int]:
+        """The pids of the worker's pool: its live child processes in its process group (the
+        step processes it forked). Empty when it has none, or is gone."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        self._pool = {}
+        for proc in children:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if proc.status() != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == self.pid:
+                    self._pool[proc.pid] = proc
+        return list(self._pool)
+
+    def kill_one(self, pid: int) -> bool:
+        """SIGKILL one process of the pool last listed by `pool()`, not the rest of the group.
+        False if it is gone (psutil checks that the pid was not reused meanwhile)."""
+        try:
+            self._pool[pid].kill()
+        except (KeyError, psutil.NoSuchProcess):
+            return False
+        return True
 
     def reap(self) -> ChildEnd:
         """Clear the worker's process group of anything left, then reap the worker.

@@ -45,7 +45,7 @@ def exec_command(args: argparse.Namespace) -> int:
         args=[orjson.dumps(a).decode() for a in args.arg],
         setup=args.setup,
         kill_at_steps=set(args.kill_at_step),
-        random_kills=random_kills(args.kill_random, args.seed),
+        random_kills=random_kills(args.kill_random, args.seed, args.workers),
         **common_settings(args),
     )
     return supervise(settings, as_json=args.json)

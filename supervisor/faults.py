@@ -7,11 +7,16 @@ luck of timing. An application may name another failpoint inside its steps (the 
 `--kill-at-batch` waits halfway through a batch's rows).
 
 `--kill-random N` draws N kills from a seeded generator. Each is one of
-  - "timed": SIGKILL after a random delay since the child started (startup, replay, mid-step,
-    between steps: wherever it falls);
+  - "timed": SIGKILL the worker's process group after a random delay since the child started
+    (startup, replay, mid-step, between steps: wherever it falls);
   - "store-write": arm the store's `store.append` failpoint on the resolve of a step that is
-    about to run, so the worker is killed halfway through writing that store line.
-The choices are reproducible with `--seed`; the exact moment of a timed kill is real time.
+    about to run, so the worker is killed halfway through writing that store line;
+  - "pool" (only when the worker has a pool, `--workers` above 1): a timed kill of one process
+    of the worker's pool, not of the worker. It costs the attempt of the step that process ran;
+    the worker re-dispatches the step and runs on. About half of the timed kills become pool
+    kills, drawn after all the kinds, so a seed draws the same kinds whatever the pool.
+The choices are reproducible with `--seed`; the exact moment of a timed kill is real time (and
+which step a pool process runs when it is killed, the pool's scheduling).
 A fifth of the timed kills land in start-up or replay (a drawn fraction of the measured start-up
 time); the others wait for the child to finish a drawn number of new steps (a share of the steps
 left, when their number is known; none when it is not), then a drawn fraction of a step's
@@ -19,13 +24,15 @@ duration, so they land mid-step or between steps whatever the speed of the machi
 
 No kill of ours may spend a step's last attempt (the step would be rejected for a fault we
 made): `attempts_before_kill` and `kill_would_fail` decide it, for flags checked up front and
-for steps whose attempts a resumed run already partly used.
+for steps whose attempts a resumed run already partly used. With a pool, a kill of the worker
+costs an attempt of every step in flight, not only of the one it aims at: `steps_in_reach`
+names the steps that may be in flight when it lands.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from store import Promise, failpoints
 from workflow.ids import child_id
@@ -35,10 +42,11 @@ Point = tuple[str, str]  # a failpoint: (name, key)
 
 @dataclass(frozen=True, slots=True)
 class RandomKill:
-    kind: str  # "timed" or "store-write"
-    share: float  # timed: which share of its part of the remaining steps to let finish first
-    delay: float  # timed: then wait this fraction of a step (or of start-up)
+    kind: str  # "timed", "store-write" or "pool"
+    share: float  # timed, pool: which share of its part of the remaining steps to let finish first
+    delay: float  # timed, pool: then wait this fraction of a step (or of start-up)
     batch_offset: int  # store-write: how many steps after the first unfinished one
+    victim: float = 0.0  # pool: which of the pool's processes (a fraction of their number)
 
     def steps_before(self, remaining: int | None, kills_left: int) -> int:
         """How many new steps a timed kill lets finish; kills share the remaining steps. With
@@ -64,13 +72,39 @@ def kill_would_fail(spent_before: int, max_attempts: int) -> bool:
 MAX_RANDOM_KILLS = 1000  # each kill costs a worker restart; more cannot land in any sane run
 
 
-def random_kills(count: int, seed: int | None) -> list[RandomKill]:
+POOL_SHARE = 0.5  # of the timed kills, with a pool: those that kill one pool process
+
+
+def random_kills(count: int, seed: int | None, workers: int = 1) -> list[RandomKill]:
+    """`count` kills drawn from `seed`; with a pool (`workers` above 1), some of the timed ones
+    are pool kills, drawn after all the kinds so that those stay what they are without a pool."""
     rng = random.Random(seed)
     kills = []
     for _ in range(count):
         kind = "store-write" if rng.random() < 0.3 else "timed"
         kills.append(RandomKill(kind, rng.random(), rng.random(), rng.randrange(3)))
-    return kills
+    if workers == 1:
+        return kills
+    targets = [(rng.random(), rng.random()) for _ in kills]
+    return [replace(k, kind="pool", victim=victim) if k.kind == "timed" and pick < POOL_SHARE else k
+            for k, (pick, victim) in zip(kills, targets, strict=True)]
+
+
+def steps_in_reach(target: int, first_unfinished: int, workers: int) -> range:
+    """The steps that may be in flight when a kill of the worker lands in step `target`: that
+    one alone without a pool; with one, any unfinished step up to `workers - 1` past it (a slow
+    step may still run while the pool has moved on)."""
+    if workers == 1:
+        return range(target, target + 1)
+    return range(min(first_unfinished, target), target + workers)
+
+
+def pool_victim(kill: RandomKill, pids: list[int]) -> int | None:
+    """The pool process a pool kill takes, among the pool's `pids` (None: no pool right now)."""
+    if not pids:
+        return None
+    ordered = sorted(pids)
+    return ordered[min(len(ordered) - 1, int(kill.victim * len(ordered)))]
 
 
 def store_write_step(kill: RandomKill | None, next_step: int, step_count: int | None) -> int | None:

@@ -130,7 +130,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         step_count=batch_count,
         kill_at_steps=set(args.kill_at_batch),
         kill_point=at_mid_batch,
-        random_kills=random_kills(args.kill_random, args.seed),
+        random_kills=random_kills(args.kill_random, args.seed, args.workers),
         planned_failure=args.fail_at_batch,
         extra_failpoints=fail_once_at(args.fail_at_batch),
         terms=IMPORT_TERMS,

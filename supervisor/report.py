@@ -57,9 +57,16 @@ class ChildReport:
 
 @dataclass
 class KillReport:
-    pid: int
-    kind: str  # "kill-at-<unit>", "timed", "store-write"
-    step: int | None
+    pid: int  # the worker; for a pool kill, the pool process
+    kind: str  # "kill-at-<unit>", "timed", "store-write", "pool"
+    step: int | None  # for a pool kill, known once the worker runs that step again
+    worker: int | None = None  # a pool kill: the worker whose pool process it was
+
+    def as_json(self, unit: str) -> dict[str, Any]:
+        out = {"pid": self.pid, "kind": self.kind, unit: self.step}
+        if self.worker is not None:
+            out["worker"] = self.worker
+        return out
 
 
 @dataclass
@@ -95,7 +102,7 @@ class RunReport:
         out.update(self.terms.result_fields(self.result if self.ok else None))
         out.update(
             restarts=self.restarts,
-            kills=[{"pid": k.pid, "kind": k.kind, unit: k.step} for k in self.kills],
+            kills=[k.as_json(unit) for k in self.kills],
             stalls=[{"pid": s.pid, unit: s.step, "silent_s": s.silent_s, "kind": s.kind}
                     for s in self.stalls],
             undelivered_kills=self.undelivered_kills,
@@ -116,7 +123,8 @@ class RunReport:
             )
         for k in self.kills:
             where = f" during {t.unit} {k.step}" if k.step is not None else ""
-            lines.append(f"  SIGKILL ({k.kind}) to worker {k.pid}{where}")
+            whom = f"pool process {k.pid} of worker {k.worker}" if k.worker else f"worker {k.pid}"
+            lines.append(f"  SIGKILL ({k.kind}) to {whom}{where}")
         for s in self.stalls:
             where = f"during {t.unit} {s.step}" if s.step is not None else f"outside any {t.unit}"
             lines.append(f"  worker {s.pid} stalled {where}: nothing on its progress pipe for "

@@ -29,6 +29,7 @@ from store.locking import LockHeldError, OwnedLock
 from workflow import exitcodes, progress
 from workflow.child import LOCK_TIMEOUT_S, STEP_TIMEOUT_S
 from workflow.history import History, read_history
+from workflow.ids import child_id
 
 from .child import Child, ChildEnd
 from .faults import (
@@ -39,11 +40,14 @@ from .faults import (
     in_store_write,
     kill_would_fail,
     paused_at,
+    pool_victim,
+    steps_in_reach,
     store_write_step,
 )
 from .live import LiveLine
 from .location import StoreLocation
 from .report import ChildReport, KillReport, RunReport, StallReport, Terms
+from .watch import Watch
 
 log = logging.getLogger("supervisor")
 MAX_BACKOFF_S = 30.0
@@ -105,42 +109,6 @@ def worker_args(s: Settings) -> list[str]:
     ]
 
 
-@dataclass
-class _Watch:
-    """What the supervisor learns about one child while it runs."""
-
-    report: ChildReport
-    steps_done_before: int = 0  # steps resolved before this child started
-    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its step
-    kill: KillReport | None = None
-    stall: StallReport | None = None
-    in_flight: str | None = None  # the id of the step (at any depth) whose attempt runs
-    step_in_flight: int | None = None  # its number, if it is a direct step of the root
-    step_started_at: float = 0.0
-    last_attempts: dict[str, int] = field(default_factory=dict)  # id -> its last allowed attempt
-    attempt_in_flight: int = 0
-    timed_kill_after: int | None = None  # new steps to let finish before a timed kill
-    timed_kill_delay: float = 0.0  # then this fraction of a step
-    kill_deadline: float | None = None
-    stop_forwarded: bool = False
-    grace_deadline: float | None = None  # when a forwarded stop turns into a SIGKILL
-    store_write: int | None = None  # the step whose resolve the store.append failpoint tears
-    spawned_at: float = field(default_factory=time.monotonic)
-    last_heard: float = field(default_factory=time.monotonic)  # its last progress line
-
-    def stall_deadline(self, stall_timeout: float) -> float | None:
-        """When silence makes the child hung; none once a kill is on its way."""
-        if self.kill is not None or self.stall is not None:
-            return None
-        return self.last_heard + stall_timeout
-
-    def on_last_attempt(self, max_attempts: int) -> bool:
-        """Whether the step in flight runs its last allowed attempt (a kill would fail it)."""
-        if self.in_flight is None:
-            return False
-        return self.attempt_in_flight >= self.last_attempts.get(self.in_flight, max_attempts)
-
-
 class Supervisor:
     """Runs one workflow to its end through as many workers as it takes; `run()` reports it."""
 
@@ -189,18 +157,18 @@ class Supervisor:
         while True:
             history = self._read_history()
             calls, steps = ([], {}) if history is None else (history.calls, history.steps)
-            next_step = _done(steps)
+            first = _first_unfinished(steps)
             self._drop_pauses_that_would_fail(steps)
-            kill = self._next_kill(next_step, steps)
-            store_write = store_write_step(kill, next_step, self.s.step_count)
+            kill = self._next_kill(first, steps)
+            store_write = store_write_step(kill, first, self.s.step_count)
             pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
             child = self._spawn(list(pauses), store_write)
-            watch = _Watch(ChildReport(child.pid, exit="running"), steps_done_before=next_step,
-                           pauses=pauses, store_write=store_write,
-                           last_attempts={p.id: p.attempts_at_reopen + self.s.max_attempts
-                                          for p in calls})
-            if kill is not None and kill.kind == "timed":
-                self._arm_timed_kill(watch, kill, next_step)
+            watch = Watch(ChildReport(child.pid, exit="running"), steps_done_before=_done(steps),
+                          pauses=pauses, store_write=store_write,
+                          last_attempts={p.id: p.attempts_at_reopen + self.s.max_attempts
+                                         for p in calls})
+            if kill is not None:
+                self._arm(watch, kill)
             self._watch(child, watch)
             end = child.reap()
             watch.report.exit = end.describe()
@@ -212,8 +180,9 @@ class Supervisor:
                 self.report.kills.append(ours)
             if watch.stall is not None and end.signal is signal.SIGKILL:
                 self.report.stalls.append(watch.stall)
-            if kill is not None and (ours is None or ours.kind != kill.kind):
-                self._random.insert(0, kill)  # not delivered to this child: keep it for the next
+            left = watch.random_kill
+            if left is not None and (ours is None or ours.kind != left.kind):
+                self._random.insert(0, left)  # not delivered to this child: keep it for the next
             if end.returncode == exitcodes.OK:
                 self._finish(end)
                 return
@@ -248,7 +217,7 @@ class Supervisor:
         self.report.interrupted_by = self.stop_signal.name
         self.report.error = f"interrupted by {self.stop_signal.name}: {detail}"
 
-    def _failed(self, end: ChildEnd, child: Child, watch: _Watch) -> None:
+    def _failed(self, end: ChildEnd, child: Child, watch: Watch) -> None:
         """The worker ended with a status no restart can change."""
         self.report.error = watch.report.error or child.last_error() or end.describe()
         self.report.busy = end.returncode == exitcodes.BUSY
@@ -276,7 +245,8 @@ class Supervisor:
             self.report.undelivered_kills.append(f"kill at {t.unit} {n}: {why}")
         self.report.undelivered_kills.extend(
             f"random {k.kind} kill: the {t.noun} finished first, or every chance to land it "
-            "would have spent a step's last attempt" for k in self._random
+            f"would have spent a {t.unit}'s last attempt{_NO_POOL if k.kind == 'pool' else ''}"
+            for k in self._random
         )
 
     # -- one child -----------------------------------------------------------------------
@@ -289,17 +259,29 @@ class Supervisor:
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
         return child
 
-    def _next_kill(self, next_step: int, steps: dict[int, Promise]) -> RandomKill | None:
+    def _next_kill(self, first: int, steps: dict[int, Promise]) -> RandomKill | None:
         """The next random kill, unless it could use up a step's last attempt: a kill of ours
-        must never fail a step. (A timed kill is checked again when it is due.)"""
+        must never fail a step. (A timed or pool kill is checked again when it is due; a
+        store-write kill cannot be, as the worker waits for it inside the store, so every step
+        it may catch in flight is checked now.) A pool kill also waits until no kill-at-step is
+        left to land: it could spend the attempt before the last of the step that kill aims at."""
         if not self._random:
             return None
         kill = self._random[0]
-        target = next_step + (kill.batch_offset if kill.kind == "store-write" else 0)
-        spent = attempts_before_kill(target, steps.get(target), self.s.planned_failure)
-        if kill_would_fail(spent, self.s.max_attempts):
+        if kill.kind == "pool" and self._live_pauses(steps):
             return None
+        target = first + (kill.batch_offset if kill.kind == "store-write" else 0)
+        reach = steps_in_reach(target, first, self.s.workers) if kill.kind == "store-write" else [target]
+        for n in reach:
+            spent = attempts_before_kill(n, steps.get(n), self.s.planned_failure)
+            if kill_would_fail(spent, self.s.max_attempts):
+                return None
         return self._random.pop(0)
+
+    def _live_pauses(self, steps: dict[int, Promise]) -> list[int]:
+        """The kill-at-step pauses still to land: on steps not yet resolved."""
+        return [n for n in self._pending_pauses
+                if n not in steps or steps[n].state is not State.RESOLVED]
 
     def _drop_pauses_that_would_fail(self, steps: dict[int, Promise]) -> None:
         """Disarm a kill-at-step whose step (of a resumed run) is down to its last attempt: the
@@ -317,17 +299,34 @@ class Supervisor:
                     f"{self.s.max_attempts} attempts left, and a kill of ours must not spend the last"
                 )
 
-    def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_step: int) -> None:
-        """A timed kill lands in start-up and replay (a few of them), or a drawn number of new
-        steps into the run plus a fraction of a step: timed by the worker's own pace."""
-        remaining = None if self.s.step_count is None else self.s.step_count - next_step
+    def _arm(self, watch: Watch, kill: RandomKill) -> None:
+        """Arm a random kill on this worker. A store-write kill waits in the store (armed at the
+        spawn). A timed kill lands in start-up and replay (a few of them), or, like a pool kill,
+        a drawn number of new steps into the run plus a fraction of a step: timed by the
+        worker's own pace."""
+        watch.random_kill = kill
+        if kill.kind == "store-write":
+            return
         watch.timed_kill_delay = kill.delay
-        if kill.share < STARTUP_SHARE:
-            watch.kill_deadline = time.monotonic() + kill.delay * self._startup_seconds
+        now = time.monotonic()
+        if kill.kind == "timed" and kill.share < STARTUP_SHARE and watch.first_step_at is None:
+            watch.kill_deadline = now + kill.delay * self._startup_seconds
+            return
+        done = watch.steps_done_before + len(watch.report.executed)
+        remaining = None if self.s.step_count is None else max(0, self.s.step_count - done)
+        after = kill.steps_before(remaining, len(self._random) + 1)
+        if after == 0 and watch.first_step_at is not None:  # steps run already: from now
+            watch.kill_deadline = now + kill.delay * self._step_seconds
         else:
-            watch.timed_kill_after = kill.steps_before(remaining, len(self._random) + 1)
+            watch.timed_kill_after = len(watch.report.executed) + after
 
-    def _watch(self, child: Child, watch: _Watch) -> None:
+    def _arm_next(self, watch: Watch) -> None:
+        """After a pool kill, the worker runs on: arm the next random kill on it, if it can be
+        armed on a running worker (not a store-write kill) and could not fail a step."""
+        if self._random and self._random[0].kind != "store-write":
+            self._arm(watch, self._random.pop(0))
+
+    def _watch(self, child: Child, watch: Watch) -> None:
         """Follow the child until its pipes close, delivering kills and forwarded signals."""
         selector = selectors.DefaultSelector()
         child.register(selector)
@@ -351,7 +350,7 @@ class Supervisor:
         finally:
             selector.close()
 
-    def _forward_stop(self, child: Child, watch: _Watch) -> None:
+    def _forward_stop(self, child: Child, watch: Watch) -> None:
         log.warning("%s: stopping worker %d after its %s in flight", self.stop_signal.name, child.pid,
                     self.s.terms.unit)
         child.signal_group(signal.SIGTERM)
@@ -359,41 +358,66 @@ class Supervisor:
         watch.grace_deadline = time.monotonic() + self.s.grace
         watch.kill_deadline = None
 
-    def _time_to_next_deadline(self, watch: _Watch) -> float | None:
+    def _time_to_next_deadline(self, watch: Watch) -> float | None:
         deadlines = [watch.kill_deadline, watch.grace_deadline, watch.stall_deadline(self.s.stall_timeout)]
         deadline = min(filter(None, deadlines), default=None)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _act_on_deadlines(self, child: Child, watch: _Watch) -> None:
-        """A timed kill that is due, and the SIGKILL of a worker that did not stop within its
-        grace after a forwarded signal: neither when it would spend a step's last attempt."""
+    def _act_on_deadlines(self, child: Child, watch: Watch) -> None:
+        """A timed or pool kill that is due, and the SIGKILL of a worker that did not stop
+        within its grace after a forwarded signal: neither when it would spend a step's last
+        attempt. A kill that cannot land now tries again once the next step is done."""
         now = time.monotonic()
         if watch.kill_deadline is not None and now >= watch.kill_deadline:
-            if watch.kill is None and not self._last_attempt_in_flight(watch):
-                self._kill(child, watch, "timed", watch.step_in_flight)
             watch.kill_deadline = None
+            if watch.kill is None and watch.random_kill is not None:
+                self._deliver_timed(child, watch, watch.random_kill)
         if watch.grace_deadline is not None and now >= watch.grace_deadline:
             watch.grace_deadline = None
             if self._last_attempt_in_flight(watch):
                 log.warning("worker %d did not stop within %g s, but a kill would spend the last "
                             "attempt of %s: waiting for it to end (--step-timeout bounds it)",
-                            child.pid, self.s.grace, watch.in_flight)
+                            child.pid, self.s.grace, ", ".join(watch.flights) or "a step")
                 return
             log.warning("worker %d did not stop within %g s; SIGKILL", child.pid, self.s.grace)
             child.signal_group(signal.SIGKILL)
 
-    def _last_attempt_in_flight(self, watch: _Watch) -> bool:
-        """Whether a step's last allowed attempt may be running, by what the worker said and by
-        the store (which the worker writes before it says so): then a kill would fail the step."""
-        if watch.on_last_attempt(self.s.max_attempts):
+    def _deliver_timed(self, child: Child, watch: Watch, kill: RandomKill) -> None:
+        """SIGKILL the worker (a timed kill) or one process of its pool (a pool kill)."""
+        if self.stop_signal is None and not self._last_attempt_in_flight(watch):
+            if kill.kind == "timed":
+                self._kill(child, watch, "timed", watch.step_in_flight())
+                return
+            victim = pool_victim(kill, child.pool())
+            if victim is not None and child.kill_one(victim):
+                self._pool_killed(child, watch, victim)
+                return
+        watch.timed_kill_after = len(watch.report.executed) + 1
+
+    def _pool_killed(self, child: Child, watch: Watch, victim: int) -> None:
+        """A pool process is killed: the worker runs on and re-dispatches its step, whose next
+        attempt names it (see _on_step). The next random kill is armed on the same worker."""
+        kill = KillReport(victim, "pool", None, worker=child.pid)
+        log.info("SIGKILL to process %d of worker %d's pool", victim, child.pid)
+        self.report.kills.append(kill)
+        watch.unplaced_pool_kills.append(kill)
+        watch.random_kill = None
+        self._arm_next(watch)
+
+    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None) -> bool:
+        """Whether a step's last allowed attempt may be running (besides that of step `besides`),
+        by what the worker said and by the store (which the worker writes before it says so):
+        then a kill would fail the step."""
+        if watch.on_last_attempt(self.s.max_attempts, besides):
             return True
         history = self._read_history()
         return history is not None and any(
-            p.state is State.PENDING and p.attempts >= watch.last_attempts.get(p.id, self.s.max_attempts)
+            p.state is State.PENDING and p.id != besides
+            and p.attempts >= watch.last_attempts.get(p.id, self.s.max_attempts)
             for p in history.calls
         )
 
-    def _read_pipe(self, fd: int, pipe: str, child: Child, watch: _Watch) -> bool:
+    def _read_pipe(self, fd: int, pipe: str, child: Child, watch: Watch) -> bool:
         """Relay stderr or act on progress events (any line is a sign of life); True at EOF."""
         lines, eof = child.read(fd)
         if pipe == "stderr":
@@ -404,64 +428,85 @@ class Supervisor:
                 self._on_event(event, child, watch)
         return eof
 
-    def _on_event(self, event: dict[str, Any], child: Child, watch: _Watch) -> None:
+    def _on_event(self, event: dict[str, Any], child: Child, watch: Watch) -> None:
+        """Act on a progress line. A failpoint's announcement may come from the worker or from a
+        process of its pool (the one running the step): either way the worker's whole process
+        group is killed."""
         kind = event.get("event")
         if kind == progress.STEP:
             self._on_step(event, watch)
+            if watch.paused is not None and watch.kill is None:
+                self._kill_paused(child, watch)
         elif kind == failpoints.ANNOUNCED and watch.kill is None:
             point = (event.get("name"), event.get("key"))
             paused = watch.pauses.get(point)
             if paused is not None and paused in self._pending_pauses:
-                self._pending_pauses.discard(paused)
-                self._kill(child, watch, f"kill-at-{self.s.terms.unit}", paused)
+                watch.paused = paused
+                self._kill_paused(child, watch)
             elif watch.store_write is not None and point == in_store_write(self.s.root_id, watch.store_write):
                 self._kill(child, watch, "store-write", watch.store_write)
         elif kind == progress.ENDED:
             watch.report.error = event.get("error")
 
-    def _on_step(self, event: dict[str, Any], watch: _Watch) -> None:
-        """Follow the steps: the attempt in flight (at any depth), the direct steps done."""
+    def _kill_paused(self, child: Child, watch: Watch) -> None:
+        """Kill the worker whose step waits at its kill-at-step failpoint, once no other step in
+        flight (with a pool) runs its last attempt: the kill would spend it too. The paused step
+        waits meanwhile, and the others settle and say so."""
+        step = watch.paused
+        if self._last_attempt_in_flight(watch, besides=child_id(self.s.root_id, step)):
+            log.info("%s %d waits to be killed until no other %s in flight runs its last attempt",
+                     self.s.terms.unit, step, self.s.terms.unit)
+            return
+        self._pending_pauses.discard(step)
+        watch.paused = None
+        self._kill(child, watch, f"kill-at-{self.s.terms.unit}", step)
+
+    def _on_step(self, event: dict[str, Any], watch: Watch) -> None:
+        """Follow the steps: the attempts in flight (at any depth), the direct steps done."""
         kind, promise_id, step = event.get("kind"), event.get("id"), event.get("step")
         now = time.monotonic()
         if kind == progress.KIND_STARTED:
-            if watch.step_started_at == 0.0:  # the first step this worker starts: start-up is over
+            if watch.first_step_at is None:  # the first step this worker starts: start-up is over
                 self._startup_seconds = 0.8 * self._startup_seconds + 0.2 * (now - watch.spawned_at)
                 if watch.timed_kill_after == 0:
                     watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
-            watch.in_flight, watch.step_in_flight, watch.step_started_at = promise_id, step, now
-            watch.attempt_in_flight = event.get("attempt") or 0
+            again = watch.started(promise_id, step, event.get("attempt") or 0, now)
+            if again and watch.unplaced_pool_kills:  # the step whose pool process we killed
+                watch.unplaced_pool_kills.pop(0).step = step
         elif kind == progress.KIND_RESOLVED:
-            if watch.in_flight == promise_id:
-                self._step_seconds = 0.8 * self._step_seconds + 0.2 * (now - watch.step_started_at)
-                watch.in_flight = watch.step_in_flight = None
+            flight = watch.settled(promise_id)
+            if flight is not None:
+                self._step_seconds = 0.8 * self._step_seconds + 0.2 * (now - flight.started_at)
             if step is not None:
                 self._step_done(step, watch, now)
+        elif kind == progress.KIND_REJECTED:
+            watch.settled(promise_id)
         elif kind == progress.KIND_REPLAYED and step is not None:
             watch.report.replayed += 1
         elif kind == progress.KIND_REPLAYED and promise_id == self.s.root_id:
             watch.report.replayed = watch.steps_done_before  # it was done: all steps found done
 
-    def _step_done(self, step: int, watch: _Watch, now: float) -> None:
+    def _step_done(self, step: int, watch: Watch, now: float) -> None:
         watch.report.executed.append(step)
         if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
             watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
         if self._live is not None:
             self._live.update(step + 1, self.s.step_count, self.report)
 
-    def _kill(self, child: Child, watch: _Watch, kind: str, step: int | None) -> None:
+    def _kill(self, child: Child, watch: Watch, kind: str, step: int | None) -> None:
         child.signal_group(signal.SIGKILL)
         watch.kill = KillReport(child.pid, kind, step)
 
-    def _kill_stalled(self, child: Child, watch: _Watch) -> None:
+    def _kill_stalled(self, child: Child, watch: Watch) -> None:
         """The worker is hung (it would not even heartbeat): kill it to restart it. SIGKILL also
         ends a stopped process."""
         silent = time.monotonic() - watch.last_heard
         log.warning("worker %d sent nothing for %.1f s (hung or stopped; --stall-timeout %g): "
                     "SIGKILL, then a restart", child.pid, silent, self.s.stall_timeout)
         child.signal_group(signal.SIGKILL)
-        watch.stall = StallReport(child.pid, watch.step_in_flight, round(silent, 3))
+        watch.stall = StallReport(child.pid, watch.step_in_flight(), round(silent, 3))
 
-    def _log_end(self, end: ChildEnd, watch: _Watch, ours: KillReport | None) -> None:
+    def _log_end(self, end: ChildEnd, watch: Watch, ours: KillReport | None) -> None:
         why = f" ({ours.kind} kill of ours)" if ours else " (stalled)" if watch.stall else ""
         log.info("worker %d %s%s: ran %d %s, replayed %d", end.pid, end.describe(), why,
                  len(watch.report.executed), self.s.terms.units_maybe, watch.report.replayed)
@@ -499,10 +544,20 @@ class Supervisor:
         return self.stop_signal is not None
 
 
+_NO_POOL = ", or the worker had no pool process to kill"
+
+
 def _done(steps: dict[int, Promise]) -> int:
-    """How many direct steps are resolved: the number of the first unfinished one, as they run
-    in order."""
+    """How many direct steps are resolved."""
     return sum(p.state is State.RESOLVED for p in steps.values())
+
+
+def _first_unfinished(steps: dict[int, Promise]) -> int:
+    """The number of the first direct step not resolved (with a pool, later ones may be)."""
+    n = 0
+    while n in steps and steps[n].state is State.RESOLVED:
+        n += 1
+    return n
 
 
 class _SignalForwarding:

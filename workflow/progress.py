@@ -41,6 +41,7 @@ FINISHED = "finished"
 KIND_REPLAYED = "replayed"
 KIND_STARTED = "started"
 KIND_RESOLVED = "resolved"
+KIND_REJECTED = "rejected"
 
 
 class Progress:

@@ -43,10 +43,13 @@ SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
     (("--kill-random", "1000000000"), "--kill-random: at most 1,000 random kills"),
     (("--records", str(10**13)), "--records: at most 1,000,000,000,000 records"),
     (("--batch-size", str(10**21)), "--batch-size: batch size must be a whole number from 1 to 10,000,000"),
+    (("--workers", "0"), "--workers: must be at least 1, not 0"),
+    (("--workers", "65"), "--workers: at most 64, not 65"),
+    (("--workers", "two"), "--workers: invalid worker_count value: 'two'"),
 ], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
         "fail-beyond-last", "kill-negative", "unknown-flag", "input-and-records", "records-not-a-number",
         "id-with-a-dot", "kill-random-beyond-the-cap", "records-beyond-the-cap",
-        "batch-size-beyond-the-cap"])
+        "batch-size-beyond-the-cap", "workers-0", "workers-beyond-the-cap", "workers-not-a-number"])
 def test_usage_error_exits_2_and_touches_nothing(tmp_path: Path, args: tuple[str, ...],
                                                  complaint: str) -> None:
     state_dir = tmp_path / "state"

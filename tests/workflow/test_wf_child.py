@@ -142,6 +142,8 @@ def test_a_module_that_raises_on_import_is_named_with_its_line(tmp_path: Path) -
     (("--id", "wf/a.b"), "without '.'"),
     (("--id", ROOT, "--store", "memory:"), "memory: dies with the process"),
     (("--id", ROOT, "--arg", "{not json"), "not JSON"),
+    (("--id", ROOT, "--workers", "0"), "--workers: must be at least 1, not 0"),
+    (("--id", ROOT, "--workers", "65"), "--workers: at most 64, not 65"),
 ])
 def test_usage_errors_exit_2(tmp_path: Path, flags: tuple[str, ...], says: str) -> None:
     install_app(tmp_path)

@@ -1,0 +1,74 @@
+"""What the supervisor learns about one worker while it runs: its steps in flight (several at
+once when the worker has a pool), the kills armed for it, and its deadlines. No I/O here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .faults import Point, RandomKill
+from .report import ChildReport, KillReport, StallReport
+
+
+@dataclass
+class Flight:
+    """One step attempt the worker said it started and has not yet said it settled."""
+
+    step: int | None  # its number, if it is a direct step of the root
+    attempt: int
+    started_at: float
+
+
+@dataclass
+class Watch:
+    """One worker, as its progress pipe and the supervisor's own kills tell it."""
+
+    report: ChildReport
+    steps_done_before: int = 0  # steps resolved before this child started
+    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its step
+    paused: int | None = None  # the step paused at its failpoint whose kill waits (see Supervisor)
+    kill: KillReport | None = None  # the kill of the whole worker, once sent
+    stall: StallReport | None = None
+    flights: dict[str, Flight] = field(default_factory=dict)  # id (at any depth) -> its attempt
+    first_step_at: float | None = None  # when the worker started its first step
+    last_attempts: dict[str, int] = field(default_factory=dict)  # id -> its last allowed attempt
+    random_kill: RandomKill | None = None  # the random kill armed for this worker
+    timed_kill_after: int | None = None  # executed steps to reach before a timed or pool kill
+    timed_kill_delay: float = 0.0  # then this fraction of a step
+    kill_deadline: float | None = None
+    unplaced_pool_kills: list[KillReport] = field(default_factory=list)  # their step not yet known
+    stop_forwarded: bool = False
+    grace_deadline: float | None = None  # when a forwarded stop turns into a SIGKILL
+    store_write: int | None = None  # the step whose resolve the store.append failpoint tears
+    spawned_at: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)  # its last progress line
+
+    def stall_deadline(self, stall_timeout: float) -> float | None:
+        """When silence makes the child hung; none once a kill is on its way."""
+        if self.kill is not None or self.stall is not None:
+            return None
+        return self.last_heard + stall_timeout
+
+    def on_last_attempt(self, max_attempts: int, besides: str | None = None) -> bool:
+        """Whether a step in flight (other than `besides`) runs its last allowed attempt: a kill
+        of the worker would fail it."""
+        return any(f.attempt >= self.last_attempts.get(promise_id, max_attempts)
+                   for promise_id, f in self.flights.items() if promise_id != besides)
+
+    def step_in_flight(self) -> int | None:
+        """The lowest direct step in flight (the one a kill of the worker is said to land in)."""
+        return min((f.step for f in self.flights.values() if f.step is not None), default=None)
+
+    def started(self, promise_id: str, step: int | None, attempt: int, now: float) -> bool:
+        """Follow a step's new attempt; True if that step was in flight already (its attempt
+        was cut short: the pool process running it died, or it failed and is retried)."""
+        again = promise_id in self.flights
+        self.flights[promise_id] = Flight(step, attempt, now)
+        if self.first_step_at is None:
+            self.first_step_at = now
+        return again
+
+    def settled(self, promise_id: str) -> Flight | None:
+        """The step is no longer in flight; its attempt, if the worker said it started."""
+        return self.flights.pop(promise_id, None)

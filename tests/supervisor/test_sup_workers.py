@@ -1,0 +1,108 @@
+"""`--workers N`: its checks, its way to the worker's command line, and random kills of one pool
+process (a child of the worker, SIGKILLed alone) instead of the whole worker."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from supervisor_helpers import REPO, assert_audit_ok, assert_finished, root_id, run_import
+from test_sup_exec import supervisor
+
+from supervisor.faults import pool_victim, random_kills, steps_in_reach
+from supervisor.location import StoreLocation
+from supervisor.report import KillReport, RunReport
+from supervisor.supervise import Settings, worker_args
+from workflow.child import parse_args
+
+ROOT = "wf/naps"
+
+
+def test_the_workers_reach_the_worker_command_line_and_its_runner_options(tmp_path: Path) -> None:
+    settings = Settings(ROOT, "forking:naps", StoreLocation.in_state_dir(tmp_path), workers=3)
+    args = worker_args(settings)
+    assert args[args.index("--workers") + 1] == "3"
+    assert parse_args(args).workers == 3
+    assert parse_args(worker_args(Settings(ROOT, "forking:naps", settings.location))).workers == 1
+
+
+def test_more_workers_than_cores_is_said_once_and_the_import_runs(tmp_path: Path, audit: ModuleType) -> None:
+    cores = os.cpu_count() or 1
+    run = run_import(tmp_path / "state", "--records", "200", "--batch-size", "50",
+                     "--workers", str(cores + 1))
+    assert_finished(run, 200, 50)
+    assert run.stderr.count(f"--workers {cores + 1} is more than the {cores} core(s)") == 1
+    assert_audit_ok(audit, tmp_path / "state", root_id(200, 50), 200)
+
+
+def test_without_a_pool_random_kills_draw_as_before_and_with_one_only_timed_kills_change() -> None:
+    for seed in range(20):
+        alone, pooled = random_kills(8, seed), random_kills(8, seed, 2)
+        assert random_kills(8, seed, 1) == alone
+        assert {k.kind for k in alone} <= {"timed", "store-write"}
+        assert [k.kind == "store-write" for k in pooled] == [k.kind == "store-write" for k in alone]
+        assert [(k.share, k.delay, k.batch_offset) for k in pooled] == [
+            (k.share, k.delay, k.batch_offset) for k in alone]
+    kinds = [k.kind for seed in range(50) for k in random_kills(8, seed, 2)]
+    assert 0.2 < kinds.count("pool") / len(kinds) < 0.5  # about half of the timed 70 %
+
+
+def test_a_kill_of_the_worker_reaches_every_step_its_pool_may_run() -> None:
+    assert list(steps_in_reach(5, 3, 1)) == [5]
+    assert list(steps_in_reach(5, 3, 2)) == [3, 4, 5, 6]
+    assert list(steps_in_reach(3, 3, 4)) == [3, 4, 5, 6]
+
+
+def test_the_pool_victim_is_drawn_among_the_pool_whatever_its_order() -> None:
+    kill = random_kills(1, 2, 2)[0]
+    assert kill.kind == "pool"
+    assert pool_victim(kill, []) is None
+    assert pool_victim(kill, [30, 10, 20]) == pool_victim(kill, [10, 20, 30]) in {10, 20, 30}
+
+
+def test_a_pool_kill_is_reported_apart_from_kills_of_the_worker(tmp_path: Path) -> None:
+    report = RunReport(ROOT, ("state_dir", str(tmp_path)))
+    report.kills = [KillReport(11, "pool", 4, worker=10), KillReport(10, "timed", 5)]
+    assert report.as_json()["kills"] == [
+        {"pid": 11, "kind": "pool", "step": 4, "worker": 10},
+        {"pid": 10, "kind": "timed", "step": 5},
+    ]
+    text = report.as_text()
+    assert "SIGKILL (pool) to pool process 11 of worker 10 during step 4" in text
+    assert "SIGKILL (timed) to worker 10 during step 5" in text
+
+
+def _install_forking(directory: Path) -> None:
+    (directory / "forking.py").write_text((REPO / "tests" / "apps" / "forking.py").read_text())
+
+
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_pool_kill_sigkills_a_child_of_the_worker_and_the_worker_runs_on(
+    tmp_path: Path, kills: int
+) -> None:
+    # Each step forks a child that naps: the worker has children, as a pool's driver has.
+    seed = next(s for s in range(1000) if {k.kind for k in random_kills(kills, s, 2)} == {"pool"})
+    _install_forking(tmp_path)
+    run = supervisor(tmp_path, "exec", "forking:naps", "--id", ROOT, "--arg", "6", "--arg", "0.3",
+                     "--state-dir", "state", "--durability", "none", "--workers", "2",
+                     "--kill-random", str(kills), "--seed", str(seed), "--json")
+
+    assert run.returncode == 0, run.describe()
+    report = run.report
+    [worker] = report["children"]  # never killed, never restarted
+    assert worker["exit"] == "exit code 0" and worker["executed"] == list(range(6))
+    assert report["restarts"] == 0 and report["undelivered_kills"] == []
+    assert [k["kind"] for k in report["kills"]] == ["pool"] * kills
+    assert {k["worker"] for k in report["kills"]} == {worker["pid"]}
+    forks = [json.loads(line) for line in (tmp_path / "forks.log").read_text().splitlines()]
+    assert {f["worker"] for f in forks} == {worker["pid"]}
+    fork_of = {f["pid"]: f["step"] for f in forks}
+    killed = {k["pid"] for k in report["kills"]}
+    assert len(killed) == kills and killed <= set(fork_of), (killed, forks)
+    # Each step saw how its child ended: SIGKILL (9) exactly where a pool kill landed.
+    killed_steps = {fork_of[pid] for pid in killed}
+    assert report["result"] == [9 if step in killed_steps else None for step in range(6)]
+    assert "SIGKILL to process" in run.stderr
