@@ -11,6 +11,11 @@ hung, stopped or stuck in C code holding the GIL: it is SIGKILLed and restarted 
 unplanned death. A worker that ends with a status no restart can change (bad input, a failed
 step, a conflicting id) ends the run. The result is read from the store, never taken from the
 worker's word.
+
+A worker with a pool (`--workers` above 1) runs several steps at once, each in a process it
+forked, in the worker's process group: a kill of the worker is a SIGKILL to that group, which
+reaches the whole pool and costs an attempt of every step in flight, so no such kill lands
+while any of them runs its last attempt. A pool kill SIGKILLs one of those processes alone.
 """
 
 from __future__ import annotations
@@ -321,8 +326,8 @@ class Supervisor:
             watch.timed_kill_after = len(watch.report.executed) + after
 
     def _arm_next(self, watch: Watch) -> None:
-        """After a pool kill, the worker runs on: arm the next random kill on it, if it can be
-        armed on a running worker (not a store-write kill) and could not fail a step."""
+        """After a pool kill, the worker runs on: arm the next random kill on it, unless that is
+        a store-write kill (armed only when a worker is spawned)."""
         if self._random and self._random[0].kind != "store-write":
             self._arm(watch, self._random.pop(0))
 
@@ -442,24 +447,25 @@ class Supervisor:
             paused = watch.pauses.get(point)
             if paused is not None and paused in self._pending_pauses:
                 watch.paused = paused
-                self._kill_paused(child, watch)
+                if not self._kill_paused(child, watch):
+                    log.info("%s %d waits to be killed until no other %s in flight runs its last "
+                             "attempt", self.s.terms.unit, paused, self.s.terms.unit)
             elif watch.store_write is not None and point == in_store_write(self.s.root_id, watch.store_write):
                 self._kill(child, watch, "store-write", watch.store_write)
         elif kind == progress.ENDED:
             watch.report.error = event.get("error")
 
-    def _kill_paused(self, child: Child, watch: Watch) -> None:
-        """Kill the worker whose step waits at its kill-at-step failpoint, once no other step in
-        flight (with a pool) runs its last attempt: the kill would spend it too. The paused step
-        waits meanwhile, and the others settle and say so."""
+    def _kill_paused(self, child: Child, watch: Watch) -> bool:
+        """Kill the worker whose step waits at its kill-at-step failpoint, unless another step
+        in flight (with a pool) runs its last attempt: the kill would spend it too. The paused
+        step waits meanwhile, and this is tried again as the others settle. True if killed."""
         step = watch.paused
         if self._last_attempt_in_flight(watch, besides=child_id(self.s.root_id, step)):
-            log.info("%s %d waits to be killed until no other %s in flight runs its last attempt",
-                     self.s.terms.unit, step, self.s.terms.unit)
-            return
+            return False
         self._pending_pauses.discard(step)
         watch.paused = None
         self._kill(child, watch, f"kill-at-{self.s.terms.unit}", step)
+        return True
 
     def _on_step(self, event: dict[str, Any], watch: Watch) -> None:
         """Follow the steps: the attempts in flight (at any depth), the direct steps done."""

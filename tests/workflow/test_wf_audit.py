@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from types import ModuleType
 
@@ -23,3 +24,21 @@ def test_audit_keeps_imports_apart_whose_ids_match_as_like_patterns(
         verdict = audit.audit(tmp_path, root, records)
         assert verdict["ok"], (root, verdict["violations"])
         assert (verdict["batches"], verdict["executions"]) == (records // 100, records // 100)
+
+
+def test_audit_counts_the_batch_executions_that_ran_at_once(tmp_path: Path, audit: ModuleType) -> None:
+    root = "imp"
+    assert run_worker_plain(tmp_path, root, synthetic_source(300), 100).returncode == exitcodes.OK
+    assert audit.audit(tmp_path, root, 300)["ok"]
+    # As if batch 1 had started before batch 0 committed: two at once, as a pool of 2 runs them.
+    db = sqlite3.connect(tmp_path / "import.db")
+    with db:
+        db.execute("UPDATE executions SET started_at = "
+                   "(SELECT started_at FROM executions WHERE batch = 0) WHERE batch = 1")
+    db.close()
+
+    alone = audit.audit(tmp_path, root, 300)
+    assert "2 batch executions ran at the same time, more than 1" in alone["violations"]
+    assert audit.audit(tmp_path, root, 300, workers=2)["ok"]
+    # One ending as the next starts is one at a time.
+    assert audit._most_at_once([(0.0, 1.0), (1.0, 2.0), (1.5, 3.0)]) == 2
