@@ -2,7 +2,7 @@
 # Chaos runs: many supervised imports under random SIGKILLs, each checked by scripts/audit.py
 # from its store and its database (not from the report), and one verdict line at the end.
 #
-#   scripts/chaos.sh [RUNS] [SEED]        (defaults: 50 runs, seed 1)
+#   scripts/chaos.sh [--workers N] [RUNS] [SEED]        (defaults: 1 worker, 50 runs, seed 1)
 #
 # Run it inside the project's virtualenv: it calls `python` from PATH (or $PYTHON), from the
 # repository root, so `python -m supervisor` and `python scripts/audit.py` are this checkout's.
@@ -14,22 +14,27 @@
 # next worker, if none runs at that moment), and in about one run out of five a full disk: the
 # first run gets a file size limit (RLIMIT_FSIZE, through util-linux's prlimit) drawn to be reached
 # between its fourth batch and its end. Then:
-#   python -m supervisor run --state-dir DIR --records N --batch-size B --kill-random K --seed S --json
+#   python -m supervisor run --state-dir DIR --records N --batch-size B --kill-random K --seed S \
+#       --workers W --json
 # in a fresh `mktemp -d` state dir (removed afterwards; CHAOS_KEEP_FAILED=1 keeps failed ones).
 # A run under a file size limit must finish (the limit was not reached) or, within 120 s, exit 1
 # with a last line `error: ...` naming store.jsonl or import.db and no traceback. Then, as an
 # operator would, `python -m supervisor retry --id ID --state-dir DIR` if the error says to, and
 # the rest of the run goes on without the limit; what was resolved when the disk filled (the
 # promises in the store, the commit rows in the sink) must be unchanged at the end.
-# After a supervisor kill, its worker must die within 5 s (PR_SET_PDEATHSIG), and the same
-# command is run again to finish the import. In a stall run that command also gets
-# `--stall-timeout 2`: the supervisor must SIGKILL the stopped worker (a stopped worker that
-# outlives its run is a violation) and finish. Then the audit checks the invariants of DESIGN.md,
+# With --workers above 1, each worker runs W batches at once in a pool of processes, and about
+# half of the random kills that are not store-write kills take one pool process instead of the
+# whole worker (the worker runs on); the audit gets --workers too.
+# After a supervisor kill, its worker and the worker's pool must die within 5 s
+# (PR_SET_PDEATHSIG), and the same command is run again to finish the import. In a stall run
+# that command also gets `--stall-timeout 2`: the supervisor must SIGKILL the stopped worker (a
+# stopped worker that outlives its run is a violation) and finish. Then the audit checks the invariants of DESIGN.md,
 # and every run must leave no `.compact` temp file and no process running on its state dir.
 #
-# The verdict sums, over all runs: kills = the workers' SIGKILLs in the final reports (the kills
-# of ours and of stalled workers) plus the supervisor SIGKILLs (the kills in the middle of a
-# store write, of the supervisor and of stalled workers are also shown apart); disk-full = the
+# The verdict sums, over all runs: kills = the SIGKILLs in the final reports (the kills of ours,
+# of workers and of pool processes, and of stalled workers) plus the supervisor SIGKILLs (the
+# kills in the middle of a store write, of the supervisor, of pool processes and of stalled
+# workers are also shown apart); disk-full = the
 # runs whose disk filled and that ended as they should; lost, reruns_of_completed_batches and
 # duplicate_rows from the audits; violations = audit violations plus failed runs, report/sink
 # mismatches, orphaned workers, stopped workers and other processes left behind, a full disk
@@ -39,11 +44,26 @@
 
 set -u -o pipefail
 
-usage() { echo "usage: scripts/chaos.sh [RUNS] [SEED]   (RUNS >= 1, SEED an integer)" >&2; exit 2; }
-[[ $# -le 2 ]] || usage
-RUNS=${1:-50}
-SEED=${2:-1}
+usage() {
+    echo "usage: scripts/chaos.sh [--workers N] [RUNS] [SEED]   (N from 1 to 64, RUNS >= 1, SEED an integer)" >&2
+    exit 2
+}
+WORKERS=1
+positional=()
+while (($#)); do
+    case $1 in
+        --workers) [[ $# -ge 2 ]] || usage; WORKERS=$2; shift 2 ;;
+        --workers=*) WORKERS=${1#*=}; shift ;;
+        -[0-9]*) positional+=("$1"); shift ;;  # a negative seed
+        -*) usage ;;
+        *) positional+=("$1"); shift ;;
+    esac
+done
+[[ ${#positional[@]} -le 2 ]] || usage
+RUNS=${positional[0]:-50}
+SEED=${positional[1]:-1}
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -ge 1 && $SEED =~ ^-?[0-9]+$ ]] || usage
+[[ $WORKERS =~ ^[0-9]+$ ]] && ((WORKERS >= 1 && WORKERS <= 64)) || usage
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-python}
@@ -187,7 +207,7 @@ root_of() {
 }
 
 # Fold one run's report and audit into
-# "kills store_write_kills stall_kills lost reruns duplicates violations" and print the problems
+# "kills store_write_kills pool_kills stall_kills lost reruns duplicates violations" and print the problems
 # (one per line, prefixed "! ") on stderr.
 summarize() {
     "$PY" - "$@" <<'EOF'
@@ -216,7 +236,8 @@ for p in problems:
     print(f"! {p}", file=sys.stderr)
 kills = report.get("kills", [])
 stalls = report.get("stalls", [])
-print(len(kills) + len(stalls), sum(1 for k in kills if k.get("kind") == "store-write"), len(stalls),
+print(len(kills) + len(stalls), sum(1 for k in kills if k.get("kind") == "store-write"),
+      sum(1 for k in kills if k.get("kind") == "pool"), len(stalls),
       verdict.get("lost") or 0,
       verdict.get("reruns_of_completed_batches", 0), verdict.get("duplicate_rows", 0),
       len(problems) + int(extra_violations))
@@ -327,7 +348,7 @@ run_with_a_stall() {
 }
 
 RANDOM=$SEED
-total_kills=0 total_store_write=0 total_supervisor=0 total_stall=0 total_disk_full=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
+total_kills=0 total_store_write=0 total_supervisor=0 total_pool=0 total_stall=0 total_disk_full=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
 
 for ((run = 1; run <= RUNS; run++)); do
     # Draw everything first, whatever the branches below take, so a seed always means the same runs.
@@ -348,8 +369,9 @@ for ((run = 1; run <= RUNS; run++)); do
     work=$(mktemp -d "${TMPDIR:-/tmp}/chaos.XXXXXX")
     state="$work/state"
     cmd=("$PY" -m supervisor run --state-dir "$state" --records "$records" --batch-size "$batch_size"
-         --kill-random "$kill_random" --seed "$kill_seed" --json)
+         --kill-random "$kill_random" --seed "$kill_seed" --workers "$WORKERS" --json)
     what="records=$records batch-size=$batch_size kill-random=$kill_random seed=$kill_seed"
+    ((WORKERS > 1)) && what+=" workers=$WORKERS"
     extra_violations=0
     supervisor_kills=0
     disk_full=0
@@ -362,20 +384,23 @@ for ((run = 1; run <= RUNS; run++)); do
         background=$!
         sleep "$delay"
         workers=$(children_of "$background")
+        pool=$(for worker in $workers; do children_of "$worker"; done)
         kill -KILL "$background" 2>/dev/null
         wait "$background" 2>/dev/null
         status=$?
         background=""
         if ((status == 137)); then
             supervisor_kills=1
-            what+=" (worker(s) ${workers:-none})"
-            for worker in $workers; do
+            what+=" (worker(s) ${workers:-none}"
+            [[ -n $pool ]] && what+=", pool ${pool//$'\n'/ }"
+            what+=")"
+            for worker in $workers $pool; do
                 for ((t = 0; t < ORPHAN_DEADLINE_TENTHS; t++)); do
                     is_running "$worker" || break
                     sleep 0.1
                 done
                 if is_running "$worker"; then
-                    echo "! worker $worker outlived its SIGKILLed supervisor" >>"$work/problems"
+                    echo "! worker or pool process $worker outlived its SIGKILLed supervisor" >>"$work/problems"
                     kill -KILL "$worker" 2>/dev/null
                     extra_violations=$((extra_violations + 1))
                 fi
@@ -390,10 +415,10 @@ for ((run = 1; run <= RUNS; run++)); do
         returncode=$?
     fi
     "$PY" scripts/audit.py --state-dir "$state" --id "$(root_of "$work/report.json")" --records "$records" \
-        >"$work/audit.json" 2>"$work/audit.err"
+        --workers "$WORKERS" >"$work/audit.json" 2>"$work/audit.err"
     check_what_is_left
 
-    read -r kills store_write stall_kills lost reruns dupes violations < <(
+    read -r kills store_write pool_kills stall_kills lost reruns dupes violations < <(
         summarize "$work/report.json" "$work/audit.json" "$records" "$returncode" \
             "$extra_violations" 2>>"$work/problems"
     )
@@ -403,6 +428,7 @@ for ((run = 1; run <= RUNS; run++)); do
     total_kills=$((total_kills + kills))
     total_store_write=$((total_store_write + ${store_write:-0}))
     total_supervisor=$((total_supervisor + supervisor_kills))
+    total_pool=$((total_pool + ${pool_kills:-0}))
     total_stall=$((total_stall + ${stall_kills:-0}))
     total_disk_full=$((total_disk_full + disk_full))
     total_lost=$((total_lost + lost))
@@ -429,7 +455,7 @@ done
 verdict=PASS
 ((total_violations + total_lost + total_reruns + total_dupes == 0)) || verdict=FAIL
 echo "chaos: runs=$done_runs kills=$total_kills (store-write=$total_store_write" \
-     "supervisor=$total_supervisor stall=$total_stall disk-full=$total_disk_full) lost=$total_lost" \
+     "supervisor=$total_supervisor pool=$total_pool stall=$total_stall disk-full=$total_disk_full) lost=$total_lost" \
      "reruns_of_completed_batches=$total_reruns duplicate_rows=$total_dupes" \
      "violations=$total_violations -> $verdict"
 [[ $verdict == PASS ]]

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from supervisor_helpers import REPO, child_env
 
 VERDICT = re.compile(
-    r"^chaos: runs=(\d+) kills=(\d+) \(store-write=\d+ supervisor=\d+ stall=(\d+) disk-full=(\d+)\) lost=0 "
+    r"^chaos: runs=(\d+) kills=(\d+) \(store-write=\d+ supervisor=\d+ pool=(\d+) stall=(\d+) "
+    r"disk-full=(\d+)\) lost=0 "
     r"reruns_of_completed_batches=0 duplicate_rows=0 "
     r"violations=0 -> PASS$"
 )
@@ -40,14 +42,16 @@ def test_chaos_run_with_a_stopped_worker_passes_and_counts_the_stall(tmp_path: P
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert re.search(r"stall-after=\S+ \(stopped worker\(s\) (\d+)\)", result.stderr), result.stderr
     verdict = VERDICT.match(result.stdout.strip())
-    assert verdict and verdict.group(3) == "1", result.stdout + result.stderr[-4000:]
+    assert verdict and verdict.group(4) == "1", result.stdout + result.stderr[-4000:]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_chaos_rejects_bad_arguments(tmp_path: Path) -> None:
-    result = _chaos(tmp_path, "zero")
+@pytest.mark.parametrize("args", [("zero",), ("1", "2", "3"), ("--workers", "0"), ("--workers", "65"),
+                                  ("--workers",), ("--bogus", "1")])
+def test_chaos_rejects_bad_arguments(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = _chaos(tmp_path, *args)
     assert result.returncode == 2
-    assert "usage: scripts/chaos.sh" in result.stderr
+    assert "usage: scripts/chaos.sh [--workers N] [RUNS] [SEED]" in result.stderr
 
 
 def test_chaos_run_into_a_full_disk_passes_and_counts_it(tmp_path: Path) -> None:
@@ -57,5 +61,5 @@ def test_chaos_run_into_a_full_disk_passes_and_counts_it(tmp_path: Path) -> None
                        result.stderr)
     assert filled and int(filled.group(1)) >= 3, result.stderr  # a full disk mid-import
     verdict = VERDICT.match(result.stdout.strip())
-    assert verdict and verdict.group(4) == "1", result.stdout + result.stderr[-4000:]
+    assert verdict and verdict.group(5) == "1", result.stdout + result.stderr[-4000:]
     assert list(tmp_path.iterdir()) == []
