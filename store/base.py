@@ -24,7 +24,11 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
 - **get / list** read: `get` returns None for an unknown id; `list(prefix)` returns the
   promises whose id starts with `prefix`, in creation order.
 - **Durability.** When `resolve`, `reject` or `reopen` return, the settle survives a process
-  kill and (unless the store was opened with durability "none") a power loss. Attempts survive
+  kill and (unless the store was opened with durability "none") a power loss. Settles made
+  together by several threads share one sync (group commit). A settle made with
+  `defer_sync=True` survives a process kill at once and a power loss only after the next
+  `sync()`, the next settle that is not deferred, or `close()`: for a step whose effect is
+  durable elsewhere and can be found again (a recover function), not for the only record. Attempts survive
   a process kill at once and reach the disk with the next settle. So do creations, except that
   an exclusive JSON-lines store holds a creation back until its next write (so a step's creation
   and first attempt are one line): a creation lost with its process is made again by the replay.
@@ -33,6 +37,7 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
 - **Ownership.** `own(root_id)` is held by whoever drives that workflow (runs and settles its
   steps). A second owner waits up to the store's lock timeout, then gets `WorkflowBusyError`
   naming the holder: it never runs anything beside the first.
+- **Threads.** One store object may be used by several threads of its process at once.
 - **Failure.** Every failure of the store itself is a `StoreError` (`StoreWriteError` when a
   write or sync failed: nothing was written, or the store refuses further writes until it is
   opened again; `StoreCorruptedError` naming file and line for damaged or impossible history).
@@ -61,12 +66,18 @@ class PromiseStore(abc.ABC):
         """Record that an attempt of a pending promise begins; return its number (1, 2, ...)."""
 
     @abc.abstractmethod
-    def resolve(self, promise_id: str, value: Any) -> Promise:
-        """Settle with a value, durably; the same value again is a no-op."""
+    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
+        """Settle with a value, durably (or with the next sync); the same value again is a no-op."""
 
     @abc.abstractmethod
-    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
+    def reject(
+        self, promise_id: str, error: dict[str, Any] | BaseException, *, defer_sync: bool = False
+    ) -> Promise:
         """Settle with an error (a dict, or an exception described as type and message)."""
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """Make every write made so far durable (the deferred settles among them)."""
 
     @abc.abstractmethod
     def reopen(self, promise_id: str, reason: str) -> Promise:

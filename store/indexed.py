@@ -1,13 +1,15 @@
 """The store operations, once, for every backend that folds its records into an in-memory index.
 
-A backend says how records are kept (`_append`), how writers exclude each other (`_locked`) and
-how it catches up with other writers (`_refresh`); the checks, the rules of log.py and the shape
-of each record live here, so the JSON-lines file and the in-memory store cannot drift apart.
+A backend says how records are kept (`_append`) and made durable (`_sync_written`), how writers
+exclude each other (`_locked`) and how it catches up with other writers (`_refresh`); the checks,
+the rules of log.py and the shape of each record live here, so the JSON-lines file and the
+in-memory store cannot drift apart.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,16 +27,19 @@ class IndexedStore(PromiseStore):
     """The PromiseStore contract over `self._index` (promise id -> log.Entry)."""
 
     _index: dict[str, Entry]
+    _mutex: threading.RLock  # guards the index against the process's other threads
     _closed = False  # a closed store refuses every call, whatever the backend
+    _deferred = False  # a deferred settle may still wait for a sync
 
     # -- the contract ----------------------------------------------------------------------
 
     def create(self, promise_id: str, param: Any) -> Promise:
         self._check(promise_id)
         param = _storable(promise_id, "param", param)
-        self._refresh()
-        entry = self._index.get(promise_id)
-        if entry is not None:  # the common case on replay: no lock needed to read
+        with self._mutex:
+            self._refresh()
+            entry = self._index.get(promise_id)
+        if entry is not None:  # the common case on replay: no store lock needed to read
             check_create(entry, promise_id, param)
             return snapshot(promise_id, entry)
         return self._locked(self._create, promise_id, param)
@@ -43,32 +48,46 @@ class IndexedStore(PromiseStore):
         self._check(promise_id)
         return self._locked(self._start_attempt, promise_id)
 
-    def resolve(self, promise_id: str, value: Any) -> Promise:
+    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
         self._check(promise_id)
         value = _storable(promise_id, "value", value)
-        return self._locked(self._settle, promise_id, State.RESOLVED, value)
+        promise = self._locked(self._settle, promise_id, State.RESOLVED, value)
+        self._durable(defer_sync)
+        return promise
 
-    def reject(self, promise_id: str, error: dict[str, Any] | BaseException) -> Promise:
+    def reject(
+        self, promise_id: str, error: dict[str, Any] | BaseException, *, defer_sync: bool = False
+    ) -> Promise:
         self._check(promise_id)
         if isinstance(error, BaseException):
             error = {"type": type(error).__name__, "message": str(error)}
         error = _storable(promise_id, "error", error)
-        return self._locked(self._settle, promise_id, State.REJECTED, error)
+        promise = self._locked(self._settle, promise_id, State.REJECTED, error)
+        self._durable(defer_sync)
+        return promise
 
     def reopen(self, promise_id: str, reason: str) -> Promise:
         self._check(promise_id)
-        return self._locked(self._reopen, promise_id, reason)
+        promise = self._locked(self._reopen, promise_id, reason)
+        self._durable(False)
+        return promise
+
+    def sync(self) -> None:
+        self._check_open()
+        self._sync_written()
 
     def get(self, promise_id: str) -> Promise | None:
         self._check(promise_id)
-        self._refresh()
-        entry = self._index.get(promise_id)
+        with self._mutex:
+            self._refresh()
+            entry = self._index.get(promise_id)
         return None if entry is None else snapshot(promise_id, entry)
 
     def list(self, prefix: str = "") -> list[Promise]:
         self._check_open()
-        self._refresh()
-        return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
+        with self._mutex:
+            self._refresh()
+            return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
 
     def _check(self, promise_id: Any) -> None:
         """The store is open and `promise_id` can be an id."""
@@ -102,12 +121,19 @@ class IndexedStore(PromiseStore):
             record = {"op": "resolve", "id": promise_id, "value": outcome, "t": time.time()}
         else:
             record = {"op": "reject", "id": promise_id, "error": outcome, "t": time.time()}
-        return self._append(record, sync=True)
+        return self._append(record)
 
     def _reopen(self, promise_id: str, reason: str) -> Promise:
         check_reopen(self._index.get(promise_id), promise_id, reason)
         record = {"op": "reopen", "id": promise_id, "reason": reason, "t": time.time()}
-        return self._append(record, sync=True)
+        return self._append(record)
+
+    def _durable(self, deferred: bool) -> None:
+        """After a settle: sync now, or remember that a deferred one waits for a sync."""
+        if deferred:
+            self._deferred = True
+        else:
+            self._sync_written()
 
     # -- what a backend provides ---------------------------------------------------------------
 
@@ -120,8 +146,12 @@ class IndexedStore(PromiseStore):
         """Fold into the index what other writers added since (a no-op for a sole writer)."""
 
     @abc.abstractmethod
-    def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
-        """Keep `record` (durably before returning, if `sync`), fold it in, return the promise."""
+    def _append(self, record: dict[str, Any]) -> Promise:
+        """Keep `record` (not yet durably), fold it into the index, return the promise."""
+
+    @abc.abstractmethod
+    def _sync_written(self) -> None:
+        """Make every record kept so far durable; threads settling together share one sync."""
 
     def _append_create(self, record: dict[str, Any]) -> Promise:
         return self._append(record)

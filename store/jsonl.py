@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -96,6 +97,11 @@ class JsonlStore(IndexedStore):
         self._lines = 0
         self._fd = -1
         self._ino = 0
+        self._mutex = threading.RLock()  # the process's threads take turns at the index and file
+        self._sync_turn = threading.Condition()  # group commit: one thread syncs for all
+        self._syncing = False
+        self._written = 0  # bytes this object has written, ever
+        self._synced = -1  # `_written` at the last sync (-1: nothing synced by us yet)
         self._open()
 
     # -- public interface ------------------------------------------------------------------
@@ -124,10 +130,12 @@ class JsonlStore(IndexedStore):
         self._closed = True
         fd, self._fd = self._fd, -1
         try:
-            if fd >= 0 and self._failed is None and self._held is not None:
+            if fd >= 0 and self._failed is None and (self._held is not None or self._deferred):
                 self._fd = fd
                 try:
                     self._write_held()
+                    if self._deferred:  # a deferred settle is durable by the time we are closed
+                        self._sync_written()
                 finally:
                     self._fd = -1
         finally:
@@ -277,19 +285,20 @@ class JsonlStore(IndexedStore):
         """Run `fn` holding the store lock, with the index refreshed under it."""
         if self._readonly:
             raise StoreError(f"{self.path}: store was opened read-only")
-        if self._failed is not None:
-            raise StoreWriteError(f"{self.path}: {self._failed}; reopen the store")
-        if self._holding_lock:
-            return fn(*args)
-        self._acquire_lock()
-        self._holding_lock = True
-        try:
-            if self._ino:
-                self._refresh()
-            return fn(*args)
-        finally:
-            self._holding_lock = False
-            self._lock.release()
+        with self._mutex:
+            if self._failed is not None:
+                raise StoreWriteError(f"{self.path}: {self._failed}; reopen the store")
+            if self._holding_lock:
+                return fn(*args)
+            self._acquire_lock()
+            self._holding_lock = True
+            try:
+                if self._ino:
+                    self._refresh()
+                return fn(*args)
+            finally:
+                self._holding_lock = False
+                self._lock.release()
 
     def _append_create(self, record: dict[str, Any]) -> Promise:
         if not self._exclusive:
@@ -312,10 +321,10 @@ class JsonlStore(IndexedStore):
         else:
             self._append(record)
 
-    def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
-        """Write one record, sync it if asked, then fold it into the index."""
+    def _append(self, record: dict[str, Any]) -> Promise:
+        """Write one record, then fold it into the index."""
         self._write_held()
-        self._write(record, sync=sync)
+        self._write(record)
         apply(self._index, record)
         return snapshot(record["id"], self._index[record["id"]])
 
@@ -324,16 +333,42 @@ class JsonlStore(IndexedStore):
             self._write(self._held)
             self._held = None
 
-    def _write(self, record: dict[str, Any], *, sync: bool = False) -> None:
-        """Write one record; sync it if asked."""
+    def _write(self, record: dict[str, Any]) -> None:
+        """Write one record (a settle is synced after, by `_sync_written`)."""
         line = encode(record)
         if failpoints.armed:
             self._torn_write_failpoint(record, line)
         self._write_bytes(line)
-        if sync and self.durability is Durability.FULL:
-            self._sync()
         self._offset += len(line)
+        self._written += len(line)
         self._lines += 1
+
+    def _sync_written(self) -> None:
+        """Sync what this object wrote; threads that wait here together share one fdatasync.
+
+        The first thread to find the file unsynced syncs everything written so far while the
+        others wait (and write their own settles meanwhile); one that finds its writes covered
+        by that sync returns without syncing again: group commit.
+        """
+        if self._readonly or self.durability is not Durability.FULL:
+            return
+        with self._sync_turn:
+            target = self._written
+            while self._synced < target:
+                if self._failed is not None:
+                    raise StoreWriteError(f"{self.path}: {self._failed}; reopen the store")
+                if self._syncing:
+                    self._sync_turn.wait()
+                    continue
+                self._syncing, upto = True, self._written
+                self._sync_turn.release()
+                try:
+                    self._sync()
+                finally:
+                    self._sync_turn.acquire()
+                    self._syncing = False
+                    self._sync_turn.notify_all()
+                self._synced = max(self._synced, upto)
 
     def _write_bytes(self, data: bytes) -> None:
         """Append all of `data`, or cut what a failed write left and raise StoreWriteError."""
@@ -389,6 +424,7 @@ class JsonlStore(IndexedStore):
         os.close(self._fd)  # from here on, write to the new file only
         self._fd = self._open_fd()
         self._load_from_start()
+        self._synced = self._written  # the new file was synced whole
         try:
             fsync_dir(self.path.parent)
         except OSError as exc:

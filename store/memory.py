@@ -60,6 +60,9 @@ class MemoryStore(IndexedStore):
     def _refresh(self) -> None:
         """Every write goes through this object: the index is always current."""
 
-    def _append(self, record: dict[str, Any], *, sync: bool = False) -> Promise:
+    def _append(self, record: dict[str, Any]) -> Promise:
         apply(self._index, record)
         return snapshot(record["id"], self._index[record["id"]])
+
+    def _sync_written(self) -> None:
+        """Nothing outlives the process: there is nothing to sync."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -21,6 +22,45 @@ class Call(NamedTuple):
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    retry: RetryPolicy | None
+
+
+class Begin(NamedTuple):
+    """`ctx.begin(...)` yielded: start the call, send back a Handle at once."""
+
+    call: Call
+
+
+class Handle:
+    """A durable call started with `ctx.begin`: `yield handle` waits for its result (or raises
+    its StepError). It can be waited for more than once, and in a `ctx.gather`."""
+
+    __slots__ = ("_future", "promise_id")
+
+    def __init__(self, promise_id: str, future: Future[Any]) -> None:
+        self.promise_id = promise_id
+        self._future = future
+
+    def done(self) -> bool:
+        """Whether the call has ended (its promise is settled, or the run failed)."""
+        return self._future.done()
+
+    def __repr__(self) -> str:
+        return f"Handle({self.promise_id}, {'done' if self.done() else 'running'})"
+
+
+class Gather(NamedTuple):
+    """`ctx.gather(*handles)` yielded: wait for all, send back their values in order."""
+
+    handles: tuple[Handle, ...]
+
+
+class MapCall(NamedTuple):
+    """`ctx.map(fn, *iterables, concurrency=K)` yielded: one call per item, K at a time."""
+
+    fn: Callable[..., Any]
+    iterables: tuple[Iterable[Any], ...]
+    concurrency: int
     retry: RetryPolicy | None
 
 
@@ -43,10 +83,59 @@ class Context:
         `fn` is a plain function (a step, retried per `retry`) or a generator function taking a
         Context first (a sub-workflow, replayed like the root).
         """
+        call = self.new_call(fn, args, kwargs, retry)
+        self._unyielded.append(call)
+        return call
+
+    def begin(
+        self, fn: Callable[..., Any], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any
+    ) -> Begin:
+        """Start a durable call without waiting for it: `h = yield ctx.begin(...)` gives a Handle
+        at once, `v = yield h` its result later. Calls begun together run concurrently (in the
+        runner's pool of step processes, or one after the other in the driver without a pool,
+        settled together); a sub-workflow begun is driven to its end right away."""
+        call = self.new_call(fn, args, kwargs, retry)
+        self._unyielded.append(call)
+        return Begin(call)
+
+    def gather(self, *handles: Handle) -> Gather:
+        """Wait for every handle: `values = yield ctx.gather(h1, h2)`. If calls failed, the first
+        failed one's StepError is raised there, once all have ended (the others' results are
+        stored, and a replay returns them)."""
+        for handle in handles:
+            if type(handle) is not Handle:
+                raise WorkflowUsageError(f"ctx.gather takes handles from ctx.begin, not {handle!r}")
+        return Gather(handles)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+    ) -> MapCall:
+        """`fn` over the items of the iterables (zipped, like the builtin map), at most
+        `concurrency` calls in flight: `values = yield ctx.map(step, items, concurrency=4)`.
+
+        The iterables are read lazily, one item per call started; the values come back in item
+        order. Every item is run to its end even when one fails (so the calls a replay meets are
+        always the same); then the first failure in item order is raised.
+        """
+        if type(concurrency) is not int or concurrency < 1:
+            raise WorkflowUsageError(f"ctx.map: concurrency must be a whole number ≥ 1, not {concurrency!r}")
+        if not iterables:
+            raise WorkflowUsageError("ctx.map needs at least one iterable of items")
+        return MapCall(fn, iterables, concurrency, retry)
+
+    def new_call(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+    ) -> Call:
+        """The next durable call of this workflow, with the next id (ctx.map's calls come from
+        here one item at a time; they are never "not yielded")."""
         # ids.child_id(self.promise_id, self._next), inlined: a call per step costs replay ~3%
         call = Call(f"{self._children}{self._next}", fn, args, kwargs, retry)
         self._next += 1
-        self._unyielded.append(call)
         return call
 
     def patched(self, name: str) -> Patch:

@@ -8,9 +8,12 @@ step, run with durable attempts and retried with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -26,8 +29,7 @@ from store import (
     same_json,
 )
 
-from .context import Call, Context, StepInfo, _current_step
-from .deadline import deadline
+from .context import Begin, Call, Context, Gather, Handle, MapCall, StepInfo
 from .errors import (
     EngineError,
     NonDeterminismError,
@@ -37,8 +39,10 @@ from .errors import (
     WorkflowInterrupted,
     WorkflowUsageError,
 )
+from .executor import InlineExecutor, StepExecutor
 from .ids import check_root_id, child_id, children_prefix, patch_marker_id
 from .patches import Patch
+from .pool import ProcessPool, Setup
 from .registry import Registered, describe, registered, versions
 from .retry import RetryPolicy
 
@@ -76,6 +80,12 @@ class Runner:
     `dependencies` are handed to steps through `current_step().dependency(name)`;
     `on_event` receives a StepEvent per step transition; `should_stop` is asked before each new
     step and, when true, ends the run with WorkflowInterrupted (nothing is settled).
+
+    `workers` > 1 runs the calls a workflow begins concurrently (`ctx.begin`, `ctx.map`) in a
+    pool of that many step processes (pool.py), each with the dependencies `setup` gives it
+    (or a forked copy of `dependencies`); their settles share syncs (group commit). With one
+    worker, begun calls run in the driver, one after the other, when the workflow waits for
+    one of them, and the calls run by one wait are settled with one sync.
     """
 
     def __init__(
@@ -88,14 +98,22 @@ class Runner:
         should_stop: Callable[[], bool] | None = None,
         sleep: Callable[[float], Any] = time.sleep,
         workers: int = 1,
+        setup: Setup | None = None,
     ) -> None:
-        self.workers = workers  # placeholder until the runtime's process pool lands
+        if type(workers) is not int or workers < 1:
+            raise ValueError(f"workers must be a whole number of at least 1, not {workers!r}")
         self.store = store
         self.policy = retry or RetryPolicy()
         self.dependencies = dict(dependencies or {})
+        self.workers = workers
+        self._setup = setup
         self._on_event = on_event
         self._should_stop = should_stop
         self._sleep = sleep
+        self._pool: StepExecutor | None = None  # the step processes, while a run has them
+        self._threads: ThreadPoolExecutor | None = None  # one thread per step process
+        self._queued: list[tuple[Handle, Call, Registered, Promise]] = []  # begun, not run (1 worker)
+        self._grouped: list[bool] | None = None  # during a group of begun calls: sync owed?
 
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
@@ -106,8 +124,25 @@ class Runner:
                 f"{entry.name} is not a workflow: a workflow is a generator function taking "
                 "a Context first (`def wf(ctx, ...): ... yield ctx.run(step, ...)`)"
             )
-        with self.store.own(root_id):  # one driver per workflow, before anything runs
+        with self.store.own(root_id), self._step_processes():  # one driver per workflow
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+
+    @contextlib.contextmanager
+    def _step_processes(self) -> Iterator[None]:
+        """The pool and its threads for one run (forked before any step thread exists)."""
+        if self.workers == 1:
+            yield
+            return
+        self._pool = ProcessPool(self.workers, setup=self._setup, dependencies=self.dependencies)
+        self._threads = ThreadPoolExecutor(
+            self.workers, thread_name_prefix="step", initializer=_mark_step_thread
+        )
+        try:
+            yield
+        finally:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
+            self._pool = self._threads = None
 
     def retry(self, root_id: str) -> list[str]:
         """Make a failed workflow runnable again; return the reopened ids (the root last).
@@ -134,6 +169,11 @@ class Runner:
     # -- one durable call ------------------------------------------------------------------
 
     def _call(self, call: Call, root: bool = False) -> Any:
+        entry, promise = self._prepare(call, root)
+        return self._finish(call, entry, promise)
+
+    def _prepare(self, call: Call, root: bool = False) -> tuple[Registered, Promise]:
+        """The call's promise, created or checked against what the history recorded there."""
         entry = describe(call.fn)
         promise = self.store.get(call.promise_id)
         if entry.is_workflow:
@@ -145,6 +185,10 @@ class Runner:
             promise = self.store.create(call.promise_id, param)
         else:
             self._check_same_call(promise, entry, param, root)
+        return entry, promise
+
+    def _finish(self, call: Call, entry: Registered, promise: Promise) -> Any:
+        """The call's result: replayed from its promise, or driven or executed now."""
         if promise.state is State.RESOLVED:
             self._emit("replayed", call, entry)
             return _own(promise.value)
@@ -204,33 +248,147 @@ class Runner:
             raise WorkflowUsageError(f"workflow {entry.name} ({call.promise_id}): {exc}") from None
         send: Any = None
         throw: StepError | None = None
+        begun: list[Handle] = []  # calls begun here: all end before this workflow does
         try:
             while True:
                 try:
                     yielded = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration as done:
                     self._check_ended_cleanly(call, entry, ctx)
+                    self._wait(begun, fail_fast=False)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
                         raise
                     self._check_ended_cleanly(call, entry, ctx)
+                    self._wait(begun, fail_fast=False)
                     self._fail(call, entry, exc)
-                if type(yielded) is Patch:
-                    send, throw = self._patched(ctx, yielded), None
-                    continue
-                if not isinstance(yielded, Call):
-                    raise WorkflowUsageError(
-                        f"workflow {entry.name} ({call.promise_id}) yielded {yielded!r}; "
-                        "yield ctx.run(...) instead"
-                    )
-                ctx.take_yielded(yielded)
+                kind = type(yielded)
                 try:
-                    send, throw = self._call(yielded), None
+                    if kind is Call:
+                        ctx.take_yielded(yielded)
+                        send, throw = self._call(yielded), None
+                    elif kind is Begin:
+                        ctx.take_yielded(yielded.call)
+                        send, throw = self._begin(yielded.call, begun), None
+                    elif kind is Handle:
+                        send, throw = self._results([yielded])[0], None
+                    elif kind is Gather:
+                        send, throw = self._results(list(yielded.handles)), None
+                    elif kind is MapCall:
+                        send, throw = self._map(ctx, yielded), None
+                    elif kind is Patch:
+                        send, throw = self._patched(ctx, yielded), None
+                    else:
+                        raise WorkflowUsageError(
+                            f"workflow {entry.name} ({call.promise_id}) yielded {yielded!r}; "
+                            "yield ctx.run(...), ctx.begin(...), a handle, ctx.gather(...) or "
+                            "ctx.map(...) instead"
+                        )
                 except StepError as exc:
                     send, throw = None, exc
         finally:
-            gen.close()
+            try:
+                self._abandon(begun)
+            finally:
+                gen.close()
+
+    # -- concurrent calls ------------------------------------------------------------------
+
+    def _begin(self, call: Call, begun: list[Handle] | None = None) -> Handle:
+        """Start `call` without waiting: checked against the history now, run meanwhile."""
+        entry, promise = self._prepare(call)
+        future: Future[Any] = Future()
+        handle = Handle(call.promise_id, future)
+        if promise.state is not State.PENDING or entry.is_workflow:
+            try:  # a replay, or a sub-workflow: its result now
+                future.set_result(self._finish(call, entry, promise))
+            except StepError as exc:
+                future.set_exception(exc)
+            return handle
+        if self._threads is not None:
+            handle._future = self._threads.submit(self._finish, call, entry, promise)
+        else:
+            self._queued.append((handle, call, entry, promise))
+        if begun is not None:
+            begun.append(handle)
+        return handle
+
+    def _map(self, ctx: Context, m: MapCall) -> list[Any]:
+        """One call per item, at most `m.concurrency` unfinished; every one runs to its end."""
+        handles: list[Handle] = []
+        running: list[Handle] = []
+        try:
+            for item in zip(*m.iterables, strict=False):  # as map(): to the shortest
+                handle = self._begin(ctx.new_call(m.fn, item, {}, m.retry))
+                handles.append(handle)
+                if not handle.done():
+                    running.append(handle)
+                if len(running) >= m.concurrency:
+                    running = self._wait(running, fail_fast=True, any_one=True)
+        except BaseException:
+            self._abandon(running)  # a fatal error: those in flight end first
+            raise
+        return self._results(handles)
+
+    def _results(self, handles: list[Handle]) -> list[Any]:
+        """The handles' values once all have ended; the first StepError among them is raised."""
+        self._wait(handles, fail_fast=True)
+        failed = next((h._future.exception() for h in handles if h._future.exception()), None)
+        if failed is not None:
+            raise failed
+        return [h._future.result() for h in handles]
+
+    def _wait(self, handles: list[Handle], *, fail_fast: bool, any_one: bool = False) -> list[Handle]:
+        """Wait for the handles (or, `any_one`, for one of them); return those still running.
+
+        A failure of the engine or the store in any of them is raised (with `fail_fast`, as soon
+        as it is seen); a step's own failure (StepError) stays in its handle.
+        """
+        if self._threads is None:
+            self._run_queued()
+            pending: list[Handle] = []
+        else:
+            futures = {h._future for h in handles}
+            _, not_done = wait(futures, return_when=FIRST_COMPLETED if any_one else "ALL_COMPLETED")
+            pending = [h for h in handles if h._future in not_done]
+        for handle in handles:
+            future = handle._future
+            if future.done() and not future.cancelled():
+                exc = future.exception()
+                if exc is not None and not isinstance(exc, StepError) and fail_fast:
+                    raise exc
+        return pending
+
+    def _run_queued(self) -> None:
+        """One worker: run every begun call now, in the order begun; their settles share a sync."""
+        queued, self._queued = self._queued, []
+        self._grouped = []
+        try:
+            for handle, call, entry, promise in queued:
+                try:
+                    handle._future.set_result(self._finish(call, entry, promise))
+                except StepError as exc:
+                    handle._future.set_exception(exc)
+                except BaseException as exc:
+                    handle._future.set_exception(exc)
+                    self._queued = [q for q in queued if not q[0].done()] + self._queued
+                    raise
+        finally:
+            owed, self._grouped = any(self._grouped), None
+            if owed:
+                self.store.sync()
+
+    def _abandon(self, handles: list[Handle]) -> None:
+        """Leaving a workflow: calls begun but not started are dropped (they are pending; the
+        next run starts them), and those in flight end first (a step thread never outlives it)."""
+        if self._threads is None:
+            mine = {id(h) for h in handles}
+            self._queued = [q for q in self._queued if id(q[0]) not in mine]
+            return
+        for handle in handles:
+            handle._future.cancel()  # only one not started yet
+        wait([h._future for h in handles])
 
     def _check_ended_cleanly(self, call: Call, entry: Registered, ctx: Context) -> None:
         """A workflow that ends must have yielded every call it made, and made every call its
@@ -296,10 +454,7 @@ class Runner:
         self._emit("started", call, entry, attempt=attempt)
         if failpoints.armed:  # a supervisor's "kill at step N" waits here to be killed
             failpoints.hit(failpoints.STEP_STARTED, failpoints.step_started_key(call.promise_id))
-        if policy.timeout is None:
-            return self._as_step(call, entry, attempt, call.fn)
-        with deadline(policy.timeout, f"step '{entry.name}' ({call.promise_id})"):
-            return self._as_step(call, entry, attempt, call.fn)
+        return self._as_step(call, entry, attempt, call.fn, policy.timeout)
 
     def _recover(self, call: Call, entry: Registered, last_attempt: int) -> Any:
         """What the step's last, unsettled attempt made durable, if the step has a recover
@@ -311,15 +466,15 @@ class Runner:
             self._emit("recovered", call, entry, attempt=last_attempt)
         return found
 
-    def _as_step(self, call: Call, entry: Registered, attempt: int, fn: Callable[..., Any]) -> Any:
-        """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile."""
-        token = _current_step.set(
-            StepInfo(call.promise_id, attempt, entry.name, self.dependencies, entry.version)
-        )
-        try:
-            return fn(*call.args, **call.kwargs)
-        finally:
-            _current_step.reset(token)
+    def _as_step(
+        self, call: Call, entry: Registered, attempt: int, fn: Callable[..., Any],
+        timeout: float | None = None,
+    ) -> Any:
+        """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile:
+        in a step process when a step thread asks, else here."""
+        info = StepInfo(call.promise_id, attempt, entry.name, self.dependencies, entry.version)
+        executor = self._pool if getattr(_step_thread, "marked", False) else _INLINE
+        return executor.run(info, fn, call.args, call.kwargs, timeout)
 
     def _retry_after(
         self, exc: Exception, call: Call, entry: Registered, policy: RetryPolicy, done: int
@@ -370,7 +525,9 @@ class Runner:
 
     def _resolve(self, call: Call, entry: Registered, value: Any) -> Any:
         try:
-            promise = self.store.resolve(call.promise_id, value)
+            promise = self.store.resolve(
+                call.promise_id, value, defer_sync=self._defer(entry.recover is not None)
+            )
         except TypeError as exc:  # the result cannot be stored: a bug in the step, not retried
             self._fail(call, entry, exc)
         self._emit("resolved", call, entry)
@@ -382,9 +539,19 @@ class Runner:
         error = {"type": type(exc).__name__, "message": str(exc)}
         if current is not None and current.attempts:
             error["attempts"] = current.attempts
-        self.store.reject(call.promise_id, error)
+        self.store.reject(call.promise_id, error, defer_sync=self._defer(False))
         self._emit("rejected", call, entry, error=f"{error['type']}: {error['message']}")
         raise StepError(call.promise_id, entry.name, error) from exc
+
+    def _defer(self, recoverable: bool) -> bool:
+        """Whether a settle may wait for a later sync: a step whose recover function finds its
+        effect again needs none of its own; in a group of begun calls, one sync ends the group."""
+        if recoverable:
+            return True
+        if self._grouped is not None and threading.current_thread() is threading.main_thread():
+            self._grouped.append(True)
+            return True
+        return False
 
     def _emit(self, kind: str, call: Call, entry: Registered, **detail: Any) -> None:
         if self._on_event is not None:
@@ -404,6 +571,14 @@ class Runner:
                 raise WorkflowInterrupted("stopped during a retry backoff; run again to resume")
             self._sleep(min(left, _STOP_POLL_S))
             left -= _STOP_POLL_S
+
+
+_INLINE = InlineExecutor()
+_step_thread = threading.local()  # `marked` in the runner's step threads
+
+
+def _mark_step_thread() -> None:
+    _step_thread.marked = True
 
 
 _SHARED_SAFELY = (str, int, float, bool, type(None))

@@ -1,0 +1,261 @@
+"""A pool of step processes under the driver: concurrent steps on every core of one machine.
+
+Each step process is forked from the driver (it inherits the registered functions), dies with
+it (PR_SET_PDEATHSIG; it is in the driver's process group too, so a supervisor's group kill takes
+it as well), ignores SIGTERM/SIGINT (the driver decides when to stop: a step in flight finishes),
+enters the run's setup hook for dependencies of its own (a database connection is never shared
+across a fork), then runs one task at a time from a pipe and answers with its value or its
+exception. It never touches the store: the driver records the attempt before sending the task,
+and settles the promise from the answer.
+
+A step process that dies mid-task (SIGKILL, a crash) costs that attempt only: the caller gets
+StepProcessLost (retried like any failure) and the next task gets a newly forked process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from multiprocessing.connection import Connection, Pipe
+from typing import Any
+
+from .context import StepInfo
+from .errors import PermanentError
+from .executor import StepExecutor, StepProcessLost, call_as_step
+from .registry import registered
+
+log = logging.getLogger("workflow.pool")
+
+Setup = Callable[[], AbstractContextManager[Mapping[str, Any]]]
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (and exit now if it has)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class ProcessPool(StepExecutor):
+    """`size` step processes; a calling thread takes an idle one for the length of one call.
+
+    `setup` gives each process its dependencies (entered once per process); without it a
+    process uses the `dependencies` it inherited from the driver.
+    """
+
+    def __init__(
+        self, size: int, *, setup: Setup | None = None, dependencies: Mapping[str, Any] | None = None
+    ) -> None:
+        if type(size) is not int or size < 1:
+            raise ValueError(f"a pool has at least 1 process, not {size!r}")
+        self.capacity = size
+        self._setup = setup
+        self._dependencies = dict(dependencies or {})
+        self._idle: queue.SimpleQueue[_StepProcess | None] = queue.SimpleQueue()
+        self._all: set[_StepProcess] = set()
+        self._mutex = threading.Lock()
+        self._closed = False
+        for _ in range(size):  # forked now, while the driver has no step threads yet
+            self._idle.put(self._fork())
+
+    def run(
+        self,
+        info: StepInfo,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> Any:
+        process = self._idle.get()
+        if process is None or self._closed:
+            raise RuntimeError("the step process pool is closed")
+        try:
+            return process.call(_task(info, fn, args, kwargs, timeout))
+        except StepProcessLost:
+            self._forget(process)
+            process = self._fork()  # the next task gets a new process in its place
+            raise
+        finally:
+            self._idle.put(process)
+
+    @property
+    def pids(self) -> list[int]:
+        """The step processes' pids (a supervisor may kill one of them on purpose)."""
+        with self._mutex:
+            return sorted(p.pid for p in self._all)
+
+    def close(self) -> None:
+        """End every step process: its pipe closes, it exits after its task; then reap it."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            processes = list(self._all)
+        for process in processes:
+            process.stop()
+        for _ in range(self.capacity):  # wake any thread still waiting for a process
+            self._idle.put(None)
+
+    def _fork(self) -> _StepProcess:
+        with self._mutex:
+            siblings = [p.conn for p in self._all]
+            process = _StepProcess.fork(self._setup, self._dependencies, siblings)
+            self._all.add(process)
+        return process
+
+    def _forget(self, process: _StepProcess) -> None:
+        with self._mutex:
+            self._all.discard(process)
+        process.reap()
+
+
+def _task(
+    info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    timeout: float | None,
+) -> tuple[Any, ...]:
+    """What the pipe carries: the function by registered name (a forked process has the same
+    registry), or pickled by reference when it is not registered under that name."""
+    entry = registered(info.fn, info.version)
+    if entry is not None and fn is entry.fn:
+        target: Any = ("fn", info.fn, info.version)
+    elif entry is not None and fn is entry.recover:
+        target = ("recover", info.fn, info.version)
+    else:
+        target = ("pickled", fn)
+    return (target, info.promise_id, info.attempt, info.fn, info.version, args, kwargs, timeout)
+
+
+class _StepProcess:
+    """One forked step process and the driver's end of its pipe."""
+
+    def __init__(self, pid: int, conn: Connection) -> None:
+        self.pid = pid
+        self.conn = conn
+        self._reaped = False
+
+    @classmethod
+    def fork(
+        cls, setup: Setup | None, dependencies: Mapping[str, Any], siblings: list[Connection]
+    ) -> _StepProcess:
+        """A new step process; it closes the driver's ends of its siblings' pipes, or they
+        would never see their pipe close."""
+        ours, theirs = Pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the step process: never returns into the driver's code
+            code = 1
+            try:
+                for conn in [ours, *siblings]:
+                    conn.close()
+                _serve(theirs, parent, setup, dependencies)
+                code = 0
+            except BaseException:  # a forked child ends here, whatever happens
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        return cls(pid, ours)
+
+    def call(self, task: tuple[Any, ...]) -> Any:
+        try:
+            self.conn.send(task)
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError):
+            raise StepProcessLost(f"step process {self.pid} died {self._how_it_ended()}") from None
+        if kind == "ok":
+            return payload
+        if kind == "raised":
+            raise payload
+        raise _described_error(*payload)
+
+    def stop(self) -> None:
+        self.conn.close()
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for the process to exit (it does once its pipe is closed, or it was killed)."""
+        if self._reaped:
+            return
+        self.conn.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self._reaped = True
+
+    def _how_it_ended(self) -> str:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "(already reaped)"
+        self._reaped = True
+        if os.WIFSIGNALED(status):
+            return f"(killed by {signal.Signals(os.WTERMSIG(status)).name})"
+        return f"(exit status {os.waitstatus_to_exitcode(status)})"
+
+
+def _serve(conn: Connection, parent: int, setup: Setup | None, dependencies: Mapping[str, Any]) -> None:
+    """The step process's life: set up, then answer tasks until the driver closes the pipe."""
+    die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the driver stops the run; we finish our task
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with setup() if setup is not None else contextlib.nullcontext(dependencies) as deps:
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return
+            answer = _answer(task, deps)
+            try:
+                conn.send(answer)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:  # not picklable
+                why = f"the step's value cannot be sent to the driver: {exc}"
+                conn.send(("described", ("TypeError", why, True)))
+
+
+def _answer(task: tuple[Any, ...], dependencies: Mapping[str, Any]) -> tuple[str, Any]:
+    target, promise_id, attempt, name, version, args, kwargs, timeout = task
+    if target[0] == "pickled":
+        fn = target[1]
+    else:
+        entry = registered(target[1], target[2])
+        fn = entry.fn if target[0] == "fn" else entry.recover
+    info = StepInfo(promise_id, attempt, name, dependencies, version)
+    try:
+        return "ok", call_as_step(info, fn, args, kwargs, timeout)
+    except Exception as exc:  # the step's failure, handed to the driver to retry or settle
+        return _portable(exc)
+
+
+def _portable(exc: Exception) -> tuple[str, Any]:
+    """The exception itself if it survives pickling; else its type name, message and whether
+    it is permanent, for the driver to rebuild (a custom exception may not unpickle)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # any failure to round-trip: describe it instead
+        return "described", (type(exc).__name__, str(exc), isinstance(exc, PermanentError))
+    return "raised", exc
+
+
+_described: dict[tuple[str, bool], type[Exception]] = {}
+
+
+def _described_error(type_name: str, message: str, permanent: bool) -> Exception:
+    """An exception named like the step's own, permanent if it was (its class did not pickle)."""
+    cls = _described.get((type_name, permanent))
+    if cls is None:
+        base = PermanentError if permanent else Exception
+        cls = _described[(type_name, permanent)] = type(type_name, (base,), {"__module__": __name__})
+    return cls(message)
