@@ -16,6 +16,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _wait_for_group_to_die(pgid: int, timeout: float = 5.0) -> None:
-    """Wait until no process of the worker's group is left (none, nearly always: a fast check)."""
+    """Wait until no process of the worker's group runs code any more (none, nearly always: a
+    fast check). A zombie counts as dead: the processes of a worker's pool, killed with it, wait
+    as zombies for init to reap them, which may take it a second or two."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -51,9 +54,20 @@ def _wait_for_group_to_die(pgid: int, timeout: float = 5.0) -> None:
         with contextlib.suppress(psutil.Error, ProcessLookupError):
             if os.getpgid(proc.pid) == pgid:
                 members.append(proc)
-    _gone, alive = psutil.wait_procs(members, timeout=timeout)
-    if alive:
-        log.error("processes %s of worker group %d survived SIGKILL", [p.pid for p in alive], pgid)
+    deadline = time.monotonic() + timeout
+    while alive := [p for p in members if _runs_code(p)]:
+        if time.monotonic() >= deadline:
+            log.error("processes %s of worker group %d survived SIGKILL", [p.pid for p in alive], pgid)
+            return
+        time.sleep(0.005)
+
+
+def _runs_code(proc: psutil.Process) -> bool:
+    """Whether `proc` still exists and is no zombie."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @dataclass
