@@ -326,10 +326,13 @@ class Supervisor:
             watch.timed_kill_after = len(watch.report.executed) + after
 
     def _arm_next(self, watch: Watch) -> None:
-        """After a pool kill, the worker runs on: arm the next random kill on it, unless that is
-        a store-write kill (armed only when a worker is spawned)."""
-        if self._random and self._random[0].kind != "store-write":
-            self._arm(watch, self._random.pop(0))
+        """After a pool kill, the worker runs on: arm on it the next random kill that a running
+        worker can take (a store-write kill is armed when a worker is spawned: it stays first
+        in line for the next one)."""
+        for i, kill in enumerate(self._random):
+            if kill.kind != "store-write":
+                self._arm(watch, self._random.pop(i))
+                return
 
     def _watch(self, child: Child, watch: Watch) -> None:
         """Follow the child until its pipes close, delivering kills and forwarded signals."""
