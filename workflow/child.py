@@ -9,13 +9,15 @@ ends with an exit status from workflow/exitcodes.py: a one-line `error:` on stde
 traceback, for every end a restart cannot change.
 
 `--setup MODULE:FUNCTION` names the application's hook `setup(run: RunInfo)`, a context manager
-giving the Runner's dependencies. It runs before the store is opened, so it can refuse a run
-(with a PermanentError) before anything is written.
+giving the Runner's dependencies (entered again in each step process of a `--workers` pool, so
+that a database connection is never shared across a fork). It runs before the store is opened,
+so it can refuse a run (with a PermanentError) before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import math
@@ -227,6 +229,7 @@ def run(args: argparse.Namespace, on_event: Callable[..., None], should_stop: Ca
             on_event=on_event,
             should_stop=should_stop,
             workers=args.workers,
+            setup=None if setup is None else functools.partial(setup, info),  # each step process's own
         )
         return runner.run(args.id, fn, *info.args)
 
