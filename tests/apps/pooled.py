@@ -8,7 +8,6 @@ through the import's setup hook) run `concurrency` at a time.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -34,13 +33,15 @@ def nap(i: int, seconds: float) -> int:
 
 
 @register(name="naps")
-def naps(ctx: Context, n: int, seconds: float) -> Generator[Any, Any, list[int]]:
-    """`n` naps of `seconds`, four at a time."""
-    return (yield ctx.map(nap, range(n), itertools.repeat(seconds, n), concurrency=4))
+def naps(ctx: Context, seconds: list[float]) -> Generator[Any, Any, list[int]]:
+    """A nap of each of `seconds`, four at a time (as many as the pool has processes)."""
+    return (yield ctx.map(nap, range(len(seconds)), seconds, concurrency=4))
 
 
 @register(name="import_mapped")
-def import_mapped(ctx: Context, source: dict[str, Any], batch_size: int) -> Generator[Any, Any, dict[str, Any]]:
+def import_mapped(
+    ctx: Context, source: dict[str, Any], batch_size: int
+) -> Generator[Any, Any, dict[str, Any]]:
     """The import's batches (`<id>.<i>` is batch i), eight at a time."""
     batches = plan_batches(source, batch_size)
     return summarize((yield ctx.map(process_batch, range(len(batches)), batches, concurrency=8)))

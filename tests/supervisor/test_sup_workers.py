@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from supervisor_helpers import REPO, assert_finished, root_id, run_import
+from supervisor_helpers import REPO, Finished, assert_finished, pid_is_gone, root_id, run_import
 from test_sup_exec import supervisor
 
 from supervisor.faults import pool_victim, random_kills, steps_in_reach
@@ -79,13 +79,19 @@ def _install_pooled(directory: Path) -> None:
     (directory / "pooled.py").write_text((REPO / "tests" / "apps" / "pooled.py").read_text())
 
 
+def _naps(directory: Path, seconds: list[float], *flags: str) -> Finished:
+    """`supervisor exec pooled:naps` with a pool of 2 (installed in `directory` on first use)."""
+    if not (directory / "pooled.py").exists():
+        _install_pooled(directory)
+    return supervisor(directory, "exec", "pooled:naps", "--id", ROOT, "--arg", json.dumps(seconds),
+                      "--state-dir", "state", "--durability", "none", "--workers", "2", *flags, "--json")
+
+
 @pytest.mark.parametrize("kills", [1, 2])
 def test_a_pool_kill_sigkills_one_step_process_and_the_worker_runs_on(tmp_path: Path, kills: int) -> None:
     seed = next(s for s in range(1000) if {k.kind for k in random_kills(kills, s, 2)} == {"pool"})
-    _install_pooled(tmp_path)
-    run = supervisor(tmp_path, "exec", "pooled:naps", "--id", ROOT, "--arg", "8", "--arg", "0.2",
-                     "--state-dir", "state", "--durability", "none", "--workers", "2",
-                     "--retry-initial", "0.05", "--kill-random", str(kills), "--seed", str(seed), "--json")
+    run = _naps(tmp_path, [0.2] * 8, "--retry-initial", "0.05", "--kill-random", str(kills),
+                "--seed", str(seed))
 
     assert run.returncode == 0, run.describe()
     report = run.report
@@ -97,7 +103,7 @@ def test_a_pool_kill_sigkills_one_step_process_and_the_worker_runs_on(tmp_path: 
     pool = {a["pid"] for a in attempts}
     killed = {k["pid"] for k in report["kills"]}
     assert worker["pid"] not in pool | killed and len(killed) == kills
-    assert report["kills"][0]["pid"] in pool  # a step process (a later kill may find a new one idle)
+    assert all(pid_is_gone(pid) for pid in killed)
     # Each kill cost one attempt (of the step its process ran, or of the next one sent to it),
     # which the worker ran again in another process; the naps it finished are the result.
     last = {}
@@ -107,3 +113,23 @@ def test_a_pool_kill_sigkills_one_step_process_and_the_worker_runs_on(tmp_path: 
     again = {promise_id for promise_id, n in last.items() if n > 1}
     assert {f"{ROOT}.{k['step']}" for k in report["kills"] if k["step"] is not None} <= again
     assert not killed & set(report["result"])
+
+
+def test_a_kill_at_step_waits_while_another_step_in_flight_runs_its_last_attempt(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    # Nap 0 takes 1 s, the others 0.1 s; each step has 2 attempts. The kill at step 2 (which
+    # starts once nap 1 is done) costs nap 0, in flight beside it, its first attempt. After the
+    # restart nap 0 runs its last attempt when step 3 starts: the kill at step 3 waits for it.
+    run = _naps(tmp_path, [1.0] + [0.1] * 5, "--max-attempts", "2", "--kill-at-step", "2",
+                "--kill-at-step", "3")
+
+    assert run.returncode == 0, run.describe()
+    assert [(k["kind"], k["step"]) for k in run.report["kills"]] == [("kill-at-step", 2), ("kill-at-step", 3)]
+    assert "step 3 waits to be killed until no other step in flight runs its last attempt" in run.stderr
+    stored = audit.load_store(tmp_path / "state" / "store.jsonl")
+    attempts = [stored[f"{ROOT}.{n}"]["attempts"] for n in range(6)]
+    # Nap 0 finished on its last attempt; the kills cost steps 2 and 3 one each (and a step
+    # that started as nap 0 ended, when the kill came, may have lost its first).
+    assert attempts[:4] == [2, 1, 2, 2] and max(attempts) == 2, attempts
+    assert all(stored[f"{ROOT}.{n}"]["state"] == "resolved" for n in range(6))
