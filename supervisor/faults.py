@@ -32,6 +32,7 @@ names the steps that may be in flight when it lands.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from store import Promise, failpoints
@@ -90,13 +91,13 @@ def random_kills(count: int, seed: int | None, workers: int = 1) -> list[RandomK
             for k, (pick, victim) in zip(kills, targets, strict=True)]
 
 
-def steps_in_reach(target: int, first_unfinished: int, workers: int) -> range:
+def steps_in_reach(target: int, unfinished: Iterable[int], workers: int) -> set[int]:
     """The steps that may be in flight when a kill of the worker lands in step `target`: that
-    one alone without a pool; with one, any unfinished step up to `workers - 1` past it (a slow
-    step may still run while the pool has moved on)."""
+    one alone without a pool; with one, also every step begun and not resolved (`unfinished`):
+    the pool may run any of them beside it, whatever their order."""
     if workers == 1:
-        return range(target, target + 1)
-    return range(min(first_unfinished, target), target + workers)
+        return {target}
+    return {target, *unfinished}
 
 
 def pool_victim(kill: RandomKill, pids: list[int]) -> int | None:

@@ -276,8 +276,11 @@ class Supervisor:
         if kill.kind == "pool" and self._live_pauses(steps):
             return None
         target = first + (kill.batch_offset if kill.kind == "store-write" else 0)
-        reach = steps_in_reach(target, first, self.s.workers) if kill.kind == "store-write" else [target]
-        for n in reach:
+        reach = {target}
+        if kill.kind == "store-write":
+            begun = [n for n, p in steps.items() if p.state is State.PENDING]
+            reach = steps_in_reach(target, begun, self.s.workers)
+        for n in sorted(reach):
             spent = attempts_before_kill(n, steps.get(n), self.s.planned_failure)
             if kill_would_fail(spent, self.s.max_attempts):
                 return None
@@ -391,8 +394,11 @@ class Supervisor:
             child.signal_group(signal.SIGKILL)
 
     def _deliver_timed(self, child: Child, watch: Watch, kill: RandomKill) -> None:
-        """SIGKILL the worker (a timed kill) or one process of its pool (a pool kill)."""
-        if self.stop_signal is None and not self._last_attempt_in_flight(watch):
+        """SIGKILL the worker (a timed kill) or one process of its pool (a pool kill). A pool
+        process killed between two steps costs the attempt of the next step sent to it, which
+        may be a step's retry: a pool kill also waits while a step's next attempt is its last."""
+        ahead = 1 if kill.kind == "pool" else 0
+        if self.stop_signal is None and not self._last_attempt_in_flight(watch, ahead=ahead):
             if kill.kind == "timed":
                 self._kill(child, watch, "timed", watch.step_in_flight())
                 return
@@ -403,8 +409,8 @@ class Supervisor:
         watch.timed_kill_after = len(watch.report.executed) + 1
 
     def _pool_killed(self, child: Child, watch: Watch, victim: int) -> None:
-        """A pool process is killed: the worker runs on and re-dispatches its step, whose next
-        attempt names it (see _on_step). The next random kill is armed on the same worker."""
+        """A pool process is killed: the worker runs on and retries its step (the first retry
+        that follows names it, see _on_step). The next random kill is armed on the same worker."""
         kill = KillReport(victim, "pool", None, worker=child.pid)
         log.info("SIGKILL to process %d of worker %d's pool", victim, child.pid)
         self.report.kills.append(kill)
@@ -412,16 +418,18 @@ class Supervisor:
         watch.random_kill = None
         self._arm_next(watch)
 
-    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None) -> bool:
+    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None, ahead: int = 0) -> bool:
         """Whether a step's last allowed attempt may be running (besides that of step `besides`),
         by what the worker said and by the store (which the worker writes before it says so):
-        then a kill would fail the step."""
+        then a kill would fail the step. With `ahead`, also whether the next attempt of a step
+        not in flight (waiting to be retried) is its last."""
         if watch.on_last_attempt(self.s.max_attempts, besides):
             return True
         history = self._read_history()
         return history is not None and any(
             p.state is State.PENDING and p.id != besides
-            and p.attempts >= watch.last_attempts.get(p.id, self.s.max_attempts)
+            and p.attempts + (0 if p.id in watch.flights else ahead)
+            >= watch.last_attempts.get(p.id, self.s.max_attempts)
             for p in history.calls
         )
 
@@ -479,8 +487,10 @@ class Supervisor:
                 self._startup_seconds = 0.8 * self._startup_seconds + 0.2 * (now - watch.spawned_at)
                 if watch.timed_kill_after == 0:
                     watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
-            again = watch.started(promise_id, step, event.get("attempt") or 0, now)
-            if again and watch.unplaced_pool_kills:  # the step whose pool process we killed
+            watch.started(promise_id, step, event.get("attempt") or 0, now)
+        elif kind == progress.KIND_RETRYING:  # the attempt ended; the next waits its backoff
+            watch.settled(promise_id)
+            if watch.unplaced_pool_kills:  # the step whose pool process we killed, most likely
                 watch.unplaced_pool_kills.pop(0).step = step
         elif kind == progress.KIND_RESOLVED:
             flight = watch.settled(promise_id)

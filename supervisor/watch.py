@@ -60,15 +60,13 @@ class Watch:
         """The lowest direct step in flight (the one a kill of the worker is said to land in)."""
         return min((f.step for f in self.flights.values() if f.step is not None), default=None)
 
-    def started(self, promise_id: str, step: int | None, attempt: int, now: float) -> bool:
-        """Follow a step's new attempt; True if that step was in flight already (its attempt
-        was cut short: the pool process running it died, or it failed and is retried)."""
-        again = promise_id in self.flights
+    def started(self, promise_id: str, step: int | None, attempt: int, now: float) -> None:
+        """Follow a step's new attempt."""
         self.flights[promise_id] = Flight(step, attempt, now)
         if self.first_step_at is None:
             self.first_step_at = now
-        return again
 
     def settled(self, promise_id: str) -> Flight | None:
-        """The step is no longer in flight; its attempt, if the worker said it started."""
+        """The step's attempt is over (it settled, or waits to be retried); the attempt, if the
+        worker said it started."""
         return self.flights.pop(promise_id, None)

@@ -40,6 +40,7 @@ FINISHED = "finished"
 # The `kind` of a `step` event a supervisor follows (the runner's StepEvent.kind).
 KIND_REPLAYED = "replayed"
 KIND_STARTED = "started"
+KIND_RETRYING = "retrying"
 KIND_RESOLVED = "resolved"
 KIND_REJECTED = "rejected"
 
