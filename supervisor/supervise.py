@@ -428,7 +428,7 @@ class Supervisor:
         history = self._read_history()
         return history is not None and any(
             p.state is State.PENDING and p.id != besides
-            and p.attempts + (0 if p.id in watch.flights else ahead)
+            and p.attempts + (0 if watch.running(p.id) else ahead)
             >= watch.last_attempts.get(p.id, self.s.max_attempts)
             for p in history.calls
         )
@@ -489,7 +489,7 @@ class Supervisor:
                     watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
             watch.started(promise_id, step, event.get("attempt") or 0, now)
         elif kind == progress.KIND_RETRYING:  # the attempt ended; the next waits its backoff
-            watch.settled(promise_id)
+            watch.retrying(promise_id)
             if watch.unplaced_pool_kills:  # the step whose pool process we killed, most likely
                 watch.unplaced_pool_kills.pop(0).step = step
         elif kind == progress.KIND_RESOLVED:

@@ -13,11 +13,12 @@ from .report import ChildReport, KillReport, StallReport
 
 @dataclass
 class Flight:
-    """One step attempt the worker said it started and has not yet said it settled."""
+    """One step the worker said it started and has not yet said it settled."""
 
     step: int | None  # its number, if it is a direct step of the root
     attempt: int
     started_at: float
+    retrying: bool = False  # that attempt failed; the next waits for its backoff
 
 
 @dataclass
@@ -54,7 +55,13 @@ class Watch:
         """Whether a step in flight (other than `besides`) runs its last allowed attempt: a kill
         of the worker would fail it."""
         return any(f.attempt >= self.last_attempts.get(promise_id, max_attempts)
-                   for promise_id, f in self.flights.items() if promise_id != besides)
+                   for promise_id, f in self.flights.items()
+                   if promise_id != besides and not f.retrying)
+
+    def running(self, promise_id: str) -> bool:
+        """Whether an attempt of the step runs now (it is in flight, not waiting to retry)."""
+        flight = self.flights.get(promise_id)
+        return flight is not None and not flight.retrying
 
     def step_in_flight(self) -> int | None:
         """The lowest direct step in flight (the one a kill of the worker is said to land in)."""
@@ -66,7 +73,11 @@ class Watch:
         if self.first_step_at is None:
             self.first_step_at = now
 
+    def retrying(self, promise_id: str) -> None:
+        """The step's attempt failed; it waits to be retried."""
+        if promise_id in self.flights:
+            self.flights[promise_id].retrying = True
+
     def settled(self, promise_id: str) -> Flight | None:
-        """The step's attempt is over (it settled, or waits to be retried); the attempt, if the
-        worker said it started."""
+        """The step is no longer in flight; its attempt, if the worker said it started."""
         return self.flights.pop(promise_id, None)
