@@ -37,6 +37,8 @@ from workflow import Runner, WorkflowInterrupted, register  # noqa: E402
 from workflow.importer import Sink, import_records, plan_batches, synthetic_source  # noqa: E402
 from workflow.importer.sources import read_batch  # noqa: E402
 
+import bench_parallel  # noqa: E402  (beside this file)
+
 TARGETS = {
     "durable_step_over_floor": ("<=", 1.3),
     "cpu_per_step_us": ("<=", 30.0),
@@ -47,6 +49,8 @@ TARGETS = {
     "import_durable_over_plain": (">=", 0.9),
     "rss_1m_over_100k": ("<=", 1.1),
     "dbos_over_ours": (">=", 8.0),
+    "group_commit_speedup": (">=", 5.0),
+    "import_speedup_workers2": (">=", 1.5),
 }
 
 
@@ -276,10 +280,12 @@ def child_dbos(base: Path, n: int) -> dict[str, float]:
 
 FULL = {"floor": 3000, "durable": 3000, "cpu": 20_000, "replay": [10_000, 100_000],
         "growth": [100, 1000, 10_000, 100_000], "growth_total": 20_000, "restarts": 7,
-        "import": [100_000, 1_000_000], "dbos": 500}
+        "import": [100_000, 1_000_000], "dbos": 500, "group_commit": 10_000,
+        "workers_import": 1_000_000}
 QUICK = {"floor": 500, "durable": 500, "cpu": 5000, "replay": [10_000], "growth": [100, 1000, 10_000],
          "growth_total": 5000,
-         "restarts": 3, "import": [20_000, 100_000], "dbos": 200}
+         "restarts": 3, "import": [20_000, 100_000], "dbos": 200, "group_commit": 1000,
+         "workers_import": 100_000}
 
 
 def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +332,14 @@ def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
     r["rss_1m_over_100k"] = (r["import"]["durable"][str(large)]["max_rss_mb"]
                              / r["import"]["durable"][str(small)]["max_rss_mb"])
     r["store_bytes_per_batch"] = r["import"]["durable"][str(large)]["store_bytes_per_batch"]
+    log("group commit: ctx.map(concurrency=16) vs ctx.run")
+    with scratch(base) as d:
+        r["group_commit"] = bench_parallel.group_commit(d, sizes["group_commit"])
+    r["group_commit_speedup"] = r["group_commit"]["group_commit_speedup"]
+    log("import with --workers 2 vs --workers 1")
+    with scratch(base) as d:
+        r["workers"] = bench_parallel.import_speedup(d, sizes["workers_import"])
+    r["import_speedup_workers2"] = r["workers"]["import_speedup_workers2"]
     log("DBOS peer (if installed)")
     dbos_us = dbos_in_child(base, sizes["dbos"])
     if dbos_us is not None:
@@ -362,6 +376,12 @@ def table(r: dict[str, Any]) -> str:
                  f"{imp['durable'][small]['max_rss_mb']:.0f} / {imp['durable'][large]['max_rss_mb']:.0f} MB",
                  "rss_1m_over_100k"))
     rows.append(("store bytes per batch", f"{r['store_bytes_per_batch']:.0f} B", ""))
+    gc = r["group_commit"]
+    rows.append((f"{gc['steps']:,} steps: ctx.map(concurrency={gc['concurrency']}) vs ctx.run",
+                 f"{gc['map_s']:.2f} s vs {gc['sequential_s']:.2f} s", "group_commit_speedup"))
+    wk = r["workers"]
+    rows.append((f"import {wk['records']:,} records: --workers 2 vs 1",
+                 f"{wk['workers2_s']:.1f} s vs {wk['workers1_s']:.1f} s", "import_speedup_workers2"))
     if "dbos_over_ours" in r:
         rows.append(("DBOS 500-step workflow (SQLite)",
                      f"{r['dbos_us_per_step']:.0f} µs/step vs ours {r['ours_us_per_step_same_workload']:.0f}",
