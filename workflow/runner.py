@@ -295,41 +295,71 @@ class Runner:
 
     # -- concurrent calls ------------------------------------------------------------------
 
-    def _begin(self, call: Call, begun: list[Handle] | None = None) -> Handle:
+    def _begin(self, call: Call, begun: list[Handle]) -> Handle:
         """Start `call` without waiting: checked against the history now, run meanwhile."""
         entry, promise = self._prepare(call)
-        future: Future[Any] = Future()
-        handle = Handle(call.promise_id, future)
         if promise.state is not State.PENDING or entry.is_workflow:
+            future: Future[Any] = Future()
             try:  # a replay, or a sub-workflow: its result now
                 future.set_result(self._finish(call, entry, promise))
             except StepError as exc:
                 future.set_exception(exc)
-            return handle
+            return Handle(call.promise_id, future)
+        handle = self._start(call, entry, promise)
+        begun.append(handle)
+        return handle
+
+    def _start(self, call: Call, entry: Registered, promise: Promise) -> Handle:
+        """A pending call, handed to a step thread (a pool) or queued for the next wait."""
         if self._threads is not None:
-            handle._future = self._threads.submit(self._finish, call, entry, promise)
-        else:
-            self._queued.append((handle, call, entry, promise))
-        if begun is not None:
-            begun.append(handle)
+            return Handle(call.promise_id, self._threads.submit(self._finish, call, entry, promise))
+        handle = Handle(call.promise_id, Future())
+        self._queued.append((handle, call, entry, promise))
         return handle
 
     def _map(self, ctx: Context, m: MapCall) -> list[Any]:
-        """One call per item, at most `m.concurrency` unfinished; every one runs to its end."""
-        handles: list[Handle] = []
-        running: list[Handle] = []
+        """One call per item, at most `m.concurrency` unfinished; every one runs to its end.
+
+        Only the calls in flight have a handle: a replayed item costs no more than a `ctx.run`.
+        """
+        values: list[Any] = []
+        failures: list[tuple[int, StepError]] = []
+        running: dict[Handle, int] = {}  # -> its item's index
         try:
             for item in zip(*m.iterables, strict=False):  # as map(): to the shortest
-                handle = self._begin(ctx.new_call(m.fn, item, {}, m.retry))
-                handles.append(handle)
-                if not handle.done():
-                    running.append(handle)
+                call = ctx.new_call(m.fn, item, {}, m.retry)
+                entry, promise = self._prepare(call)
+                values.append(None)
+                if promise.state is not State.PENDING or entry.is_workflow:
+                    try:
+                        values[-1] = self._finish(call, entry, promise)
+                    except StepError as exc:
+                        failures.append((len(values) - 1, exc))
+                    continue
+                running[self._start(call, entry, promise)] = len(values) - 1
                 if len(running) >= m.concurrency:
-                    running = self._wait(running, fail_fast=True, any_one=True)
+                    self._collect(running, values, failures, any_one=True)
+            self._collect(running, values, failures, any_one=False)
         except BaseException:
-            self._abandon(running)  # a fatal error: those in flight end first
+            self._abandon(list(running))  # a fatal error: those in flight end first
             raise
-        return self._results(handles)
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
+        return values
+
+    def _collect(
+        self, running: dict[Handle, int], values: list[Any], failures: list[tuple[int, StepError]],
+        *, any_one: bool,
+    ) -> None:
+        """Wait for one (or all) of the running calls; move each ended one's value into place."""
+        still = set(self._wait(list(running), fail_fast=True, any_one=any_one))
+        for handle in [h for h in running if h not in still]:
+            index = running.pop(handle)
+            exc = handle._future.exception()
+            if exc is None:
+                values[index] = handle._future.result()
+            else:
+                failures.append((index, exc))
 
     def _results(self, handles: list[Handle]) -> list[Any]:
         """The handles' values once all have ended; the first StepError among them is raised."""
