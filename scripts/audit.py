@@ -53,6 +53,25 @@ def load_store(path: Path) -> dict[str, dict[str, Any]]:
     return promises
 
 
+def read_sink(path: Path) -> sqlite3.Connection:
+    """Open the WAL-mode sink without writing to it (the engine's own reader is not used, on
+    purpose). A reader that cannot create the -wal and -shm files (a directory it may not
+    write) reads the file as immutable, which holds every commit once no -wal is left."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no import database there")
+    uri = path.absolute().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as exc:
+        db.close()
+        wal = path.with_name(path.name + "-wal")
+        if exc.sqlite_errorname != "SQLITE_READONLY_DIRECTORY" or (wal.exists() and wal.stat().st_size):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+
+
 def count_input(records: int | None, input_path: Path | None) -> int:
     if input_path is None:
         return records or 0
@@ -69,7 +88,7 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
     prefix = root + "."
     batches = {int(k[len(prefix):]): v for k, v in promises.items()
                if k.startswith(prefix) and k[len(prefix):].isdigit()}
-    db = sqlite3.connect(state_dir / "import.db")
+    db = read_sink(state_dir / "import.db")
     execs = db.execute(
         "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
         "WHERE substr(promise_id, 1, ?) = ? ORDER BY started_at, id",  # not LIKE: `_` is a wildcard

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -37,6 +38,7 @@ from workflow import Runner, WorkflowInterrupted, register  # noqa: E402
 from workflow.importer import Sink, import_records, plan_batches, synthetic_source  # noqa: E402
 from workflow.importer.sources import read_batch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_parallel  # noqa: E402  (beside this file)
 
 TARGETS = {
@@ -51,6 +53,7 @@ TARGETS = {
     "dbos_over_ours": (">=", 8.0),
     "group_commit_speedup": (">=", 5.0),
     "import_speedup_workers2": (">=", 1.5),
+    "batch_syncs": ("<=", 1.1),
 }
 
 
@@ -217,10 +220,18 @@ def peak_rss_mb() -> float:
 
 def plain_import(db_path: Path, source: dict[str, Any], batch_size: int) -> int:
     """The same reads, validation and inserts, with no engine: one transaction per batch."""
-    from workflow.importer.sink import INSERT_RECORD, INSERT_SKIPPED, SCHEMA, record_row, skipped_row
+    from workflow.importer.sink import (
+        CHECKPOINT_PAGES,
+        INSERT_RECORD,
+        INSERT_SKIPPED,
+        SCHEMA,
+        record_row,
+        skipped_row,
+    )
 
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")  # as the sink: a fair comparison
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(SCHEMA)
     imported = 0
@@ -275,17 +286,66 @@ def child_dbos(base: Path, n: int) -> dict[str, float]:
     return {"us_per_step": seconds / n * 1e6}
 
 
+# -- 9. syncs per batch --------------------------------------------------------------------------
+
+
+SYNC_CALLS = "fsync,fdatasync,sync_file_range"
+_SYNC_LINE = re.compile(rb"^\d+ +(?:fsync|fdatasync|sync_file_range)\(\d+<([^>]*)>", re.MULTILINE)
+
+
+def batch_syncs(base: Path, batches: int) -> dict[str, Any]:
+    """fsync/fdatasync calls per committed batch of the default import (`python -m supervisor
+    run`, default batch size), counted by strace in every process, and split by the file synced:
+    the sink (import.db*), the store (store.jsonl*), the rest (directories). Without a working
+    strace: {"batch_syncs_skipped": why}."""
+    from supervisor.cli import DEFAULT_BATCH_SIZE
+    from workflow.importer.sink import open_read_only
+
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"batch_syncs_skipped": "strace is not installed"}
+    with scratch(base) as d:
+        trace, state = d / "syncs.trace", d / "state"
+        run = subprocess.run(
+            [strace, "-f", "-qq", "-y", "--seccomp-bpf", "-e", f"trace={SYNC_CALLS}", "-o", str(trace),
+             sys.executable, "-m", "supervisor", "run", "--records", str(batches * DEFAULT_BATCH_SIZE),
+             "--state-dir", str(state), "--json"],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        if run.returncode != 0:
+            return {"batch_syncs_skipped": f"the import under strace failed: {run.stderr.strip()[-200:]}"}
+        db = open_read_only(state / "import.db")
+        (committed,) = db.execute("SELECT COUNT(*) FROM batch_commits").fetchone()
+        db.close()
+        by_file = {"sink": 0, "store": 0, "other": 0}
+        for path in _SYNC_LINE.findall(trace.read_bytes()):
+            name = os.path.basename(path)
+            by_file["sink" if name.startswith(b"import.db") else
+                    "store" if name.startswith(b"store.jsonl") else "other"] += 1
+    return {"batch_syncs": sum(by_file.values()) / committed, "batch_syncs_batches": committed,
+            "batch_syncs_by_file": {k: v / committed for k, v in by_file.items()}}
+
+
+def batch_syncs_row(r: dict[str, Any]) -> tuple[str, str, str]:
+    if "batch_syncs" not in r:
+        return ("syncs per batch", f"skipped: {r['batch_syncs_skipped']}"[:42], "")
+    per = r["batch_syncs_by_file"]
+    return (f"syncs per batch (strace, {r['batch_syncs_batches']:,} batches)",
+            f"sink {per['sink']:.3f} + store {per['store']:.3f} + other {per['other']:.3f}",
+            "batch_syncs")
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
 FULL = {"floor": 3000, "durable": 3000, "cpu": 20_000, "replay": [10_000, 100_000],
         "growth": [100, 1000, 10_000, 100_000], "growth_total": 20_000, "restarts": 7,
         "import": [100_000, 1_000_000], "dbos": 500, "group_commit": 10_000,
-        "workers_import": 1_000_000}
+        "workers_import": 1_000_000, "sync_batches": 1000}
 QUICK = {"floor": 500, "durable": 500, "cpu": 5000, "replay": [10_000], "growth": [100, 1000, 10_000],
          "growth_total": 5000,
          "restarts": 3, "import": [20_000, 100_000], "dbos": 200, "group_commit": 1000,
-         "workers_import": 100_000}
+         "workers_import": 100_000, "sync_batches": 200}
 
 
 def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -346,6 +406,10 @@ def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
         ours_us, _ = run_steps(base, sizes["dbos"], Durability.FULL)
         r["dbos_us_per_step"], r["ours_us_per_step_same_workload"] = dbos_us, ours_us
         r["dbos_over_ours"] = dbos_us / ours_us
+    log("syncs per batch of the default import (strace -f)")
+    r.update(batch_syncs(base, sizes["sync_batches"]))
+    if "batch_syncs_skipped" in r:
+        log(f"syncs per batch: skipped, {r['batch_syncs_skipped']}")
     return r
 
 
@@ -388,6 +452,7 @@ def table(r: dict[str, Any]) -> str:
                      "dbos_over_ours"))
     else:
         rows.append(("DBOS peer", "not installed (pip install -e '.[bench]')", ""))
+    rows.append(batch_syncs_row(r))
     out = [f"{'metric':44} {'measured':42} {'ratio/value':>12} {'target':>8}  ok", "-" * 116]
     for name, shown, key in rows:
         if key:

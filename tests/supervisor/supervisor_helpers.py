@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from types import ModuleType
 from typing import Any, TextIO
 
 import psutil
+
+from workflow.importer.sink import open_read_only
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60.0
@@ -226,7 +227,7 @@ class Execution:
 
 def executions(state_dir: Path, root: str) -> list[Execution]:
     """The sink's `executions` rows of this import, in the order they started."""
-    db = sqlite3.connect(f"file:{state_dir / SINK_FILE}?mode=ro", uri=True)
+    db = open_read_only(state_dir / SINK_FILE)
     try:
         rows = db.execute(
             "SELECT batch, attempt, pid, outcome FROM executions WHERE promise_id LIKE ? "

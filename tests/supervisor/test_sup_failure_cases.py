@@ -18,7 +18,6 @@ import ctypes
 import json
 import os
 import resource
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from supervisor_helpers import child_env as _env
 
 from store import Durability, JsonlStore
 from store.codec import decode, encode
+from workflow.importer.sink import open_read_only
 
 STORE = "store.jsonl"
 SINK = "import.db"
@@ -148,7 +148,7 @@ def sink_tables(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
     path = state_dir / SINK
     if not path.exists():
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = open_read_only(path)
     try:
         return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
                 for t in ("records", "skipped", "batch_commits", "executions")}
@@ -157,7 +157,7 @@ def sink_tables(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def query(state_dir: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(f"file:{state_dir / SINK}?mode=ro", uri=True)
+    db = open_read_only(state_dir / SINK)
     try:
         return db.execute(sql, params).fetchall()
     finally:
