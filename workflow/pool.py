@@ -10,6 +10,11 @@ and settles the promise from the answer.
 
 A step process that dies mid-task (SIGKILL, a crash) costs that attempt only: the caller gets
 StepProcessLost (retried like any failure) and the next task gets a newly forked process.
+
+A step process that stops (SIGSTOP) or hangs in C code holding its GIL cannot answer, and the
+driver cannot tell that from a long step; so each step process beats into a shared slot from a
+thread of its own, and `stalled()` names those silent for too long: the driver then withholds
+its own heartbeat, and its supervisor restarts the whole worker as it would a hung driver.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection, Pipe
+from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
 from .context import StepInfo
@@ -38,6 +45,7 @@ log = logging.getLogger("workflow.pool")
 
 Setup = Callable[[], AbstractContextManager[Mapping[str, Any]]]
 
+BEAT_S = 0.5  # how often a step process beats
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -68,8 +76,9 @@ class ProcessPool(StepExecutor):
         self._all: set[_StepProcess] = set()
         self._mutex = threading.Lock()
         self._closed = False
-        for _ in range(size):  # forked now, while the driver has no step threads yet
-            self._idle.put(self._fork())
+        self._beats = RawArray("d", size)  # per slot: time.monotonic() of its process's last beat
+        for slot in range(size):  # forked now, while the driver has no step threads yet
+            self._idle.put(self._fork(slot))
 
     def run(
         self,
@@ -86,10 +95,16 @@ class ProcessPool(StepExecutor):
             return process.call(_task(info, fn, args, kwargs, timeout))
         except StepProcessLost:
             self._forget(process)
-            process = self._fork()  # the next task gets a new process in its place
+            process = self._fork(process.slot)  # the next task gets a new process in its place
             raise
         finally:
             self._idle.put(process)
+
+    def stalled(self, limit_s: float) -> list[int]:
+        """The step processes that have not beaten for `limit_s` seconds (stopped, or stuck)."""
+        now = time.monotonic()
+        with self._mutex:
+            return sorted(p.pid for p in self._all if now - self._beats[p.slot] > limit_s)
 
     @property
     def pids(self) -> list[int]:
@@ -109,10 +124,11 @@ class ProcessPool(StepExecutor):
         for _ in range(self.capacity):  # wake any thread still waiting for a process
             self._idle.put(None)
 
-    def _fork(self) -> _StepProcess:
+    def _fork(self, slot: int) -> _StepProcess:
         with self._mutex:
+            self._beats[slot] = time.monotonic()  # a newborn has not stalled yet
             siblings = [p.conn for p in self._all]
-            process = _StepProcess.fork(self._setup, self._dependencies, siblings)
+            process = _StepProcess.fork(slot, self._beats, self._setup, self._dependencies, siblings)
             self._all.add(process)
         return process
 
@@ -141,14 +157,16 @@ def _task(
 class _StepProcess:
     """One forked step process and the driver's end of its pipe."""
 
-    def __init__(self, pid: int, conn: Connection) -> None:
+    def __init__(self, pid: int, slot: int, conn: Connection) -> None:
         self.pid = pid
+        self.slot = slot
         self.conn = conn
         self._reaped = False
 
     @classmethod
     def fork(
-        cls, setup: Setup | None, dependencies: Mapping[str, Any], siblings: list[Connection]
+        cls, slot: int, beats: Any, setup: Setup | None, dependencies: Mapping[str, Any],
+        siblings: list[Connection],
     ) -> _StepProcess:
         """A new step process; it closes the driver's ends of its siblings' pipes, or they
         would never see their pipe close."""
@@ -160,6 +178,7 @@ class _StepProcess:
             try:
                 for conn in [ours, *siblings]:
                     conn.close()
+                _start_beating(beats, slot)
                 _serve(theirs, parent, setup, dependencies)
                 code = 0
             except BaseException:  # a forked child ends here, whatever happens
@@ -168,7 +187,7 @@ class _StepProcess:
                 sys.stderr.flush()
                 os._exit(code)
         theirs.close()
-        return cls(pid, ours)
+        return cls(pid, slot, ours)
 
     def call(self, task: tuple[Any, ...]) -> Any:
         try:
@@ -204,6 +223,15 @@ class _StepProcess:
         if os.WIFSIGNALED(status):
             return f"(killed by {signal.Signals(os.WTERMSIG(status)).name})"
         return f"(exit status {os.waitstatus_to_exitcode(status)})"
+
+
+def _start_beating(beats: Any, slot: int) -> None:
+    def beat() -> None:
+        while True:
+            beats[slot] = time.monotonic()
+            time.sleep(BEAT_S)
+
+    threading.Thread(target=beat, name="beat", daemon=True).start()
 
 
 def _serve(conn: Connection, parent: int, setup: Setup | None, dependencies: Mapping[str, Any]) -> None:

@@ -4,8 +4,8 @@ The schema, owned here (every line has `event`; a supervisor reads these names a
 
 - `started` {pid}: the child is up (before it imports the workflow or opens the store).
 - `heartbeat`: every `--heartbeat` seconds from a thread of its own, while the process runs
-  Python code at all: its silence is how a supervisor tells a hung child (stopped, or stuck in
-  C code holding the GIL).
+  Python code at all and none of its step processes is silent: its silence is how a supervisor
+  tells a hung child (stopped, or stuck in C code holding the GIL, or a step process so).
 - `step` {id, kind, attempt, error, delay, step}: a StepEvent of the runner. `kind` is replayed,
   started, recovered, retrying, resolved or rejected; `step` is n when `id` is `<root>.<n>`, a
   direct call of the root (see ids.step_index), else null.
@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -42,6 +43,8 @@ KIND_REPLAYED = "replayed"
 KIND_STARTED = "started"
 KIND_RESOLVED = "resolved"
 
+STEP_PROCESS_SILENCE = 5  # heartbeat intervals a step process may miss before we look hung
+
 
 class Progress:
     """Writes the events above on an inherited fd (or nowhere, without one).
@@ -54,6 +57,7 @@ class Progress:
         self._fd = fd
         self._root_id = root_id
         self._lock = threading.Lock()
+        self.stalled: Callable[[float], list[int]] = lambda _limit: []  # silent step processes
 
     def send(self, event: str, **fields: Any) -> None:
         if self._fd is None:
@@ -69,8 +73,17 @@ class Progress:
             threading.Thread(target=self._beat, args=(interval,), name="heartbeat", daemon=True).start()
 
     def _beat(self, interval: float) -> None:
+        withheld = False
         while True:
             time.sleep(interval)
+            stalled = self.stalled(STEP_PROCESS_SILENCE * interval)
+            if stalled:  # the worker is hung in part: look hung as a whole, to be restarted
+                if not withheld:
+                    log.warning("step process(es) %s silent for %g s: heartbeat withheld",
+                                stalled, STEP_PROCESS_SILENCE * interval)
+                withheld = True
+                continue
+            withheld = False
             try:
                 self.send(HEARTBEAT)
             except OSError as exc:  # the supervisor is gone (and this child dies with it)

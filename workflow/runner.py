@@ -127,6 +127,11 @@ class Runner:
         with self.store.own(root_id), self._step_processes():  # one driver per workflow
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
+    def stalled_step_processes(self, limit_s: float) -> list[int]:
+        """The pids of step processes silent for `limit_s` seconds (none without a pool)."""
+        pool = self._pool
+        return pool.stalled(limit_s) if isinstance(pool, ProcessPool) else []
+
     @contextlib.contextmanager
     def _step_processes(self) -> Iterator[None]:
         """The pool and its threads for one run (forked before any step thread exists)."""
