@@ -35,11 +35,12 @@ class Handle:
     """A durable call started with `ctx.begin`: `yield handle` waits for its result (or raises
     its StepError). It can be waited for more than once, and in a `ctx.gather`."""
 
-    __slots__ = ("_future", "promise_id")
+    __slots__ = ("_future", "parent", "promise_id")
 
-    def __init__(self, promise_id: str, future: Future[Any]) -> None:
+    def __init__(self, promise_id: str, future: Future[Any], parent: Context) -> None:
         self.promise_id = promise_id
         self._future = future
+        self.parent = parent  # the workflow's Context that began it: only it may wait for it
 
     def done(self) -> bool:
         """Whether the call has ended (its promise is settled, or the run failed)."""
@@ -125,7 +126,11 @@ class Context:
             raise WorkflowUsageError(f"ctx.map: concurrency must be a whole number ≥ 1, not {concurrency!r}")
         if not iterables:
             raise WorkflowUsageError("ctx.map needs at least one iterable of items")
-        return MapCall(fn, iterables, concurrency, retry)
+        try:
+            iterators = tuple(iter(items) for items in iterables)
+        except TypeError as exc:
+            raise WorkflowUsageError(f"ctx.map takes iterables of items: {exc}") from None
+        return MapCall(fn, iterators, concurrency, retry)
 
     def new_call(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
