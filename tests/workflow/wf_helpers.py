@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from store import Durability, JsonlStore
+from workflow.importer.sources import SEGMENT_BATCHES
 
 HERE = Path(__file__).resolve().parent
 FLAKY_CHILD = HERE / "flaky_child.py"
@@ -119,9 +120,22 @@ class WorkerRun:
     killed_at: Event | None = None
 
     def batches(self, kind: str) -> list[int]:
-        """The batches of the step events of `kind` (started, resolved, replayed...)."""
-        return [e["step"] for e in self.events
-                if e["event"] == "step" and e["kind"] == kind and e["step"] is not None]
+        """The batches of the step events of `kind` (started, resolved, replayed, retrying...).
+
+        A batch's number is its rank among the batch steps the worker reported, which it meets
+        in order (replayed first); plan segments are steps too, but not batches.
+        """
+        number: dict[str, int] = {}
+        batch_events = [e for e in self.events if e["event"] == "step" and e["fn"] == "process_batch"]
+        for e in batch_events:
+            number.setdefault(e["id"], len(number))
+        return [number[e["id"]] for e in batch_events if e["kind"] == kind]
+
+
+def batch_id(root_id: str, batch: int) -> str:
+    """The promise id of batch `batch` of an import planned in full segments (a synthetic source,
+    or a small file): a plan segment comes before every SEGMENT_BATCHES batches."""
+    return f"{root_id}.{batch + batch // SEGMENT_BATCHES + 1}"
 
 
 def worker_argv(
