@@ -153,7 +153,7 @@ def restart_latency(base: Path, reps: int) -> float:
             first.signal_group(signal.SIGKILL)
             first.reap()
             second = Child.spawn(args, {})
-            _wait_event(second, lambda e: e.get("kind") == "started" and e.get("step") == 5)
+            _wait_event(second, lambda e: e.get("kind") == "started" and e.get("fn") == "process_batch")
             samples.append(time.perf_counter() - killed_at)
             second.signal_group(signal.SIGKILL)
             second.reap()
