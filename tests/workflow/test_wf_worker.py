@@ -281,3 +281,68 @@ def test_input_of_another_size_is_refused_before_anything_is_written(tmp_path: P
     assert restarted.returncode == exitcodes.FATAL
     assert f"{path}: input changed since the import started" in restarted.stderr
     assert (state / STORE_FILE).read_bytes() == before
+
+
+# -- resuming a file's import -------------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: int, name_chars: int = 10) -> Path:
+    path.write_text("id,name,email\n" + "".join(
+        f"{i},{'n' * name_chars}{i},user{i}@example.com\n" for i in range(rows)))
+    return path
+
+
+def bytes_read(pid: int) -> int:
+    """What a live process has read through read() calls so far (its code's files included)."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["rchar"])
+
+
+def test_a_restarted_worker_replays_the_stored_plan_and_reads_only_the_batch_it_runs(
+    tmp_path: Path,
+) -> None:
+    """A worker killed deep into a 25 MB file: the next one replays the plan segments stored
+    before (plans none again), trusts the file by its stat identity (hashes nothing), and reads
+    little beyond its own code, the store and the batch it runs again."""
+    path = write_csv(tmp_path / "people.csv", 24_000, name_chars=1000)
+    source = file_source(path)
+    state = tmp_path / "state"
+    state.mkdir()
+    killed = run_worker(state, ROOT, source, 100, kill_at_batch=150)
+    assert killed.returncode == KILLED
+    planned = [e["id"] for e in killed.events
+               if e["event"] == "step" and e["fn"] == "plan_segment" and e["kind"] == "resolved"]
+    assert len(planned) >= 3, "the kill should land a few plan segments in"
+
+    events: list[dict[str, Any]] = []
+    with worker_paused_at(state, ROOT, source, 100, batch=150, events=events) as paused:
+        read = bytes_read(paused["pid"])
+
+    plan_events = [(e["id"], e["kind"]) for e in events if e["event"] == "step" and e["fn"] == "plan_segment"]
+    assert plan_events == [(promise_id, "replayed") for promise_id in planned]
+    # About 5 MB (mostly its code); hashing the file would read 25 MB more, planning again 15.
+    assert read < source["size"] / 2, (read, source["size"])
+
+
+def test_an_import_recorded_with_v1_resumes_on_v1(tmp_path: Path, audit: ModuleType) -> None:
+    """Code with import_records v2 resumes an import that v1 recorded (it planned its file whole,
+    in the workflow): with v1, kept registered for it, to the same totals."""
+    path = write_csv(tmp_path / "people.csv", 300)
+    source = file_source(path)
+    state = tmp_path / "state"
+    state.mkdir()
+    v1 = "workflow.importer.app:import_records_v1"
+    assert run_worker(state, ROOT, source, 20, kill_at_batch=4, target=v1).returncode == KILLED
+
+    resumed = run_worker(state, ROOT, source, 20)
+
+    assert resumed.returncode == exitcodes.OK
+    assert resumed.batches("replayed") == [0, 1, 2, 3]
+    assert resumed.batches("started") == list(range(4, 15))
+    with read_store(state / STORE_FILE) as store:
+        assert (store.get(ROOT).param["fn"], store.get(ROOT).param["v"]) == ("import_records", 1)
+        calls = store.list(ROOT + ".")
+    assert {p.param["fn"] for p in calls} == {"process_batch"}  # no plan steps
+    assert all("identity" not in p.param["args"][1] for p in calls)  # v1's descriptors, as recorded
+    verdict = assert_audit_ok(audit, state, 300)
+    assert (verdict["imported"], verdict["batches"]) == (300, 15)
