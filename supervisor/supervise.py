@@ -20,7 +20,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from store.locking import LockHeldError, OwnedLock
 from workflow import exitcodes, progress
 from workflow.child import LOCK_TIMEOUT_S, STEP_TIMEOUT_S
 from workflow.history import History, read_history
+from workflow.ids import child_id
 
 from .child import Child, ChildEnd
 from .faults import (
@@ -66,11 +67,11 @@ class Settings:
     location: StoreLocation
     args: list[str] = field(default_factory=list)  # the workflow's arguments, as JSON texts
     setup: str | None = None  # MODULE:FUNCTION of the worker's setup hook
-    step_count: int | None = None  # the root's direct steps, when the application knows
-    kill_at_steps: set[int] = field(default_factory=set)
+    step_count: int | None = None  # the workflow's units in all, when known up front
+    kill_at_steps: set[int] = field(default_factory=set)  # unit numbers
     kill_point: Callable[[str, int], Point] = at_step_start  # where a kill-at-step waits
     random_kills: list[RandomKill] = field(default_factory=list)
-    planned_failure: int | None = None  # a step whose first attempt is made to fail (see faults)
+    planned_failure: int | None = None  # a unit whose first attempt is made to fail (see faults)
     extra_failpoints: list[dict[str, str]] = field(default_factory=list)  # armed in every worker
     max_restarts: int = 10
     restart_backoff: float = 0.5
@@ -108,21 +109,22 @@ class _Watch:
     """What the supervisor learns about one child while it runs."""
 
     report: ChildReport
-    steps_done_before: int = 0  # steps resolved before this child started
-    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its step
+    steps_done_before: int = 0  # units resolved before this child started
+    unit_of: dict[str, int] = field(default_factory=dict)  # a unit step's id -> its unit number
+    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its unit
     kill: KillReport | None = None
     stall: StallReport | None = None
     in_flight: str | None = None  # the id of the step (at any depth) whose attempt runs
-    step_in_flight: int | None = None  # its number, if it is a direct step of the root
+    step_in_flight: int | None = None  # its unit number, if it is one of the units
     step_started_at: float = 0.0
     last_attempts: dict[str, int] = field(default_factory=dict)  # id -> its last allowed attempt
     attempt_in_flight: int = 0
-    timed_kill_after: int | None = None  # new steps to let finish before a timed kill
+    timed_kill_after: int | None = None  # new units to let finish before a timed kill
     timed_kill_delay: float = 0.0  # then this fraction of a step
     kill_deadline: float | None = None
     stop_forwarded: bool = False
     grace_deadline: float | None = None  # when a forwarded stop turns into a SIGKILL
-    store_write: int | None = None  # the step whose resolve the store.append failpoint tears
+    store_write: int | None = None  # the direct step whose resolve the store.append failpoint tears
     spawned_at: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)  # its last progress line
 
@@ -149,6 +151,7 @@ class Supervisor:
         self._live = live
         self._pending_pauses = set(settings.kill_at_steps)
         self._random = list(settings.random_kills)
+        self._step_count = settings.step_count
         self._step_seconds = STEP_GUESS_S
         self._startup_seconds = STARTUP_GUESS_S
         self._wakeup_r = -1
@@ -187,18 +190,22 @@ class Supervisor:
         while True:
             history = self._read_history()
             calls, steps = ([], {}) if history is None else (history.calls, history.steps)
-            next_step = _done(steps)
-            self._drop_pauses_that_would_fail(steps)
-            kill = self._next_kill(next_step, steps)
-            store_write = store_write_step(kill, next_step, self.s.step_count)
+            units = [] if history is None else self._units(history)
+            if history is not None and self._step_count is None:
+                self._step_count = self.s.terms.step_count(history)
+            next_step, units_done = _done(steps.values()), _done(units)
+            self._drop_pauses_that_would_fail(units)
+            kill = self._next_kill(next_step, steps, units)
+            store_write = store_write_step(kill, next_step)
             pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
             child = self._spawn(list(pauses), store_write)
-            watch = _Watch(ChildReport(child.pid, exit="running"), steps_done_before=next_step,
+            watch = _Watch(ChildReport(child.pid, exit="running"), steps_done_before=units_done,
+                           unit_of={p.id: n for n, p in enumerate(units)},
                            pauses=pauses, store_write=store_write,
                            last_attempts={p.id: p.attempts_at_reopen + self.s.max_attempts
                                           for p in calls})
             if kill is not None and kill.kind == "timed":
-                self._arm_timed_kill(watch, kill, next_step)
+                self._arm_timed_kill(watch, kill, units_done)
             self._watch(child, watch)
             end = child.reap()
             watch.report.exit = end.describe()
@@ -263,8 +270,9 @@ class Supervisor:
             self.report.error = f"worker {end.pid} exited 0 but the {t.noun}'s result is not stored"
             return
         self.report.ok, self.report.result = True, history.root.value
+        units = self._units(history)
         for n in sorted(self._pending_pauses):
-            step = history.steps.get(n)
+            step = units[n] if n < len(units) else None
             if step is None:
                 why = f"the {t.noun} has no {t.unit} {n}"
             elif step.attempts == 0:  # a sub-workflow: its own calls have the attempts
@@ -287,27 +295,39 @@ class Supervisor:
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
         return child
 
-    def _next_kill(self, next_step: int, steps: dict[int, Promise]) -> RandomKill | None:
+    def _next_kill(
+        self, next_step: int, steps: dict[int, Promise], units: list[Promise]
+    ) -> RandomKill | None:
         """The next random kill, unless it could use up a step's last attempt: a kill of ours
         must never fail a step. (A timed kill is checked again when it is due.)"""
         if not self._random:
             return None
         kill = self._random[0]
-        target = next_step + (kill.batch_offset if kill.kind == "store-write" else 0)
-        spent = attempts_before_kill(target, steps.get(target), self.s.planned_failure)
+        target = steps.get(next_step + (kill.batch_offset if kill.kind == "store-write" else 0))
+        spent = attempts_before_kill(target, self._may_be_planned_failure(target, units))
         if kill_would_fail(spent, self.s.max_attempts):
             return None
         return self._random.pop(0)
 
-    def _drop_pauses_that_would_fail(self, steps: dict[int, Promise]) -> None:
-        """Disarm a kill-at-step whose step (of a resumed run) is down to its last attempt: the
-        kill is reported undelivered, and the step is not failed by it."""
+    def _may_be_planned_failure(self, step: Promise | None, units: list[Promise]) -> bool:
+        """Whether `step` (None: a step not created yet) is, or may be, the unit whose first
+        attempt is made to fail."""
+        planned = self.s.planned_failure
+        if planned is None:
+            return False
+        if planned >= len(units):  # that unit is still to come: any new step may be it
+            return step is None
+        return step is not None and step.id == units[planned].id
+
+    def _drop_pauses_that_would_fail(self, units: list[Promise]) -> None:
+        """Disarm a kill-at-step whose unit (of a resumed run) is down to its last attempt: the
+        kill is reported undelivered, and the unit is not failed by it."""
         unit = self.s.terms.unit
         for n in sorted(self._pending_pauses):
-            promise = steps.get(n)
+            promise = units[n] if n < len(units) else None
             if promise is not None and promise.state is State.RESOLVED:
                 continue  # reported at the end as already done
-            spent = attempts_before_kill(n, promise, self.s.planned_failure)
+            spent = attempts_before_kill(promise, n == self.s.planned_failure)
             if kill_would_fail(spent, self.s.max_attempts):
                 self._pending_pauses.discard(n)
                 self.report.undelivered_kills.append(
@@ -315,10 +335,10 @@ class Supervisor:
                     f"{self.s.max_attempts} attempts left, and a kill of ours must not spend the last"
                 )
 
-    def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, next_step: int) -> None:
+    def _arm_timed_kill(self, watch: _Watch, kill: RandomKill, units_done: int) -> None:
         """A timed kill lands in start-up and replay (a few of them), or a drawn number of new
-        steps into the run plus a fraction of a step: timed by the worker's own pace."""
-        remaining = None if self.s.step_count is None else self.s.step_count - next_step
+        units into the run plus a fraction of a step: timed by the worker's own pace."""
+        remaining = None if self._step_count is None else self._step_count - units_done
         watch.timed_kill_delay = kill.delay
         if kill.share < STARTUP_SHARE:
             watch.kill_deadline = time.monotonic() + kill.delay * self._startup_seconds
@@ -413,13 +433,15 @@ class Supervisor:
                 self._pending_pauses.discard(paused)
                 self._kill(child, watch, f"kill-at-{self.s.terms.unit}", paused)
             elif watch.store_write is not None and point == in_store_write(self.s.root_id, watch.store_write):
-                self._kill(child, watch, "store-write", watch.store_write)
+                torn = child_id(self.s.root_id, watch.store_write)
+                self._kill(child, watch, "store-write", watch.unit_of.get(torn))
         elif kind == progress.ENDED:
             watch.report.error = event.get("error")
 
     def _on_step(self, event: dict[str, Any], watch: _Watch) -> None:
-        """Follow the steps: the attempt in flight (at any depth), the direct steps done."""
-        kind, promise_id, step = event.get("kind"), event.get("id"), event.get("step")
+        """Follow the steps: the attempt in flight (at any depth), the units done."""
+        kind, promise_id = event.get("kind"), event.get("id")
+        step = self._unit_of(event, watch)
         now = time.monotonic()
         if kind == progress.KIND_STARTED:
             if watch.step_started_at == 0.0:  # the first step this worker starts: start-up is over
@@ -439,12 +461,21 @@ class Supervisor:
         elif kind == progress.KIND_REPLAYED and promise_id == self.s.root_id:
             watch.report.replayed = watch.steps_done_before  # it was done: all steps found done
 
+    def _unit_of(self, event: dict[str, Any], watch: _Watch) -> int | None:
+        """The unit number of the step an event is about; None for a step that is no unit (a
+        call at another depth, or of another function). Units are met in call order, replayed
+        ones first, so a unit not seen before is the next number."""
+        if event.get("step") is None or not self.s.terms.counts(event.get("fn")):
+            return None
+        return watch.unit_of.setdefault(event.get("id"), len(watch.unit_of))
+
     def _step_done(self, step: int, watch: _Watch, now: float) -> None:
         watch.report.executed.append(step)
         if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
             watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
         if self._live is not None:
-            self._live.update(step + 1, self.s.step_count, self.report)
+            done = watch.steps_done_before + len(watch.report.executed)
+            self._live.update(done, self._step_count, self.report)
 
     def _kill(self, child: Child, watch: _Watch, kind: str, step: int | None) -> None:
         child.signal_group(signal.SIGKILL)
@@ -474,13 +505,18 @@ class Supervisor:
         with store:
             return read_history(store, self.s.root_id)
 
+    def _units(self, history: History) -> list[Promise]:
+        """The workflow's units (its direct steps that count), by unit number."""
+        return list(self.s.terms.units_of(history).steps.values())
+
     def _steps_done(self) -> str:
         """'3 of 10 batches', or '3 steps' when their number is not known."""
         history = self._read_history()
-        done, units = 0 if history is None else _done(history.steps), self.s.terms.units
-        if self.s.step_count is None:
-            return f"{done} {units}"
-        return f"{done} of {self.s.step_count} {units}"
+        terms = self.s.terms
+        done = 0 if history is None else _done(self._units(history))
+        if self._step_count is None:
+            return f"{done} {terms.units}"
+        return f"{done} of {self._step_count} {terms.units}"
 
     def _signals_forwarded(self) -> _SignalForwarding:
         return _SignalForwarding(self)
@@ -497,10 +533,10 @@ class Supervisor:
         return self.stop_signal is not None
 
 
-def _done(steps: dict[int, Promise]) -> int:
-    """How many direct steps are resolved: the number of the first unfinished one, as they run
-    in order."""
-    return sum(p.state is State.RESOLVED for p in steps.values())
+def _done(steps: Iterable[Promise]) -> int:
+    """How many of `steps` are resolved: the number of the first unfinished one, as they run in
+    order."""
+    return sum(p.state is State.RESOLVED for p in steps)
 
 
 class _SignalForwarding:

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50], "growth_total": 50,
-        "restarts": 1, "import": [300, 600], "dbos": 5, "sync_batches": 5,
+        "restarts": 1, "csv_rows": 3000, "import": [300, 600], "dbos": 5, "sync_batches": 5,
         "group_commit": 20, "workers_import": 2000}
 
 
@@ -29,12 +29,14 @@ def bench() -> ModuleType:
 def test_measure_reports_every_metric_and_a_table(bench: ModuleType, tmp_path: Path) -> None:
     results = bench.measure(tmp_path, TINY)
     for key in ("floor_us", "durable_step_over_floor", "cpu_per_step_us", "replay_us_per_step",
-                "growth_spread", "restart_latency_s", "import_durable_over_plain", "rss_1m_over_100k",
-                "store_bytes_per_batch", "group_commit_speedup", "import_speedup_workers2"):
+                "growth_spread", "restart_latency_s", "restart_latency_csv_100mb_s",
+                "import_durable_over_plain", "rss_1m_over_100k", "store_bytes_per_batch",
+                "group_commit_speedup", "import_speedup_workers2"):
         assert results[key] > 0, key
     assert results["import"]["durable"]["600"]["imported"] == results["import"]["plain"]["600"]["imported"]
     table = bench.table(results)
-    assert "durable step" in table and "restart latency" in table
+    assert "durable step" in table and "restart latency" in table and "MB CSV" in table
+    assert results["csv_import"]["import_one_kill_s"] > 0
     json.dumps(results)  # bench.json must be writable
     assert list(tmp_path.iterdir()) == []  # scratch directories are cleaned up
 

@@ -6,9 +6,11 @@ The schema, owned here (every line has `event`; a supervisor reads these names a
 - `heartbeat`: every `--heartbeat` seconds from a thread of its own, while the process runs
   Python code at all and none of its step processes is silent: its silence is how a supervisor
   tells a hung child (stopped, or stuck in C code holding the GIL, or a step process so).
-- `step` {id, kind, attempt, error, delay, step}: a StepEvent of the runner. `kind` is replayed,
-  started, recovered, retrying, resolved or rejected; `step` is n when `id` is `<root>.<n>`, a
-  direct call of the root (see ids.step_index), else null.
+- `step` {id, fn, kind, attempt, error, delay, step}: a StepEvent of the runner. `fn` is the
+  registered name of the function called; `kind` is replayed, started, recovered, retrying,
+  resolved or rejected; `step` is n when `id` is `<root>.<n>`, a direct call of the root (see
+  ids.step_index), else null. (n counts every call of the root, whatever its function: an
+  application whose calls are of several kinds counts its own units by `fn`.)
 - `ended` {pid, code, error}: the child stops with exit status `code` (workflow/exitcodes.py)
   for the one-line reason `error`.
 - `finished` {pid}: the workflow's result is stored; the child exits 0.
@@ -94,5 +96,6 @@ class Progress:
         """The runner's `on_event`: one `step` line."""
         if self._fd is None:
             return
-        self.send(STEP, kind=e.kind, id=e.promise_id, step=step_index(self._root_id, e.promise_id),
+        self.send(STEP, kind=e.kind, id=e.promise_id, fn=e.fn,
+                  step=step_index(self._root_id, e.promise_id),
                   attempt=e.attempt, error=e.error, delay=e.delay)

@@ -201,12 +201,8 @@ def store_promises(audit: ModuleType, state_dir: Path) -> dict[str, dict[str, An
 
 
 def batch_promises(audit: ModuleType, state_dir: Path, root: str) -> dict[int, dict[str, Any]]:
-    prefix = root + "."
-    return {
-        int(pid[len(prefix):]): p
-        for pid, p in store_promises(audit, state_dir).items()
-        if pid.startswith(prefix) and pid[len(prefix):].isdigit()
-    }
+    """{batch number: its promise (with its `id`)}: the import's process_batch steps."""
+    return audit.batch_promises(store_promises(audit, state_dir), root)
 
 
 def batch_attempts(audit: ModuleType, state_dir: Path, root: str, batch: int) -> int:

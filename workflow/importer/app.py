@@ -1,4 +1,9 @@
-"""The bulk import workflow: the seed's plain loop, one durable step per batch.
+"""The bulk import workflow: a plain loop, one durable step per plan segment and per batch.
+
+Version 2 plans the input as it goes (`plan_segment`, a few dozen batches at a time), so the
+first batch starts at once and a restarted worker replays the stored plan without reading the
+file. Version 1, which planned the whole input up front, stays registered: imports recorded
+with it replay with it to their end.
 
 Run it with the runtime's child, which a supervisor spawns:
 
@@ -21,7 +26,7 @@ from ..context import Context, current_step
 from ..errors import PermanentError
 from ..registry import register
 from .sink import Sink
-from .sources import plan_batches, read_batch
+from .sources import check_source, plan_batches, plan_segment, read_batch
 
 SINK_FILE = "import.db"  # the SQLite sink's file in a state dir
 
@@ -32,14 +37,15 @@ class ImportArgumentsError(PermanentError):
 
 @contextmanager
 def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
-    """The child's setup hook: plan the input first, so that a bad or changed file stops the run
-    before anything is written, then open the sink in the state dir (the steps' `sink`)."""
+    """The child's setup hook: check the arguments and the input cheaply (a file's presence,
+    size and header; nothing is planned here), so that a bad input stops the run before anything
+    is written, then open the sink in the state dir (the steps' `sink`)."""
     if len(run.args) != 2:
         raise ImportArgumentsError(
             f"the import takes 2 arguments (a source descriptor and a batch size), not {len(run.args)}"
         )
     try:
-        plan_batches(*run.args)
+        check_source(*run.args)
     except ValueError as exc:
         raise ImportArgumentsError(str(exc)) from exc
     sink = Sink(run.state_dir / SINK_FILE, durable=run.durability is Durability.FULL)
@@ -49,11 +55,29 @@ def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
         sink.close()
 
 
-@register(name="import_records")
+@register(name="import_records", version=2)
 def import_records(
     ctx: Context, source: dict[str, Any], batch_size: int
 ) -> Generator[Any, Any, dict[str, Any]]:
-    """Import `source` in batches of `batch_size`; resumable at the first unfinished batch."""
+    """Import `source` in batches of `batch_size`, planned a segment at a time; resumable at the
+    first unfinished batch without reading the input again."""
+    results: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        segment = yield ctx.run(plan_segment, source, batch_size, cursor)
+        for batch in segment["batches"]:
+            results.append((yield ctx.run(process_batch, len(results), batch)))
+        cursor = segment["next"]
+        if cursor is None:
+            return summarize(results)
+
+
+@register(name="import_records")
+def import_records_v1(
+    ctx: Context, source: dict[str, Any], batch_size: int
+) -> Generator[Any, Any, dict[str, Any]]:
+    """Version 1, kept for the imports recorded with it: plans the whole input (reading all of a
+    file) on every replay, then one step per batch."""
     results = []
     for i, batch in enumerate(plan_batches(source, batch_size)):
         results.append((yield ctx.run(process_batch, i, batch)))

@@ -81,8 +81,9 @@ _IDS_PER_QUERY = 500
 BUSY_TIMEOUT_S = 30.0
 # WAL pages (4 KiB) before a commit checkpoints them into the database file. A checkpoint costs
 # three syncs (the WAL, the database, the WAL header when it restarts); at ~25 pages per batch of
-# 100 records, 10,000 pages (~40 MiB of WAL) make that one checkpoint per ~400 batches.
-CHECKPOINT_PAGES = 10_000
+# 100 records, 2,000 pages (~8 MiB of WAL) make that one checkpoint per ~80 batches, and keep
+# what a restarted worker reads to rebuild the WAL's index (all of the WAL) small.
+CHECKPOINT_PAGES = 2_000
 _SWITCH_RETRY_S = 0.01
 
 
