@@ -68,10 +68,13 @@ class MapCall(NamedTuple):
 class Context:
     """Hands out the ids `<parent id>.<n>` in call order, so a replay finds the same ids again."""
 
-    __slots__ = ("_children", "_next", "_unyielded", "promise_id")
+    __slots__ = ("_children", "_next", "_unyielded", "parallelism", "promise_id")
 
-    def __init__(self, promise_id: str) -> None:
+    def __init__(self, promise_id: str, parallelism: int = 1) -> None:
         self.promise_id = promise_id
+        # How many begun steps the runner runs at once (its workers): a workflow may size its
+        # window of calls in flight by it, since ids never depend on when a call is waited for.
+        self.parallelism = parallelism
         self._children = children_prefix(promise_id)
         self._next = 0
         self._unyielded: list[Call] = []  # calls made since the last yield

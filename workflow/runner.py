@@ -261,7 +261,7 @@ class Runner:
 
     def _drive(self, call: Call, entry: Registered) -> Any:
         """Step a generator through its durable calls, feeding back results or errors."""
-        ctx = Context(call.promise_id)
+        ctx = Context(call.promise_id, self.workers)
         try:
             gen = entry.fn(ctx, *call.args, **call.kwargs)
         except TypeError as exc:  # making a generator runs none of its code: the arguments

@@ -22,7 +22,7 @@ from supervisor_helpers import REPO, root_id
 RECORDS, BATCH_SIZE, BATCHES = 1000, 100, 10
 STOP_AT = 5  # the old code is killed while batch 5 is in flight
 ROOT = root_id(RECORDS, BATCH_SIZE)
-OLD_LOOP = "            results.append((yield ctx.run(process_batch, len(results), batch)))\n"
+OLD_LOOP = "            in_flight.append((yield ctx.begin(process_batch, begun, batch)))\n"
 
 STRICT_STEP = '''
 
@@ -47,9 +47,9 @@ def process_batch_strict(i: int, batch: dict[str, Any]) -> dict[str, Any]:
 DEPLOYS = {
     "patched": [(OLD_LOOP, (
             "            if (yield ctx.patched('strict-email')):\n"
-            "                results.append((yield ctx.run(process_batch_strict, len(results), batch)))\n"
+            "                in_flight.append((yield ctx.begin(process_batch_strict, begun, batch)))\n"
             "            else:\n"
-            "                results.append((yield ctx.run(process_batch, len(results), batch)))\n"))],
+            "                in_flight.append((yield ctx.begin(process_batch, begun, batch)))\n"))],
     "versioned": [
         ('@register(name="import_records", version=2)\ndef import_records(',
          '@register(name="import_records", version=2)\ndef import_records_v2('),

@@ -14,7 +14,7 @@ Run it with the runtime's child, which a supervisor spawns:
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 from store import Durability, failpoints
 
 from ..child import RunInfo
-from ..context import Context, current_step
+from ..context import Context, Handle, current_step
 from ..errors import PermanentError
 from ..registry import register
 from .sink import Sink
@@ -60,15 +60,24 @@ def import_records(
     ctx: Context, source: dict[str, Any], batch_size: int
 ) -> Generator[Any, Any, dict[str, Any]]:
     """Import `source` in batches of `batch_size`, planned a segment at a time; resumable at the
-    first unfinished batch without reading the input again."""
+    first unfinished batch without reading the input again. With a pool of N step processes
+    (`--workers N`), 2N batches are begun before the oldest is waited for, so N run at once;
+    without one, each batch is waited for before the next begins, as in a plain loop."""
+    window = 1 if ctx.parallelism == 1 else 2 * ctx.parallelism
     results: list[dict[str, Any]] = []
+    in_flight: deque[Handle] = deque()
+    begun = 0
     cursor = None
     while True:
         segment = yield ctx.run(plan_segment, source, batch_size, cursor)
         for batch in segment["batches"]:
-            results.append((yield ctx.run(process_batch, len(results), batch)))
+            if len(in_flight) == window:
+                results.append((yield in_flight.popleft()))
+            in_flight.append((yield ctx.begin(process_batch, begun, batch)))
+            begun += 1
         cursor = segment["next"]
         if cursor is None:
+            results.extend((yield ctx.gather(*in_flight)))
             return summarize(results)
 
 
