@@ -28,8 +28,8 @@ from typing import Any
 
 
 def load_store(path: Path) -> dict[str, dict[str, Any]]:
-    """Fold the store's lines into {id: {state, settled_at, value, attempts}}; a bad line before
-    the last is a violation of its own (raised)."""
+    """Fold the store's lines into {id: {state, settled_at, value, attempts, param}}; a bad line
+    before the last is a violation of its own (raised)."""
     promises: dict[str, dict[str, Any]] = {}
     lines = path.read_bytes().split(b"\n")
     if lines and lines[-1] == b"":
@@ -44,10 +44,10 @@ def load_store(path: Path) -> dict[str, dict[str, Any]]:
         pid, op = rec["id"], rec["op"]
         if op == "create":
             promises[pid] = {"state": "pending", "attempts": rec.get("n", 0), "settled_at": None,
-                             "value": None}
+                             "value": None, "param": rec["param"]}
         elif op == "promise":
             promises[pid] = {"state": rec["state"], "attempts": rec["attempts"],
-                             "settled_at": rec["settled"], "value": rec["value"]}
+                             "settled_at": rec["settled"], "value": rec["value"], "param": rec["param"]}
         elif op == "attempt":
             promises[pid]["attempts"] = rec["n"]
         elif op in ("resolve", "reject"):
@@ -56,6 +56,34 @@ def load_store(path: Path) -> dict[str, dict[str, Any]]:
         elif op == "reopen":
             promises[pid].update(state="pending", settled_at=None)
     return promises
+
+
+def read_sink(path: Path) -> sqlite3.Connection:
+    """Open the WAL-mode sink without writing to it (the engine's own reader is not used, on
+    purpose). A reader that cannot create the -wal and -shm files (a directory it may not
+    write) reads the file as immutable, which holds every commit once no -wal is left."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no import database there")
+    uri = path.absolute().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as exc:
+        db.close()
+        wal = path.with_name(path.name + "-wal")
+        if exc.sqlite_errorname != "SQLITE_READONLY_DIRECTORY" or (wal.exists() and wal.stat().st_size):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+
+
+def batch_promises(promises: dict[str, dict[str, Any]], root: str) -> dict[int, dict[str, Any]]:
+    """The import's batches, {batch number: its promise with its `id`}: the root's direct calls
+    of `process_batch` (its first argument is the batch number; plan segments are calls too)."""
+    prefix = root + "."
+    return {p["param"]["args"][0]: {**p, "id": pid} for pid, p in promises.items()
+            if pid.startswith(prefix) and pid[len(prefix):].isdigit()
+            and p["param"].get("fn") == "process_batch"}
 
 
 def count_input(records: int | None, input_path: Path | None) -> int:
@@ -73,9 +101,8 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
     violations: list[str] = []
     promises = load_store(state_dir / "store.jsonl")
     prefix = root + "."
-    batches = {int(k[len(prefix):]): v for k, v in promises.items()
-               if k.startswith(prefix) and k[len(prefix):].isdigit()}
-    db = sqlite3.connect(state_dir / "import.db")
+    batches = batch_promises(promises, root)
+    db = read_sink(state_dir / "import.db")
     execs = db.execute(
         "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
         "WHERE substr(promise_id, 1, ?) = ? ORDER BY started_at, id",  # not LIKE: `_` is a wildcard
@@ -126,7 +153,7 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
         unresolved = [b for b, p in batches.items() if p["state"] != "resolved"]
         if unresolved:
             violations.append(f"batches not resolved: {sorted(unresolved)[:5]}")
-        if set(commits) != {prefix + str(b) for b in batches}:
+        if set(commits) != {p["id"] for p in batches.values()}:
             violations.append("batch_commits do not match the resolved batches")
 
     # 4. One worker at a time, running at most `workers` batches at once: the executions that

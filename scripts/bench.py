@@ -2,7 +2,7 @@
 """Benchmarks of the engine, measured side by side in one run: prints a table, writes bench.json.
 
     python scripts/bench.py --quick        # < 60 s
-    python scripts/bench.py                # the full run, about a minute here
+    python scripts/bench.py                # the full run, about three minutes here
     pip install -e '.[bench]' && python scripts/bench.py   # adds the DBOS peer
 
 Every figure is measured on this machine in this run, next to the physical floor (one line
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import sqlite3
@@ -37,6 +39,9 @@ from workflow import Runner, WorkflowInterrupted, register  # noqa: E402
 from workflow.importer import Sink, import_records, plan_batches, synthetic_source  # noqa: E402
 from workflow.importer.sources import read_batch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_parallel  # noqa: E402  (beside this file)
+
 TARGETS = {
     "durable_step_over_floor": ("<=", 1.3),
     "cpu_per_step_us": ("<=", 30.0),
@@ -44,9 +49,13 @@ TARGETS = {
     "resume_100k_s": ("<=", 1.5),
     "growth_spread": ("<=", 0.2),
     "restart_latency_s": ("<=", 0.3),
+    "restart_latency_csv_100mb_s": ("<=", 0.5),
     "import_durable_over_plain": (">=", 0.9),
     "rss_1m_over_100k": ("<=", 1.1),
     "dbos_over_ours": (">=", 8.0),
+    "group_commit_speedup": (">=", 5.0),
+    "import_speedup_workers2": (">=", 1.5),
+    "batch_syncs": ("<=", 1.1),
 }
 
 
@@ -153,7 +162,7 @@ def restart_latency(base: Path, reps: int) -> float:
             first.signal_group(signal.SIGKILL)
             first.reap()
             second = Child.spawn(args, {})
-            _wait_event(second, lambda e: e.get("kind") == "started" and e.get("step") == 5)
+            _wait_event(second, lambda e: e.get("kind") == "started" and e.get("fn") == "process_batch")
             samples.append(time.perf_counter() - killed_at)
             second.signal_group(signal.SIGKILL)
             second.reap()
@@ -167,6 +176,85 @@ def _wait_event(child: Any, match: Callable[[dict[str, Any]], bool]) -> None:
             return
         if eof:
             raise RuntimeError(f"worker {child.pid} ended before the expected event")
+
+
+# -- 6b. restart latency of a file's import --------------------------------------------------------
+
+CSV_BATCH_SIZE = 1000
+CSV_KILL_AT = 0.6  # the kill lands in the batch 60% of the way through the file
+
+
+def write_people_csv(path: Path, rows: int) -> None:
+    """id,name,email rows of about 50 bytes: 2,000,000 of them make a file of about 100 MB."""
+    with path.open("w") as f:
+        f.write("id,name,email\n")
+        for start in range(0, rows, 100_000):
+            f.write("".join(f"{i},Person {i},person.{i}@example.com\n"
+                            for i in range(start, min(rows, start + 100_000))))
+
+
+def csv_import(base: Path, rows: int) -> dict[str, Any]:
+    """A supervised import of a CSV file (`python -m supervisor run --input`), run twice: without
+    a kill, and with one SIGKILL while a batch 60% of the way through the file is in flight.
+
+    Measured from real events, not from the code's word: the first worker's death through a
+    pidfd (the supervisor's SIGKILL ends it at once), and each batch's start as the worker
+    wrote it in the sink's `executions` table. The restart latency runs from the death of the
+    killed worker to the first batch the next worker starts.
+    """
+    with scratch(base) as d:
+        csv_path = d / "people.csv"
+        write_people_csv(csv_path, rows)
+        batches = -(-rows // CSV_BATCH_SIZE)
+        out: dict[str, Any] = {"rows": rows, "mb": csv_path.stat().st_size / 1e6, "batches": batches}
+        plain = _supervised_csv_import(csv_path, d / "plain", None)
+        killed = _supervised_csv_import(csv_path, d / "killed", int(batches * CSV_KILL_AT))
+    out.update(import_s=plain["seconds"], import_one_kill_s=killed["seconds"],
+               first_batch_s=plain["first_batch_s"], restart_s=killed["restart_s"])
+    return out
+
+
+def _supervised_csv_import(csv_path: Path, state_dir: Path, kill_at: int | None) -> dict[str, float]:
+    import psutil
+
+    argv = [sys.executable, "-m", "supervisor", "run", "--input", str(csv_path),
+            "--batch-size", str(CSV_BATCH_SIZE), "--state-dir", str(state_dir), "--json"]
+    if kill_at is not None:
+        argv += ["--kill-at-batch", str(kill_at)]
+    started = time.time()
+    sup = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    killed_pid, killed_at = None, None
+    if kill_at is not None:
+        killed_pid = _first_worker(psutil.Process(sup.pid))
+        pidfd = os.pidfd_open(killed_pid)
+        try:
+            select.select([pidfd], [], [])  # readable once the worker is dead
+            killed_at = time.time()
+        finally:
+            os.close(pidfd)
+    report = json.loads(sup.communicate()[0])
+    seconds = time.time() - started
+    if not report["ok"] or len(report["kills"]) != (kill_at is not None):
+        raise RuntimeError(f"the CSV import did not go as planned: {report}")
+    db = sqlite3.connect(state_dir / "import.db")
+    try:
+        runs = db.execute("SELECT pid, started_at FROM executions ORDER BY id").fetchall()
+    finally:
+        db.close()
+    figures = {"seconds": seconds, "first_batch_s": runs[0][1] - started}
+    if killed_at is not None:
+        figures["restart_s"] = min(t for pid, t in runs if pid != killed_pid) - killed_at
+    return figures
+
+
+def _first_worker(supervisor: Any) -> int:
+    """The pid of the supervisor's first worker, as soon as it is spawned."""
+    while True:
+        for child in supervisor.children():
+            with suppress(Exception):  # it may be gone, or not yet exec'ed
+                if child.cmdline()[1:4] == ["-m", "workflow", "run"]:
+                    return child.pid
+        time.sleep(0.005)
 
 
 # -- 7. the import, durable versus a plain loop -------------------------------------------------
@@ -213,10 +301,18 @@ def peak_rss_mb() -> float:
 
 def plain_import(db_path: Path, source: dict[str, Any], batch_size: int) -> int:
     """The same reads, validation and inserts, with no engine: one transaction per batch."""
-    from workflow.importer.sink import INSERT_RECORD, INSERT_SKIPPED, SCHEMA, record_row, skipped_row
+    from workflow.importer.sink import (
+        CHECKPOINT_PAGES,
+        INSERT_RECORD,
+        INSERT_SKIPPED,
+        SCHEMA,
+        record_row,
+        skipped_row,
+    )
 
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")  # as the sink: a fair comparison
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(SCHEMA)
     imported = 0
@@ -271,15 +367,66 @@ def child_dbos(base: Path, n: int) -> dict[str, float]:
     return {"us_per_step": seconds / n * 1e6}
 
 
+# -- 9. syncs per batch --------------------------------------------------------------------------
+
+
+SYNC_CALLS = "fsync,fdatasync,sync_file_range"
+_SYNC_LINE = re.compile(rb"^\d+ +(?:fsync|fdatasync|sync_file_range)\(\d+<([^>]*)>", re.MULTILINE)
+
+
+def batch_syncs(base: Path, batches: int) -> dict[str, Any]:
+    """fsync/fdatasync calls per committed batch of the default import (`python -m supervisor
+    run`, default batch size), counted by strace in every process, and split by the file synced:
+    the sink (import.db*), the store (store.jsonl*), the rest (directories). Without a working
+    strace: {"batch_syncs_skipped": why}."""
+    from supervisor.cli import DEFAULT_BATCH_SIZE
+    from workflow.importer.sink import open_read_only
+
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"batch_syncs_skipped": "strace is not installed"}
+    with scratch(base) as d:
+        trace, state = d / "syncs.trace", d / "state"
+        run = subprocess.run(
+            [strace, "-f", "-qq", "-y", "--seccomp-bpf", "-e", f"trace={SYNC_CALLS}", "-o", str(trace),
+             sys.executable, "-m", "supervisor", "run", "--records", str(batches * DEFAULT_BATCH_SIZE),
+             "--state-dir", str(state), "--json"],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        if run.returncode != 0:
+            return {"batch_syncs_skipped": f"the import under strace failed: {run.stderr.strip()[-200:]}"}
+        db = open_read_only(state / "import.db")
+        (committed,) = db.execute("SELECT COUNT(*) FROM batch_commits").fetchone()
+        db.close()
+        by_file = {"sink": 0, "store": 0, "other": 0}
+        for path in _SYNC_LINE.findall(trace.read_bytes()):
+            name = os.path.basename(path)
+            by_file["sink" if name.startswith(b"import.db") else
+                    "store" if name.startswith(b"store.jsonl") else "other"] += 1
+    return {"batch_syncs": sum(by_file.values()) / committed, "batch_syncs_batches": committed,
+            "batch_syncs_by_file": {k: v / committed for k, v in by_file.items()}}
+
+
+def batch_syncs_row(r: dict[str, Any]) -> tuple[str, str, str]:
+    if "batch_syncs" not in r:
+        return ("syncs per batch", f"skipped: {r['batch_syncs_skipped']}"[:42], "")
+    per = r["batch_syncs_by_file"]
+    return (f"syncs per batch (strace, {r['batch_syncs_batches']:,} batches)",
+            f"sink {per['sink']:.3f} + store {per['store']:.3f} + other {per['other']:.3f}",
+            "batch_syncs")
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
 FULL = {"floor": 3000, "durable": 3000, "cpu": 20_000, "replay": [10_000, 100_000],
         "growth": [100, 1000, 10_000, 100_000], "growth_total": 20_000, "restarts": 7,
-        "import": [100_000, 1_000_000], "dbos": 500}
+        "csv_rows": 2_000_000, "import": [100_000, 1_000_000], "dbos": 500, "group_commit": 10_000,
+        "workers_import": 1_000_000, "sync_batches": 1000}
 QUICK = {"floor": 500, "durable": 500, "cpu": 5000, "replay": [10_000], "growth": [100, 1000, 10_000],
          "growth_total": 5000,
-         "restarts": 3, "import": [20_000, 100_000], "dbos": 200}
+         "restarts": 3, "csv_rows": 200_000, "import": [20_000, 100_000], "dbos": 200,
+         "group_commit": 1000, "workers_import": 100_000, "sync_batches": 200}
 
 
 def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -313,6 +460,9 @@ def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
     r["growth_spread"] = (max(costs) - min(costs)) / min(costs)
     log("restart latency")
     r["restart_latency_s"] = restart_latency(base, sizes["restarts"])
+    log(f"CSV import of {sizes['csv_rows']:,} rows, without and with a kill")
+    r["csv_import"] = csv_import(base, sizes["csv_rows"])
+    r["restart_latency_csv_100mb_s"] = r["csv_import"]["restart_s"]
     log("import, durable and plain")
     small, large = sizes["import"]
     r["import"] = {mode: {str(small): import_in_child(base, small, mode)} for mode in ("durable", "plain")}
@@ -326,12 +476,24 @@ def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
     r["rss_1m_over_100k"] = (r["import"]["durable"][str(large)]["max_rss_mb"]
                              / r["import"]["durable"][str(small)]["max_rss_mb"])
     r["store_bytes_per_batch"] = r["import"]["durable"][str(large)]["store_bytes_per_batch"]
+    log("group commit: ctx.map(concurrency=16) vs ctx.run")
+    with scratch(base) as d:
+        r["group_commit"] = bench_parallel.group_commit(d, sizes["group_commit"])
+    r["group_commit_speedup"] = r["group_commit"]["group_commit_speedup"]
+    log("import with --workers 2 vs --workers 1")
+    with scratch(base) as d:
+        r["workers"] = bench_parallel.import_speedup(d, sizes["workers_import"])
+    r["import_speedup_workers2"] = r["workers"]["import_speedup_workers2"]
     log("DBOS peer (if installed)")
     dbos_us = dbos_in_child(base, sizes["dbos"])
     if dbos_us is not None:
         ours_us, _ = run_steps(base, sizes["dbos"], Durability.FULL)
         r["dbos_us_per_step"], r["ours_us_per_step_same_workload"] = dbos_us, ours_us
         r["dbos_over_ours"] = dbos_us / ours_us
+    log("syncs per batch of the default import (strace -f)")
+    r.update(batch_syncs(base, sizes["sync_batches"]))
+    if "batch_syncs_skipped" in r:
+        log(f"syncs per batch: skipped, {r['batch_syncs_skipped']}")
     return r
 
 
@@ -354,6 +516,11 @@ def table(r: dict[str, Any]) -> str:
                  " / ".join(f"{v:.1f}" for v in r["growth_us_per_step"].values()), "growth_spread"))
     rows.append(("restart latency (SIGKILL -> next batch)", f"{r['restart_latency_s'] * 1000:.0f} ms",
                  "restart_latency_s"))
+    csv = r["csv_import"]
+    rows.append((f"restart latency, {csv['mb']:.0f} MB CSV", f"{csv['restart_s'] * 1000:.0f} ms "
+                 f"(first batch at {csv['first_batch_s']:.2f} s)", "restart_latency_csv_100mb_s"))
+    rows.append(("  its import, no kill / one kill",
+                 f"{csv['import_s']:.1f} s / {csv['import_one_kill_s']:.1f} s ({csv['rows']:,} rows)", ""))
     rows.append((f"import {int(large):,} records, durable",
                  f"{imp['durable'][large]['records_per_s']:,.0f} rec/s", ""))
     rows.append((f"import {int(large):,} records, plain loop",
@@ -362,12 +529,19 @@ def table(r: dict[str, Any]) -> str:
                  f"{imp['durable'][small]['max_rss_mb']:.0f} / {imp['durable'][large]['max_rss_mb']:.0f} MB",
                  "rss_1m_over_100k"))
     rows.append(("store bytes per batch", f"{r['store_bytes_per_batch']:.0f} B", ""))
+    gc = r["group_commit"]
+    rows.append((f"{gc['steps']:,} steps: ctx.map(concurrency={gc['concurrency']}) vs ctx.run",
+                 f"{gc['map_s']:.2f} s vs {gc['sequential_s']:.2f} s", "group_commit_speedup"))
+    wk = r["workers"]
+    rows.append((f"import {wk['records']:,} records: --workers 2 vs 1",
+                 f"{wk['workers2_s']:.1f} s vs {wk['workers1_s']:.1f} s", "import_speedup_workers2"))
     if "dbos_over_ours" in r:
         rows.append(("DBOS 500-step workflow (SQLite)",
                      f"{r['dbos_us_per_step']:.0f} µs/step vs ours {r['ours_us_per_step_same_workload']:.0f}",
                      "dbos_over_ours"))
     else:
         rows.append(("DBOS peer", "not installed (pip install -e '.[bench]')", ""))
+    rows.append(batch_syncs_row(r))
     out = [f"{'metric':44} {'measured':42} {'ratio/value':>12} {'target':>8}  ok", "-" * 116]
     for name, shown, key in rows:
         if key:

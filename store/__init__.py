@@ -13,6 +13,7 @@ from .errors import (
     UnstorableValueError,
     WorkflowBusyError,
 )
+from .indexed import storable
 from .jsonl import Durability, JsonlStore
 from .memory import MemoryStore
 from .promise import Promise, State
@@ -36,4 +37,5 @@ __all__ = [
     "open_store",
     "parse_store_url",
     "same_json",
+    "storable",
 ]

@@ -35,7 +35,7 @@ class IndexedStore(PromiseStore):
 
     def create(self, promise_id: str, param: Any) -> Promise:
         self._check(promise_id)
-        param = _storable(promise_id, "param", param)
+        param = storable(promise_id, "param", param)
         with self._mutex:
             self._refresh()
             entry = self._index.get(promise_id)
@@ -50,7 +50,7 @@ class IndexedStore(PromiseStore):
 
     def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
         self._check(promise_id)
-        value = _storable(promise_id, "value", value)
+        value = storable(promise_id, "value", value)
         promise = self._locked(self._settle, promise_id, State.RESOLVED, value)
         self._durable(defer_sync)
         return promise
@@ -61,7 +61,7 @@ class IndexedStore(PromiseStore):
         self._check(promise_id)
         if isinstance(error, BaseException):
             error = {"type": type(error).__name__, "message": str(error)}
-        error = _storable(promise_id, "error", error)
+        error = storable(promise_id, "error", error)
         promise = self._locked(self._settle, promise_id, State.REJECTED, error)
         self._durable(defer_sync)
         return promise
@@ -160,7 +160,7 @@ class IndexedStore(PromiseStore):
         self._append(record)
 
 
-def _storable(promise_id: str, what: str, value: Any) -> Any:
+def storable(promise_id: str, what: str, value: Any) -> Any:
     """The value as the store will give it back, or UnstorableValueError saying where it fails."""
     try:
         return normalize(value)

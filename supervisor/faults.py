@@ -4,13 +4,15 @@
 worker announces itself once the step's attempt is recorded, before its function runs, and
 waits; the supervisor SIGKILLs it. So the kill lands while step N is in flight every time, not by
 luck of timing. An application may name another failpoint inside its steps (the import's
-`--kill-at-batch` waits halfway through a batch's rows).
+`--kill-at-batch K` waits halfway through batch K's rows, keyed by the batch number, whatever
+the position of that batch among the root's calls).
 
 `--kill-random N` draws N kills from a seeded generator. Each is one of
   - "timed": SIGKILL the worker's process group after a random delay since the child started
     (startup, replay, mid-step, between steps: wherever it falls);
   - "store-write": arm the store's `store.append` failpoint on the resolve of a step that is
-    about to run, so the worker is killed halfway through writing that store line;
+    about to run (any direct step: an import's plan step too), so the worker is killed halfway
+    through writing that store line;
   - "pool" (only when the worker has a pool, `--workers` above 1): a timed kill of one process
     of the worker's pool, not of the worker. It costs the attempt of the step that process ran;
     the worker re-dispatches the step and runs on. About half of the timed kills become pool
@@ -18,9 +20,10 @@ luck of timing. An application may name another failpoint inside its steps (the 
 The choices are reproducible with `--seed`; the exact moment of a timed kill is real time (and
 which step a pool process runs when it is killed, the pool's scheduling).
 A fifth of the timed kills land in start-up or replay (a drawn fraction of the measured start-up
-time); the others wait for the child to finish a drawn number of new steps (a share of the steps
-left, when their number is known; none when it is not), then a drawn fraction of a step's
-duration, so they land mid-step or between steps whatever the speed of the machine.
+time); the others wait for the child to finish a drawn number of new units (a share of the units
+left, when their number is known; none when it is not, as for a file's import until it is
+planned to its end), then a drawn fraction of a step's duration, so they land mid-step or between
+steps whatever the speed of the machine.
 
 No kill of ours may spend a step's last attempt (the step would be rejected for a fault we
 made): `attempts_before_kill` and `kill_would_fail` decide it, for flags checked up front and
@@ -57,12 +60,14 @@ class RandomKill:
         return int(self.share * remaining / max(1, kills_left))
 
 
-def attempts_before_kill(step: int, promise: Promise | None, planned_failure: int | None) -> int:
-    """Attempts of `step` spent (since a reopen) before a kill of ours lands in it: those
-    already started, plus a planned failure of its first attempt if that is still to come."""
+def attempts_before_kill(promise: Promise | None, planned_failure: bool) -> int:
+    """Attempts of a step (`promise`, None before it is created) spent since a reopen before a
+    kill of ours lands in it: those already started, plus the failure of its first attempt if
+    one is planned (`planned_failure`: it is, or may be, the step `--fail-at-<unit>` names) and
+    still to come."""
     started = promise.attempts if promise is not None else 0
     since_reopen = promise.attempts_since_reopen if promise is not None else 0
-    return since_reopen + (step == planned_failure and started == 0)
+    return since_reopen + (planned_failure and started == 0)
 
 
 def kill_would_fail(spent_before: int, max_attempts: int) -> bool:
@@ -108,12 +113,13 @@ def pool_victim(kill: RandomKill, pids: list[int]) -> int | None:
     return ordered[min(len(ordered) - 1, int(kill.victim * len(ordered)))]
 
 
-def store_write_step(kill: RandomKill | None, next_step: int, step_count: int | None) -> int | None:
-    """The step whose resolve a store-write kill tears: one just ahead (if the run has it)."""
+def store_write_step(kill: RandomKill | None, next_step: int) -> int | None:
+    """The direct step whose resolve a store-write kill tears: one just ahead of `next_step`,
+    the first unfinished one (a step the run never makes is never torn: the kill is then
+    reported undelivered)."""
     if kill is None or kill.kind != "store-write":
         return None
-    step = next_step + kill.batch_offset
-    return None if step_count is not None and step >= step_count else step
+    return next_step + kill.batch_offset
 
 
 def at_step_start(root_id: str, step: int) -> Point:
@@ -140,7 +146,7 @@ def kill_budget_error(
                 f"{max_attempts}: the injected failure spends the {unit}'s only attempt and fails "
                 "the run for good")
     for step in sorted(kill_at):
-        spent = attempts_before_kill(step, None, planned_failure)
+        spent = attempts_before_kill(None, step == planned_failure)
         if kill_would_fail(spent, max_attempts):
             failure = f", the injected --fail-at-{unit} failure one more," if spent else ""
             return (f"--kill-at-{unit} {step} needs --max-attempts {spent + 2} or more, not "

@@ -1,12 +1,16 @@
 """The `run` command: the import application's wiring, the one module of the supervisor that
 imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`).
 
-`run` plans the import here (a bad input file is refused before anything runs), derives its
-default id, and supervises `python -m workflow run workflow.importer.app:import_records` with
-the import's setup hook, on the generic machinery of supervise.py: the import's batches are its
-steps. `--kill-at-batch K` waits at the import's own `batch.mid` failpoint (halfway through batch
-K's rows, before its transaction commits); `--fail-at-batch K` arms `batch.fail` on batch K's
-first attempt. `status` gets the import's words and batch totals from `terms_for`.
+`run` checks the import's input here (a missing file, a bad header, a broken line within its
+first plan segment are refused before anything runs; one further on rejects the import when the
+worker plans that far), derives its default id, and supervises `python -m workflow run
+workflow.importer.app:import_records` with the import's setup hook, on the generic machinery of
+supervise.py. The import's units are its batches, its `process_batch` steps (its `plan_segment`
+steps come between them); their number is known up front for a synthetic source, and for a
+file only once its plan is stored to its end. `--kill-at-batch K` waits at the import's own
+`batch.mid` failpoint (halfway through batch K's rows, before its transaction commits);
+`--fail-at-batch K` arms `batch.fail` on batch K's first attempt. `status` gets the import's
+words and batch totals from `terms_for`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,21 @@ from typing import Any
 
 import orjson
 
-from store import Promise, failpoints
-from workflow.history import recorded_call, records_call_of
-from workflow.importer import SourceError, file_source, import_records, plan_batches, synthetic_source
+from store import Promise, State, failpoints
+from workflow.history import History, recorded_call, records_call_of
+from workflow.importer import (
+    SourceError,
+    batch_count,
+    check_source,
+    file_source,
+    import_records,
+    plan_segment,
+    process_batch,
+    synthetic_source,
+)
 from workflow.importer import setup as import_setup
 from workflow.importer.sources import source_label
+from workflow.registry import describe
 
 from . import exits
 from .commands import common_settings, prepare_state_dir, refuse, supervise
@@ -39,13 +53,14 @@ def function_name(fn: Callable[..., Any]) -> str:
 
 @dataclass(frozen=True)
 class ImportTerms(Terms):
-    """An import's steps are batches; its result is a summary of record counts."""
+    """An import's units are its batch steps; its result is a summary of record counts."""
 
     noun: str = "import"
     unit: str = "batch"
     units: str = "batches"
     units_maybe: str = "batch(es)"
     command: str = "run"
+    unit_fn: str | None = describe(process_batch).name
 
     def result_fields(self, result: Any) -> dict[str, Any]:
         if result is None:
@@ -64,20 +79,43 @@ class ImportTerms(Terms):
         return (f"{result['total_records']} records in {result['batch_count']} batches: "
                 f"{result['total_processed']} imported, {result['total_skipped']} skipped ({reasons})")
 
-    def step_count(self, root: Promise) -> int | None:
-        """The import's batch count, planned again from the arguments its root records."""
+    def step_count(self, history: History) -> int | None:
+        """The import's batch count: in its summary once it is done, from its arguments for a
+        synthetic source, else from its stored plan segments once the last one is (never by
+        reading the input)."""
+        root = history.root
+        if root.state is State.RESOLVED and _is_summary(root.value):
+            return root.value["batch_count"]
         call = recorded_call(root)
         if call is None or len(call.args) != 2:
             return None
-        try:
-            return len(plan_batches(*call.args))
-        except (SourceError, ValueError):  # the input is gone or changed since: no count
-            return None
+        source, batch_size = call.args
+        if isinstance(source, dict) and source.get("kind") == "synthetic":
+            try:
+                check_source(source, batch_size)  # reads nothing for a synthetic source
+            except (SourceError, ValueError):  # a store edited by hand: no count
+                return None
+            return batch_count(source, batch_size)
+        return _planned_batches(history)
 
 
 IMPORT_TERMS = ImportTerms()
 _SUMMARY_KEYS = frozenset({"total_records", "total_processed", "total_skipped", "skipped_reasons",
                            "batch_count"})
+
+
+def _planned_batches(history: History) -> int | None:
+    """How many batches the stored plan segments hold, once the last one is planned."""
+    segments = list(history.of(describe(plan_segment).name).steps.values())
+    if not segments or any(p.state is not State.RESOLVED or not _is_segment(p.value) for p in segments):
+        return None
+    if segments[-1].value["next"] is not None:
+        return None
+    return sum(len(p.value["batches"]) for p in segments)
+
+
+def _is_segment(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("batches"), list) and "next" in value
 
 
 def _is_summary(result: Any) -> bool:
@@ -103,21 +141,24 @@ def fail_once_at(batch: int | None) -> list[dict[str, str]]:
 
 
 def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """`python -m supervisor run`: plan the import, then supervise it."""
+    """`python -m supervisor run`: check the input, then supervise the import."""
     budget_error = kill_budget_error(args.kill_at_batch, args.fail_at_batch, args.max_attempts, "batch")
     if budget_error is not None:
         return refuse(budget_error, exits.USAGE, args.json)
     try:
         source = file_source(args.input) if args.input else synthetic_source(args.records)
-        batch_count = len(plan_batches(source, args.batch_size))
+        check_source(source, args.batch_size)
+        plan_segment(source, args.batch_size)  # a broken line near the top: refused here too
     except SourceError as exc:
         return refuse(str(exc), exits.FAILED, args.json)
     except ValueError as exc:  # a batch size out of range
         parser.error(f"argument --batch-size: {exc}")
-    beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch] if k is not None and k >= batch_count]
+    count = batch_count(source, args.batch_size)  # a file's is known once it is planned
+    beyond = [k for k in [*args.kill_at_batch, args.fail_at_batch]
+              if k is not None and count is not None and k >= count]
     if beyond:
-        parser.error(f"batch {beyond[0]} is beyond the last batch ({batch_count - 1}); "
-                     f"the import has {batch_count} batch(es)")
+        parser.error(f"batch {beyond[0]} is beyond the last batch ({count - 1}); "
+                     f"the import has {count} batch(es)")
     refused = prepare_state_dir(args.state_dir, args.json)
     if refused is not None:
         return refused
@@ -127,7 +168,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         location=StoreLocation.in_state_dir(args.state_dir.resolve()),
         args=[orjson.dumps(source).decode(), str(args.batch_size)],
         setup=function_name(import_setup),
-        step_count=batch_count,
+        step_count=count,
         kill_at_steps=set(args.kill_at_batch),
         kill_point=at_mid_batch,
         random_kills=random_kills(args.kill_random, args.seed, args.workers),

@@ -1,7 +1,9 @@
 """What a supervised run reports: per child, per kill, and the workflow's stored result.
 
 The words are a `Terms`: a workflow's "steps" by default; an application's wiring may bring its
-own (the import calls its steps batches, and summarizes its result).
+own (the import calls its steps batches, counts only its batch steps among its plan steps, and
+summarizes its result). Reports number the units among themselves: the import's batch 5 is
+its sixth `process_batch` call, whatever its position among the root's calls.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from store import Promise
+from workflow.history import History
 
 RESULT_TEXT_CHARS = 200  # a result longer than this is cut in the text report (never in JSON)
 
@@ -25,6 +27,15 @@ class Terms:
     units: str = "steps"
     units_maybe: str = "step(s)"
     command: str = "exec"  # the supervisor command that runs it
+    unit_fn: str | None = None  # the registered name whose calls are the units (None: every step)
+
+    def counts(self, fn: str | None) -> bool:
+        """Whether a direct step calling the registered name `fn` is one of the units."""
+        return self.unit_fn is None or fn == self.unit_fn
+
+    def units_of(self, history: History) -> History:
+        """The workflow's history with only its units among its direct steps."""
+        return history.of(self.unit_fn)
 
     def result_fields(self, result: Any) -> dict[str, Any]:
         """The result's keys in a JSON report (`result` is None when the run did not finish)."""
@@ -41,8 +52,8 @@ class Terms:
             text = text[:RESULT_TEXT_CHARS] + f"... ({len(text)} characters; --json shows it all)"
         return text
 
-    def step_count(self, root: Promise) -> int | None:
-        """How many direct steps the workflow `root` has; None when only its run will tell."""
+    def step_count(self, history: History) -> int | None:
+        """How many units the workflow has in all; None while only its run can tell."""
         return None
 
 

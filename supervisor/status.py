@@ -40,7 +40,7 @@ def show_status(location: StoreLocation, root_id: str, *, as_json: bool, terms_f
             known = ", ".join(root_ids(store)) or "none"
             return _error(f"{location.url}: no workflow {root_id!r} (known: {known})", exits.FAILED)
         terms = terms_for(history.root)
-        status = status_of(history, terms, terms.step_count(history.root))
+        status = status_of(history, terms)
     if as_json:
         sys.stdout.write(orjson.dumps(status).decode() + "\n")
     else:
@@ -75,19 +75,21 @@ def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_
     return exits.OK
 
 
-def status_of(history: History, terms: Terms, step_count: int | None) -> dict[str, Any]:
-    """The status report; its keys name the steps in the workflow's own words (`batches_done`)."""
+def status_of(history: History, terms: Terms) -> dict[str, Any]:
+    """The status report; its keys name the units in the workflow's own words (`batches_done`),
+    and count only them (an import's batches, not its plan steps). The last error is any step's."""
     root, unit, units = history.root, terms.unit, terms.units
-    pending, error, call = history.first_pending, history.last_error, recorded_call(root)
+    counted = terms.units_of(history)
+    pending, error, call = counted.first_pending, history.last_error, recorded_call(root)
     return {
         "id": root.id,
         "state": root.state.value,
         "code": None if call is None else f"{call.fn} v{call.version}",  # which code it runs
-        f"{units}_done": len(history.in_state(State.RESOLVED)),
-        f"{unit}_count": step_count,
-        f"{units}_failed": len(history.in_state(State.REJECTED)),
+        f"{units}_done": len(counted.in_state(State.RESOLVED)),
+        f"{unit}_count": terms.step_count(history),
+        f"{units}_failed": len(counted.in_state(State.REJECTED)),
         f"pending_{unit}": None if pending is None else {"id": pending.id, "attempts": pending.attempts},
-        "attempts": history.attempts,
+        "attempts": counted.attempts,
         "last_error": None if error is None else f"{error.get('type')}: {error.get('message')}",
         "result": None if root.state is not State.RESOLVED else terms.summary(root.value),
     }

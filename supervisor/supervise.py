@@ -25,7 +25,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,11 +75,11 @@ class Settings:
     location: StoreLocation
     args: list[str] = field(default_factory=list)  # the workflow's arguments, as JSON texts
     setup: str | None = None  # MODULE:FUNCTION of the worker's setup hook
-    step_count: int | None = None  # the root's direct steps, when the application knows
-    kill_at_steps: set[int] = field(default_factory=set)
+    step_count: int | None = None  # the workflow's units in all, when known up front
+    kill_at_steps: set[int] = field(default_factory=set)  # unit numbers
     kill_point: Callable[[str, int], Point] = at_step_start  # where a kill-at-step waits
     random_kills: list[RandomKill] = field(default_factory=list)
-    planned_failure: int | None = None  # a step whose first attempt is made to fail (see faults)
+    planned_failure: int | None = None  # a unit whose first attempt is made to fail (see faults)
     extra_failpoints: list[dict[str, str]] = field(default_factory=list)  # armed in every worker
     max_restarts: int = 10
     restart_backoff: float = 0.5
@@ -124,6 +124,7 @@ class Supervisor:
         self._live = live
         self._pending_pauses = set(settings.kill_at_steps)
         self._random = list(settings.random_kills)
+        self._step_count = settings.step_count
         self._step_seconds = STEP_GUESS_S
         self._startup_seconds = STARTUP_GUESS_S
         self._wakeup_r = -1
@@ -162,13 +163,19 @@ class Supervisor:
         while True:
             history = self._read_history()
             calls, steps = ([], {}) if history is None else (history.calls, history.steps)
+            units_at = {} if history is None else self.s.terms.units_of(history).steps
+            units = list(units_at.values())
+            if history is not None and self._step_count is None:
+                self._step_count = self.s.terms.step_count(history)
             first = _first_unfinished(steps)
-            self._drop_pauses_that_would_fail(steps)
-            kill = self._next_kill(first, steps)
-            store_write = store_write_step(kill, first, self.s.step_count)
+            self._drop_pauses_that_would_fail(units)
+            kill = self._next_kill(first, steps, units)
+            store_write = store_write_step(kill, first)
             pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
             child = self._spawn(list(pauses), store_write)
-            watch = Watch(ChildReport(child.pid, exit="running"), steps_done_before=_done(steps),
+            watch = Watch(ChildReport(child.pid, exit="running"), steps_done_before=_done(units),
+                          unit_of={p.id: n for n, p in enumerate(units)},
+                          other_steps=sorted(set(steps) - set(units_at)),
                           pauses=pauses, store_write=store_write,
                           last_attempts={p.id: p.attempts_at_reopen + self.s.max_attempts
                                          for p in calls})
@@ -239,8 +246,9 @@ class Supervisor:
             self.report.error = f"worker {end.pid} exited 0 but the {t.noun}'s result is not stored"
             return
         self.report.ok, self.report.result = True, history.root.value
+        units = self._units(history)
         for n in sorted(self._pending_pauses):
-            step = history.steps.get(n)
+            step = units[n] if n < len(units) else None
             if step is None:
                 why = f"the {t.noun} has no {t.unit} {n}"
             elif step.attempts == 0:  # a sub-workflow: its own calls have the attempts
@@ -264,7 +272,9 @@ class Supervisor:
         log.debug("spawned worker %d with failpoints %s", child.pid, points)
         return child
 
-    def _next_kill(self, first: int, steps: dict[int, Promise]) -> RandomKill | None:
+    def _next_kill(
+        self, first: int, steps: dict[int, Promise], units: list[Promise]
+    ) -> RandomKill | None:
         """The next random kill, unless it could use up a step's last attempt: a kill of ours
         must never fail a step. (A timed or pool kill is checked again when it is due; a
         store-write kill cannot be, as the worker waits for it inside the store, so every step
@@ -273,7 +283,7 @@ class Supervisor:
         if not self._random:
             return None
         kill = self._random[0]
-        if kill.kind == "pool" and self._live_pauses(steps):
+        if kill.kind == "pool" and self._live_pauses(units):
             return None
         target = first + (kill.batch_offset if kill.kind == "store-write" else 0)
         reach = {target}
@@ -281,25 +291,36 @@ class Supervisor:
             begun = [n for n, p in steps.items() if p.state is State.PENDING]
             reach = steps_in_reach(target, begun, self.s.workers)
         for n in sorted(reach):
-            spent = attempts_before_kill(n, steps.get(n), self.s.planned_failure)
+            step = steps.get(n)
+            spent = attempts_before_kill(step, self._may_be_planned_failure(step, units))
             if kill_would_fail(spent, self.s.max_attempts):
                 return None
         return self._random.pop(0)
 
-    def _live_pauses(self, steps: dict[int, Promise]) -> list[int]:
-        """The kill-at-step pauses still to land: on steps not yet resolved."""
-        return [n for n in self._pending_pauses
-                if n not in steps or steps[n].state is not State.RESOLVED]
+    def _may_be_planned_failure(self, step: Promise | None, units: list[Promise]) -> bool:
+        """Whether `step` (None: a step not created yet) is, or may be, the unit whose first
+        attempt is made to fail."""
+        planned = self.s.planned_failure
+        if planned is None:
+            return False
+        if planned >= len(units):  # that unit is still to come: any new step may be it
+            return step is None
+        return step is not None and step.id == units[planned].id
 
-    def _drop_pauses_that_would_fail(self, steps: dict[int, Promise]) -> None:
-        """Disarm a kill-at-step whose step (of a resumed run) is down to its last attempt: the
-        kill is reported undelivered, and the step is not failed by it."""
+    def _live_pauses(self, units: list[Promise]) -> list[int]:
+        """The kill-at-step pauses still to land: on units not yet resolved."""
+        return [n for n in self._pending_pauses
+                if n >= len(units) or units[n].state is not State.RESOLVED]
+
+    def _drop_pauses_that_would_fail(self, units: list[Promise]) -> None:
+        """Disarm a kill-at-step whose unit (of a resumed run) is down to its last attempt: the
+        kill is reported undelivered, and the unit is not failed by it."""
         unit = self.s.terms.unit
         for n in sorted(self._pending_pauses):
-            promise = steps.get(n)
+            promise = units[n] if n < len(units) else None
             if promise is not None and promise.state is State.RESOLVED:
                 continue  # reported at the end as already done
-            spent = attempts_before_kill(n, promise, self.s.planned_failure)
+            spent = attempts_before_kill(promise, n == self.s.planned_failure)
             if kill_would_fail(spent, self.s.max_attempts):
                 self._pending_pauses.discard(n)
                 self.report.undelivered_kills.append(
@@ -310,7 +331,7 @@ class Supervisor:
     def _arm(self, watch: Watch, kill: RandomKill) -> None:
         """Arm a random kill on this worker. A store-write kill waits in the store (armed at the
         spawn). A timed kill lands in start-up and replay (a few of them), or, like a pool kill,
-        a drawn number of new steps into the run plus a fraction of a step: timed by the
+        a drawn number of new units into the run plus a fraction of a step: timed by the
         worker's own pace."""
         watch.random_kill = kill
         if kill.kind == "store-write":
@@ -321,12 +342,11 @@ class Supervisor:
             watch.kill_deadline = now + kill.delay * self._startup_seconds
             return
         done = watch.steps_done_before + len(watch.report.executed)
-        remaining = None if self.s.step_count is None else max(0, self.s.step_count - done)
+        remaining = None if self._step_count is None else max(0, self._step_count - done)
         after = kill.steps_before(remaining, len(self._random) + 1)
-        if after == 0 and watch.first_step_at is not None:  # steps run already: from now
-            watch.kill_deadline = now + kill.delay * self._step_seconds
-        else:
-            watch.timed_kill_after = len(watch.report.executed) + after
+        if watch.first_step_at is not None:  # armed after a pool kill: one more unit done first
+            after = max(after, 1)
+        watch.timed_kill_after = len(watch.report.executed) + after
 
     def _arm_next(self, watch: Watch) -> None:
         """After a pool kill, the worker runs on: arm on it the next random kill that a running
@@ -394,11 +414,9 @@ class Supervisor:
             child.signal_group(signal.SIGKILL)
 
     def _deliver_timed(self, child: Child, watch: Watch, kill: RandomKill) -> None:
-        """SIGKILL the worker (a timed kill) or one process of its pool (a pool kill). A pool
-        process killed between two steps costs the attempt of the next step sent to it, which
-        may be a step's retry: a pool kill also waits while a step's next attempt is its last."""
-        ahead = 1 if kill.kind == "pool" else 0
-        if self.stop_signal is None and not self._last_attempt_in_flight(watch, ahead=ahead):
+        """SIGKILL the worker (a timed kill) or one process of its pool (a pool kill: it costs
+        the attempt of the step that process runs, if any)."""
+        if self.stop_signal is None and not self._last_attempt_in_flight(watch):
             if kill.kind == "timed":
                 self._kill(child, watch, "timed", watch.step_in_flight())
                 return
@@ -418,18 +436,16 @@ class Supervisor:
         watch.random_kill = None
         self._arm_next(watch)
 
-    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None, ahead: int = 0) -> bool:
+    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None) -> bool:
         """Whether a step's last allowed attempt may be running (besides that of step `besides`),
         by what the worker said and by the store (which the worker writes before it says so):
-        then a kill would fail the step. With `ahead`, also whether the next attempt of a step
-        not in flight (waiting to be retried) is its last."""
+        then a kill would fail the step."""
         if watch.on_last_attempt(self.s.max_attempts, besides):
             return True
         history = self._read_history()
         return history is not None and any(
             p.state is State.PENDING and p.id != besides
-            and p.attempts + (0 if watch.running(p.id) else ahead)
-            >= watch.last_attempts.get(p.id, self.s.max_attempts)
+            and p.attempts >= watch.last_attempts.get(p.id, self.s.max_attempts)
             for p in history.calls
         )
 
@@ -462,7 +478,8 @@ class Supervisor:
                     log.info("%s %d waits to be killed until no other %s in flight runs its last "
                              "attempt", self.s.terms.unit, paused, self.s.terms.unit)
             elif watch.store_write is not None and point == in_store_write(self.s.root_id, watch.store_write):
-                self._kill(child, watch, "store-write", watch.store_write)
+                torn = child_id(self.s.root_id, watch.store_write)
+                self._kill(child, watch, "store-write", watch.unit_of.get(torn))
         elif kind == progress.ENDED:
             watch.report.error = event.get("error")
 
@@ -471,7 +488,7 @@ class Supervisor:
         in flight (with a pool) runs its last attempt: the kill would spend it too. The paused
         step waits meanwhile, and this is tried again as the others settle. True if killed."""
         step = watch.paused
-        if self._last_attempt_in_flight(watch, besides=child_id(self.s.root_id, step)):
+        if self._last_attempt_in_flight(watch, besides=watch.id_of(step)):
             return False
         self._pending_pauses.discard(step)
         watch.paused = None
@@ -479,8 +496,9 @@ class Supervisor:
         return True
 
     def _on_step(self, event: dict[str, Any], watch: Watch) -> None:
-        """Follow the steps: the attempts in flight (at any depth), the direct steps done."""
-        kind, promise_id, step = event.get("kind"), event.get("id"), event.get("step")
+        """Follow the steps: the attempts in flight (at any depth), the units done."""
+        kind, promise_id = event.get("kind"), event.get("id")
+        step = self._unit_of(event, watch)
         now = time.monotonic()
         if kind == progress.KIND_STARTED:
             if watch.first_step_at is None:  # the first step this worker starts: start-up is over
@@ -505,12 +523,21 @@ class Supervisor:
         elif kind == progress.KIND_REPLAYED and promise_id == self.s.root_id:
             watch.report.replayed = watch.steps_done_before  # it was done: all steps found done
 
+    def _unit_of(self, event: dict[str, Any], watch: Watch) -> int | None:
+        """The unit number of the step an event is about; None for a step that is no unit (a
+        call at another depth, or of another function)."""
+        position = event.get("step")
+        if position is None:
+            return None
+        return watch.unit(event.get("id"), position, self.s.terms.counts(event.get("fn")))
+
     def _step_done(self, step: int, watch: Watch, now: float) -> None:
         watch.report.executed.append(step)
         if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
             watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
         if self._live is not None:
-            self._live.update(step + 1, self.s.step_count, self.report)
+            done = watch.steps_done_before + len(watch.report.executed)
+            self._live.update(done, self._step_count, self.report)
 
     def _kill(self, child: Child, watch: Watch, kind: str, step: int | None) -> None:
         child.signal_group(signal.SIGKILL)
@@ -540,13 +567,18 @@ class Supervisor:
         with store:
             return read_history(store, self.s.root_id)
 
+    def _units(self, history: History) -> list[Promise]:
+        """The workflow's units (its direct steps that count), by unit number."""
+        return list(self.s.terms.units_of(history).steps.values())
+
     def _steps_done(self) -> str:
         """'3 of 10 batches', or '3 steps' when their number is not known."""
         history = self._read_history()
-        done, units = 0 if history is None else _done(history.steps), self.s.terms.units
-        if self.s.step_count is None:
-            return f"{done} {units}"
-        return f"{done} of {self.s.step_count} {units}"
+        terms = self.s.terms
+        done = 0 if history is None else _done(self._units(history))
+        if self._step_count is None:
+            return f"{done} {terms.units}"
+        return f"{done} of {self._step_count} {terms.units}"
 
     def _signals_forwarded(self) -> _SignalForwarding:
         return _SignalForwarding(self)
@@ -566,9 +598,9 @@ class Supervisor:
 _NO_POOL = ", or the worker had no pool process to kill"
 
 
-def _done(steps: dict[int, Promise]) -> int:
-    """How many direct steps are resolved."""
-    return sum(p.state is State.RESOLVED for p in steps.values())
+def _done(steps: Iterable[Promise]) -> int:
+    """How many of `steps` are resolved."""
+    return sum(p.state is State.RESOLVED for p in steps)
 
 
 def _first_unfinished(steps: dict[int, Promise]) -> int:

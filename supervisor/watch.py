@@ -4,6 +4,7 @@ once when the worker has a pool), the kills armed for it, and its deadlines. No 
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from .report import ChildReport, KillReport, StallReport
 class Flight:
     """One step the worker said it started and has not yet said it settled."""
 
-    step: int | None  # its number, if it is a direct step of the root
+    step: int | None  # its unit number, if it is one of the workflow's units
     attempt: int
     started_at: float
     retrying: bool = False  # that attempt failed; the next waits for its backoff
@@ -26,8 +27,10 @@ class Watch:
     """One worker, as its progress pipe and the supervisor's own kills tell it."""
 
     report: ChildReport
-    steps_done_before: int = 0  # steps resolved before this child started
-    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its step
+    steps_done_before: int = 0  # units resolved before this child started
+    unit_of: dict[str, int] = field(default_factory=dict)  # a unit step's id -> its unit number
+    other_steps: list[int] = field(default_factory=list)  # step numbers of direct steps no unit
+    pauses: dict[Point, int] = field(default_factory=dict)  # kill-at-step failpoint -> its unit
     paused: int | None = None  # the step paused at its failpoint whose kill waits (see Supervisor)
     kill: KillReport | None = None  # the kill of the whole worker, once sent
     stall: StallReport | None = None
@@ -58,13 +61,25 @@ class Watch:
                    for promise_id, f in self.flights.items()
                    if promise_id != besides and not f.retrying)
 
-    def running(self, promise_id: str) -> bool:
-        """Whether an attempt of the step runs now (it is in flight, not waiting to retry)."""
-        flight = self.flights.get(promise_id)
-        return flight is not None and not flight.retrying
+    def unit(self, promise_id: str, step: int, is_unit: bool) -> int | None:
+        """The unit number of the direct step `step` (None if it is no unit): its step number
+        less the direct steps before it that are no units. The workflow makes those in its own
+        thread and waits for them (an import's plan steps), so they are all met before any
+        unit after them, while a pool's threads meet the units themselves in any order."""
+        if not is_unit:
+            if step not in self.other_steps:
+                bisect.insort(self.other_steps, step)
+            return None
+        if promise_id not in self.unit_of:
+            self.unit_of[promise_id] = step - bisect.bisect_left(self.other_steps, step)
+        return self.unit_of[promise_id]
+
+    def id_of(self, unit: int) -> str | None:
+        """The id of unit number `unit`, once met."""
+        return next((promise_id for promise_id, n in self.unit_of.items() if n == unit), None)
 
     def step_in_flight(self) -> int | None:
-        """The lowest direct step in flight (the one a kill of the worker is said to land in)."""
+        """The lowest unit in flight (the one a kill of the worker is said to land in)."""
         return min((f.step for f in self.flights.values() if f.step is not None), default=None)
 
     def started(self, promise_id: str, step: int | None, attempt: int, now: float) -> None:

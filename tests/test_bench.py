@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50], "growth_total": 50,
-        "restarts": 1, "import": [300, 600], "dbos": 5}
+        "restarts": 1, "csv_rows": 3000, "import": [300, 600], "dbos": 5, "sync_batches": 5,
+        "group_commit": 20, "workers_import": 2000}
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +29,14 @@ def bench() -> ModuleType:
 def test_measure_reports_every_metric_and_a_table(bench: ModuleType, tmp_path: Path) -> None:
     results = bench.measure(tmp_path, TINY)
     for key in ("floor_us", "durable_step_over_floor", "cpu_per_step_us", "replay_us_per_step",
-                "growth_spread", "restart_latency_s", "import_durable_over_plain", "rss_1m_over_100k",
-                "store_bytes_per_batch"):
+                "growth_spread", "restart_latency_s", "restart_latency_csv_100mb_s",
+                "import_durable_over_plain", "rss_1m_over_100k", "store_bytes_per_batch",
+                "group_commit_speedup", "import_speedup_workers2"):
         assert results[key] > 0, key
     assert results["import"]["durable"]["600"]["imported"] == results["import"]["plain"]["600"]["imported"]
     table = bench.table(results)
-    assert "durable step" in table and "restart latency" in table
+    assert "durable step" in table and "restart latency" in table and "MB CSV" in table
+    assert results["csv_import"]["import_one_kill_s"] > 0
     json.dumps(results)  # bench.json must be writable
     assert list(tmp_path.iterdir()) == []  # scratch directories are cleaned up
 
@@ -46,3 +50,18 @@ def test_cli_child_import_prints_json(tmp_path: Path) -> None:
     figures = json.loads(out.stdout)
     assert figures["imported"] == sum(1 for i in range(250) if i % 20 != 13)
     assert figures["max_rss_mb"] > 0
+
+
+def test_batch_syncs_are_counted_from_the_syscalls_by_file(bench: ModuleType, tmp_path: Path) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    figures = bench.batch_syncs(tmp_path, 20)
+    assert figures["batch_syncs_batches"] == 20, figures
+    per_batch = figures["batch_syncs_by_file"]
+    assert per_batch["sink"] >= 1  # every batch's commit is durable before its promise settles
+    assert per_batch["store"] > 0 and per_batch["other"] > 0  # the root's settle, the state dir
+    assert figures["batch_syncs"] == pytest.approx(sum(per_batch.values()))
+    assert "syncs per batch (strace, 20 batches)" in bench.batch_syncs_row(figures)[0]
+    assert bench.batch_syncs_row({"batch_syncs_skipped": "strace is not installed"})[1] == \
+        "skipped: strace is not installed"
+    assert list(tmp_path.iterdir()) == []

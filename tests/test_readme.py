@@ -29,9 +29,8 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
 
 
 def test_the_engine_example_runs_and_replays(tmp_path: Path) -> None:
-    [example] = [b for b in re.findall(r"```python\n(.*?)\n```", README, re.S) if "JsonlStore" in b]
     script = tmp_path / "example.py"
-    script.write_text(example)
+    script.write_text(_engine_example())
     runs = [
         subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                        check=True, env={"PYTHONPATH": str(REPO)})
@@ -47,9 +46,22 @@ def _section(title: str) -> str:
     return README[start:end]
 
 
-def _engine_example() -> str:
-    [example] = [b for b in re.findall(r"```python\n(.*?)\n```", README, re.S) if "JsonlStore" in b]
+def _engine_example(uses: str = "hello_all") -> str:
+    [example] = [b for b in re.findall(r"```python\n(.*?)\n```", README, re.S)
+                 if "JsonlStore" in b and uses in b]
     return example
+
+
+def test_the_fan_out_example_runs_in_a_pool_and_replays(tmp_path: Path) -> None:
+    (tmp_path / "fanout.py").write_text(_engine_example("measure_all"))
+    runs = [
+        subprocess.run([sys.executable, "fanout.py"], cwd=tmp_path, capture_output=True, text=True,
+                       check=True, env={"PYTHONPATH": str(REPO)})
+        for _ in range(2)
+    ]
+    assert [r.stdout for r in runs] == ["[1, 2, 3, 4]\n"] * 2
+    store = (tmp_path / "fanout.jsonl").read_text()
+    assert store.count('"op":"resolve"') == 5  # 4 calls + the root, each once: the rerun replayed
 
 
 def _run_commands(block: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -35,11 +35,12 @@ class Handle:
     """A durable call started with `ctx.begin`: `yield handle` waits for its result (or raises
     its StepError). It can be waited for more than once, and in a `ctx.gather`."""
 
-    __slots__ = ("_future", "promise_id")
+    __slots__ = ("_future", "parent", "promise_id")
 
-    def __init__(self, promise_id: str, future: Future[Any]) -> None:
+    def __init__(self, promise_id: str, future: Future[Any], parent: Context) -> None:
         self.promise_id = promise_id
         self._future = future
+        self.parent = parent  # the workflow's Context that began it: only it may wait for it
 
     def done(self) -> bool:
         """Whether the call has ended (its promise is settled, or the run failed)."""
@@ -67,10 +68,13 @@ class MapCall(NamedTuple):
 class Context:
     """Hands out the ids `<parent id>.<n>` in call order, so a replay finds the same ids again."""
 
-    __slots__ = ("_children", "_next", "_unyielded", "promise_id")
+    __slots__ = ("_children", "_next", "_unyielded", "parallelism", "promise_id")
 
-    def __init__(self, promise_id: str) -> None:
+    def __init__(self, promise_id: str, parallelism: int = 1) -> None:
         self.promise_id = promise_id
+        # How many begun steps the runner runs at once (its workers): a workflow may size its
+        # window of calls in flight by it, since ids never depend on when a call is waited for.
+        self.parallelism = parallelism
         self._children = children_prefix(promise_id)
         self._next = 0
         self._unyielded: list[Call] = []  # calls made since the last yield
@@ -125,7 +129,11 @@ class Context:
             raise WorkflowUsageError(f"ctx.map: concurrency must be a whole number ≥ 1, not {concurrency!r}")
         if not iterables:
             raise WorkflowUsageError("ctx.map needs at least one iterable of items")
-        return MapCall(fn, iterables, concurrency, retry)
+        try:
+            iterators = tuple(iter(items) for items in iterables)
+        except TypeError as exc:
+            raise WorkflowUsageError(f"ctx.map takes iterables of items: {exc}") from None
+        return MapCall(fn, iterators, concurrency, retry)
 
     def new_call(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],

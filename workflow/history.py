@@ -50,6 +50,15 @@ class History:
     calls: list[Promise]
     steps: dict[int, Promise]
 
+    def of(self, fn: str | None) -> History:
+        """This history with only the direct steps that call the registered name `fn` (all of
+        them for None): an application's units, such as the import's batches among its plan
+        steps. Their keys stay their step numbers."""
+        if fn is None:
+            return self
+        steps = {n: p for n, p in self.steps.items() if (call := recorded_call(p)) and call.fn == fn}
+        return History(self.root, self.calls, steps)
+
     def in_state(self, state: State) -> list[Promise]:
         return [p for p in self.steps.values() if p.state is state]
 

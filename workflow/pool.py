@@ -10,6 +10,11 @@ and settles the promise from the answer.
 
 A step process that dies mid-task (SIGKILL, a crash) costs that attempt only: the caller gets
 StepProcessLost (retried like any failure) and the next task gets a newly forked process.
+
+A step process that stops (SIGSTOP) or hangs in C code holding its GIL cannot answer, and the
+driver cannot tell that from a long step; so each step process beats into a shared slot from a
+thread of its own, and `stalled()` names those silent for too long: the driver then withholds
+its own heartbeat, and its supervisor restarts the whole worker as it would a hung driver.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection, Pipe
+from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
+from store import UnstorableValueError, storable
+
 from .context import StepInfo
-from .errors import PermanentError
+from .errors import EngineError, PermanentError
 from .executor import StepExecutor, StepProcessLost, call_as_step
 from .registry import registered
 
@@ -38,8 +47,14 @@ log = logging.getLogger("workflow.pool")
 
 Setup = Callable[[], AbstractContextManager[Mapping[str, Any]]]
 
+BEAT_S = 0.5  # how often a step process beats
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class StepSetupError(EngineError):
+    """A step process's setup hook failed: no step can run there, so the run stops (no step is
+    retried or rejected for it)."""
 
 
 def die_with_parent(parent: int) -> None:
@@ -68,8 +83,16 @@ class ProcessPool(StepExecutor):
         self._all: set[_StepProcess] = set()
         self._mutex = threading.Lock()
         self._closed = False
-        for _ in range(size):  # forked now, while the driver has no step threads yet
-            self._idle.put(self._fork())
+        self._beats = RawArray("d", size)  # per slot: time.monotonic() of its process's last beat
+        forked = [self._fork(slot) for slot in range(size)]  # now: the driver has no threads yet
+        try:
+            for process in forked:
+                process.wait_until_set_up()
+        except BaseException:
+            self.close()
+            raise
+        for process in forked:
+            self._idle.put(process)
 
     def run(
         self,
@@ -79,17 +102,36 @@ class ProcessPool(StepExecutor):
         kwargs: dict[str, Any],
         timeout: float | None,
     ) -> Any:
+        task = _task(info, fn, args, kwargs, timeout)
         process = self._idle.get()
         if process is None or self._closed:
             raise RuntimeError("the step process pool is closed")
         try:
-            return process.call(_task(info, fn, args, kwargs, timeout))
+            while not process.send(task):  # it died while idle: the task goes to its successor
+                process = self._replace(process)
+            return process.answer()
         except StepProcessLost:
-            self._forget(process)
-            process = self._fork()  # the next task gets a new process in its place
+            process = self._replace(process)
             raise
         finally:
             self._idle.put(process)
+
+    def _replace(self, process: _StepProcess) -> _StepProcess:
+        """A new step process in the place of one that died."""
+        self._forget(process)
+        successor = self._fork(process.slot)
+        try:
+            successor.wait_until_set_up()
+        except BaseException:
+            self._forget(successor)
+            raise
+        return successor
+
+    def stalled(self, limit_s: float) -> list[int]:
+        """The step processes that have not beaten for `limit_s` seconds (stopped, or stuck)."""
+        now = time.monotonic()
+        with self._mutex:
+            return sorted(p.pid for p in self._all if now - self._beats[p.slot] > limit_s)
 
     @property
     def pids(self) -> list[int]:
@@ -109,10 +151,11 @@ class ProcessPool(StepExecutor):
         for _ in range(self.capacity):  # wake any thread still waiting for a process
             self._idle.put(None)
 
-    def _fork(self) -> _StepProcess:
+    def _fork(self, slot: int) -> _StepProcess:
         with self._mutex:
+            self._beats[slot] = time.monotonic()  # a newborn has not stalled yet
             siblings = [p.conn for p in self._all]
-            process = _StepProcess.fork(self._setup, self._dependencies, siblings)
+            process = _StepProcess.fork(slot, self._beats, self._setup, self._dependencies, siblings)
             self._all.add(process)
         return process
 
@@ -135,20 +178,30 @@ def _task(
         target = ("recover", info.fn, info.version)
     else:
         target = ("pickled", fn)
-    return (target, info.promise_id, info.attempt, info.fn, info.version, args, kwargs, timeout)
+    task = (target, info.promise_id, info.attempt, info.fn, info.version, args, kwargs, timeout)
+    try:
+        pickle.dumps(task)
+    except Exception as exc:  # a closure or a lambda: no step process can be sent it
+        raise _described_error(
+            "StepNotSendable", f"step {info.fn} ({info.promise_id}) cannot be sent to a step "
+            f"process ({exc}); define and register it at module level", True,
+        ) from None
+    return task
 
 
 class _StepProcess:
     """One forked step process and the driver's end of its pipe."""
 
-    def __init__(self, pid: int, conn: Connection) -> None:
+    def __init__(self, pid: int, slot: int, conn: Connection) -> None:
         self.pid = pid
+        self.slot = slot
         self.conn = conn
         self._reaped = False
 
     @classmethod
     def fork(
-        cls, setup: Setup | None, dependencies: Mapping[str, Any], siblings: list[Connection]
+        cls, slot: int, beats: Any, setup: Setup | None, dependencies: Mapping[str, Any],
+        siblings: list[Connection],
     ) -> _StepProcess:
         """A new step process; it closes the driver's ends of its siblings' pipes, or they
         would never see their pipe close."""
@@ -160,6 +213,7 @@ class _StepProcess:
             try:
                 for conn in [ours, *siblings]:
                     conn.close()
+                _start_beating(beats, slot)
                 _serve(theirs, parent, setup, dependencies)
                 code = 0
             except BaseException:  # a forked child ends here, whatever happens
@@ -168,11 +222,29 @@ class _StepProcess:
                 sys.stderr.flush()
                 os._exit(code)
         theirs.close()
-        return cls(pid, ours)
+        return cls(pid, slot, ours)
 
-    def call(self, task: tuple[Any, ...]) -> Any:
+    def wait_until_set_up(self) -> None:
+        """Its setup hook has run (or StepSetupError says why it failed)."""
+        try:
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError):
+            raise StepSetupError(f"step process {self.pid} died while setting up "
+                                 f"{self._how_it_ended()}") from None
+        if kind != "ready":
+            raise StepSetupError(f"the setup of step process {self.pid} failed: {payload}")
+
+    def send(self, task: tuple[Any, ...]) -> bool:
+        """Hand it a task; False if it is gone (it never got the task: nothing was run)."""
         try:
             self.conn.send(task)
+        except OSError:
+            return False
+        return True
+
+    def answer(self) -> Any:
+        """The value of the task sent, or its exception; StepProcessLost if it died meanwhile."""
+        try:
             kind, payload = self.conn.recv()
         except (EOFError, OSError):
             raise StepProcessLost(f"step process {self.pid} died {self._how_it_ended()}") from None
@@ -206,12 +278,28 @@ class _StepProcess:
         return f"(exit status {os.waitstatus_to_exitcode(status)})"
 
 
+def _start_beating(beats: Any, slot: int) -> None:
+    def beat() -> None:
+        while True:
+            beats[slot] = time.monotonic()
+            time.sleep(BEAT_S)
+
+    threading.Thread(target=beat, name="beat", daemon=True).start()
+
+
 def _serve(conn: Connection, parent: int, setup: Setup | None, dependencies: Mapping[str, Any]) -> None:
     """The step process's life: set up, then answer tasks until the driver closes the pipe."""
     die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the driver stops the run; we finish our task
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with setup() if setup is not None else contextlib.nullcontext(dependencies) as deps:
+    try:
+        context = setup() if setup is not None else contextlib.nullcontext(dependencies)
+        deps = context.__enter__()
+    except Exception as exc:
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        conn.send(("ready", None))
         while True:
             try:
                 task = conn.recv()
@@ -220,9 +308,11 @@ def _serve(conn: Connection, parent: int, setup: Setup | None, dependencies: Map
             answer = _answer(task, deps)
             try:
                 conn.send(answer)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:  # not picklable
-                why = f"the step's value cannot be sent to the driver: {exc}"
+            except Exception as exc:  # a value or an exception pickle cannot carry
+                why = f"the step's result cannot be sent to the driver: {type(exc).__name__}: {exc}"
                 conn.send(("described", ("TypeError", why, True)))
+    finally:
+        context.__exit__(None, None, None)
 
 
 def _answer(task: tuple[Any, ...], dependencies: Mapping[str, Any]) -> tuple[str, Any]:
@@ -234,9 +324,13 @@ def _answer(task: tuple[Any, ...], dependencies: Mapping[str, Any]) -> tuple[str
         fn = entry.fn if target[0] == "fn" else entry.recover
     info = StepInfo(promise_id, attempt, name, dependencies, version)
     try:
-        return "ok", call_as_step(info, fn, args, kwargs, timeout)
+        value = call_as_step(info, fn, args, kwargs, timeout)
     except Exception as exc:  # the step's failure, handed to the driver to retry or settle
         return _portable(exc)
+    try:  # as the store will keep it: a value JSON holds always crosses the pipe
+        return "ok", storable(promise_id, "value", value)
+    except UnstorableValueError as exc:  # rejected at once, as the driver would reject it
+        return "described", ("UnstorableValueError", str(exc), True)
 
 
 def _portable(exc: Exception) -> tuple[str, Any]:

@@ -83,9 +83,10 @@ class Runner:
 
     `workers` > 1 runs the calls a workflow begins concurrently (`ctx.begin`, `ctx.map`) in a
     pool of that many step processes (pool.py), each with the dependencies `setup` gives it
-    (or a forked copy of `dependencies`); their settles share syncs (group commit). With one
-    worker, begun calls run in the driver, one after the other, when the workflow waits for
-    one of them, and the calls run by one wait are settled with one sync.
+    (or a forked copy of `dependencies`; without `dependencies`, the driver enters `setup` too);
+    their settles share syncs (group commit). With one worker, begun calls run in the driver,
+    one after the other, when the workflow waits for one of them, and the calls run by one wait
+    are settled with one sync.
     """
 
     def __init__(
@@ -124,8 +125,26 @@ class Runner:
                 f"{entry.name} is not a workflow: a workflow is a generator function taking "
                 "a Context first (`def wf(ctx, ...): ... yield ctx.run(step, ...)`)"
             )
-        with self.store.own(root_id), self._step_processes():  # one driver per workflow
+        with self.store.own(root_id), self._setup_in_driver(), self._step_processes():
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+
+    @contextlib.contextmanager
+    def _setup_in_driver(self) -> Iterator[None]:
+        """Given `setup` and no `dependencies`, the driver's steps get theirs from `setup` too."""
+        if self._setup is None or self.dependencies:
+            yield
+            return
+        with self._setup() as dependencies:
+            self.dependencies = dict(dependencies)
+            try:
+                yield
+            finally:
+                self.dependencies = {}
+
+    def stalled_step_processes(self, limit_s: float) -> list[int]:
+        """The pids of step processes silent for `limit_s` seconds (none without a pool)."""
+        pool = self._pool
+        return pool.stalled(limit_s) if isinstance(pool, ProcessPool) else []
 
     @contextlib.contextmanager
     def _step_processes(self) -> Iterator[None]:
@@ -140,8 +159,9 @@ class Runner:
         try:
             yield
         finally:
-            self._threads.shutdown(wait=True, cancel_futures=True)
+            # The pool first: a replacement step process dies with the thread that forked it.
             self._pool.close()
+            self._threads.shutdown(wait=True, cancel_futures=True)
             self._pool = self._threads = None
 
     def retry(self, root_id: str) -> list[str]:
@@ -241,7 +261,7 @@ class Runner:
 
     def _drive(self, call: Call, entry: Registered) -> Any:
         """Step a generator through its durable calls, feeding back results or errors."""
-        ctx = Context(call.promise_id)
+        ctx = Context(call.promise_id, self.workers)
         try:
             gen = entry.fn(ctx, *call.args, **call.kwargs)
         except TypeError as exc:  # making a generator runs none of its code: the arguments
@@ -255,13 +275,13 @@ class Runner:
                     yielded = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration as done:
                     self._check_ended_cleanly(call, entry, ctx)
-                    self._wait(begun, fail_fast=False)
+                    self._wait(begun)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
                         raise
                     self._check_ended_cleanly(call, entry, ctx)
-                    self._wait(begun, fail_fast=False)
+                    self._wait(begun)
                     self._fail(call, entry, exc)
                 kind = type(yielded)
                 try:
@@ -270,11 +290,11 @@ class Runner:
                         send, throw = self._call(yielded), None
                     elif kind is Begin:
                         ctx.take_yielded(yielded.call)
-                        send, throw = self._begin(yielded.call, begun), None
+                        send, throw = self._begin(ctx, yielded.call, begun), None
                     elif kind is Handle:
-                        send, throw = self._results([yielded])[0], None
+                        send, throw = self._results(ctx, [yielded])[0], None
                     elif kind is Gather:
-                        send, throw = self._results(list(yielded.handles)), None
+                        send, throw = self._results(ctx, list(yielded.handles)), None
                     elif kind is MapCall:
                         send, throw = self._map(ctx, yielded), None
                     elif kind is Patch:
@@ -287,6 +307,8 @@ class Runner:
                         )
                 except StepError as exc:
                     send, throw = None, exc
+                except _ThrownIn as thrown:  # ctx.map's iterable raised: the workflow's own error
+                    send, throw = None, thrown.exc
         finally:
             try:
                 self._abandon(begun)
@@ -295,55 +317,103 @@ class Runner:
 
     # -- concurrent calls ------------------------------------------------------------------
 
-    def _begin(self, call: Call, begun: list[Handle] | None = None) -> Handle:
+    def _begin(self, ctx: Context, call: Call, begun: list[Handle]) -> Handle:
         """Start `call` without waiting: checked against the history now, run meanwhile."""
         entry, promise = self._prepare(call)
-        future: Future[Any] = Future()
-        handle = Handle(call.promise_id, future)
         if promise.state is not State.PENDING or entry.is_workflow:
+            future: Future[Any] = Future()
             try:  # a replay, or a sub-workflow: its result now
                 future.set_result(self._finish(call, entry, promise))
             except StepError as exc:
                 future.set_exception(exc)
-            return handle
+            return Handle(call.promise_id, future, ctx)
+        handle = self._start(ctx, call, entry, promise)
+        begun.append(handle)
+        return handle
+
+    def _start(self, ctx: Context, call: Call, entry: Registered, promise: Promise) -> Handle:
+        """A pending call, handed to a step thread (a pool) or queued for the next wait."""
         if self._threads is not None:
-            handle._future = self._threads.submit(self._finish, call, entry, promise)
-        else:
-            self._queued.append((handle, call, entry, promise))
-        if begun is not None:
-            begun.append(handle)
+            future = self._threads.submit(self._finish, call, entry, promise)
+            return Handle(call.promise_id, future, ctx)
+        handle = Handle(call.promise_id, Future(), ctx)
+        self._queued.append((handle, call, entry, promise))
         return handle
 
     def _map(self, ctx: Context, m: MapCall) -> list[Any]:
-        """One call per item, at most `m.concurrency` unfinished; every one runs to its end."""
-        handles: list[Handle] = []
-        running: list[Handle] = []
-        try:
-            for item in zip(*m.iterables, strict=False):  # as map(): to the shortest
-                handle = self._begin(ctx.new_call(m.fn, item, {}, m.retry))
-                handles.append(handle)
-                if not handle.done():
-                    running.append(handle)
-                if len(running) >= m.concurrency:
-                    running = self._wait(running, fail_fast=True, any_one=True)
-        except BaseException:
-            self._abandon(running)  # a fatal error: those in flight end first
-            raise
-        return self._results(handles)
+        """One call per item, at most `m.concurrency` unfinished; every one runs to its end.
 
-    def _results(self, handles: list[Handle]) -> list[Any]:
+        Only the calls in flight have a handle: a replayed item costs no more than a `ctx.run`.
+        """
+        values: list[Any] = []
+        failures: list[tuple[int, StepError]] = []
+        running: dict[Handle, int] = {}  # -> its item's index
+        items = zip(*m.iterables, strict=False)  # as map(): to the shortest
+        unreadable: Exception | None = None
+        try:
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the workflow's iterable failed: its own error, at its yield
+                    unreadable = exc
+                    break
+                call = ctx.new_call(m.fn, item, {}, m.retry)
+                entry, promise = self._prepare(call)
+                values.append(None)
+                if promise.state is not State.PENDING or entry.is_workflow:
+                    try:
+                        values[-1] = self._finish(call, entry, promise)
+                    except StepError as exc:
+                        failures.append((len(values) - 1, exc))
+                    continue
+                running[self._start(ctx, call, entry, promise)] = len(values) - 1
+                if len(running) >= m.concurrency:
+                    self._collect(running, values, failures, any_one=True)
+            self._collect(running, values, failures, any_one=False)
+        except BaseException:
+            self._abandon(list(running))  # a fatal error: those in flight end first
+            raise
+        if unreadable is not None:
+            raise _ThrownIn(unreadable)
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
+        return values
+
+    def _collect(
+        self, running: dict[Handle, int], values: list[Any], failures: list[tuple[int, StepError]],
+        *, any_one: bool,
+    ) -> None:
+        """Wait for one (or all) of the running calls; move each ended one's value into place."""
+        still = set(self._wait(list(running), any_one=any_one))
+        for handle in [h for h in running if h not in still]:
+            index = running.pop(handle)
+            exc = handle._future.exception()
+            if exc is None:
+                values[index] = handle._future.result()
+            else:
+                failures.append((index, exc))
+
+    def _results(self, ctx: Context, handles: list[Handle]) -> list[Any]:
         """The handles' values once all have ended; the first StepError among them is raised."""
-        self._wait(handles, fail_fast=True)
+        for handle in handles:
+            if handle.parent is not ctx:
+                raise WorkflowUsageError(
+                    f"workflow {ctx.promise_id} waited for {handle.promise_id}, which another "
+                    "workflow (or an earlier run) began: wait only for the handles you begin"
+                )
+        self._wait(handles)
         failed = next((h._future.exception() for h in handles if h._future.exception()), None)
         if failed is not None:
             raise failed
         return [h._future.result() for h in handles]
 
-    def _wait(self, handles: list[Handle], *, fail_fast: bool, any_one: bool = False) -> list[Handle]:
+    def _wait(self, handles: list[Handle], *, any_one: bool = False) -> list[Handle]:
         """Wait for the handles (or, `any_one`, for one of them); return those still running.
 
-        A failure of the engine or the store in any of them is raised (with `fail_fast`, as soon
-        as it is seen); a step's own failure (StepError) stays in its handle.
+        A failure of the engine or the store in one that ended (a stop request among them) is
+        raised; a step's own failure (StepError) stays in its handle.
         """
         if self._threads is None:
             self._run_queued()
@@ -356,7 +426,7 @@ class Runner:
             future = handle._future
             if future.done() and not future.cancelled():
                 exc = future.exception()
-                if exc is not None and not isinstance(exc, StepError) and fail_fast:
+                if exc is not None and not isinstance(exc, StepError):
                     raise exc
         return pending
 
@@ -385,6 +455,8 @@ class Runner:
         if self._threads is None:
             mine = {id(h) for h in handles}
             self._queued = [q for q in self._queued if id(q[0]) not in mine]
+            for handle in handles:
+                handle._future.cancel()  # never run: a wait for it ends (none can be made)
             return
         for handle in handles:
             handle._future.cancel()  # only one not started yet
@@ -571,6 +643,13 @@ class Runner:
                 raise WorkflowInterrupted("stopped during a retry backoff; run again to resume")
             self._sleep(min(left, _STOP_POLL_S))
             left -= _STOP_POLL_S
+
+
+class _ThrownIn(Exception):
+    """Carries an exception to throw into the workflow at its yield (ctx.map's iterable's)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
 
 
 _INLINE = InlineExecutor()

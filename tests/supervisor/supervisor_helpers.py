@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from types import ModuleType
 from typing import Any, TextIO
 
 import psutil
+
+from workflow.importer.sink import open_read_only
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60.0
@@ -200,12 +201,8 @@ def store_promises(audit: ModuleType, state_dir: Path) -> dict[str, dict[str, An
 
 
 def batch_promises(audit: ModuleType, state_dir: Path, root: str) -> dict[int, dict[str, Any]]:
-    prefix = root + "."
-    return {
-        int(pid[len(prefix):]): p
-        for pid, p in store_promises(audit, state_dir).items()
-        if pid.startswith(prefix) and pid[len(prefix):].isdigit()
-    }
+    """{batch number: its promise (with its `id`)}: the import's process_batch steps."""
+    return audit.batch_promises(store_promises(audit, state_dir), root)
 
 
 def batch_attempts(audit: ModuleType, state_dir: Path, root: str, batch: int) -> int:
@@ -226,7 +223,7 @@ class Execution:
 
 def executions(state_dir: Path, root: str) -> list[Execution]:
     """The sink's `executions` rows of this import, in the order they started."""
-    db = sqlite3.connect(f"file:{state_dir / SINK_FILE}?mode=ro", uri=True)
+    db = open_read_only(state_dir / SINK_FILE)
     try:
         rows = db.execute(
             "SELECT batch, attempt, pid, outcome FROM executions WHERE promise_id LIKE ? "

@@ -22,7 +22,7 @@ from supervisor_helpers import REPO, root_id
 RECORDS, BATCH_SIZE, BATCHES = 1000, 100, 10
 STOP_AT = 5  # the old code is killed while batch 5 is in flight
 ROOT = root_id(RECORDS, BATCH_SIZE)
-OLD_LOOP = "        results.append((yield ctx.run(process_batch, i, batch)))\n"
+OLD_LOOP = "            in_flight.append((yield ctx.begin(process_batch, begun, batch)))\n"
 
 STRICT_STEP = '''
 
@@ -46,29 +46,29 @@ def process_batch_strict(i: int, batch: dict[str, Any]) -> dict[str, Any]:
 
 DEPLOYS = {
     "patched": [(OLD_LOOP, (
-        "        if (yield ctx.patched('strict-email')):\n"
-        "            results.append((yield ctx.run(process_batch_strict, i, batch)))\n"
-        "        else:\n"
-        "            results.append((yield ctx.run(process_batch, i, batch)))\n"))],
+            "            if (yield ctx.patched('strict-email')):\n"
+            "                in_flight.append((yield ctx.begin(process_batch_strict, begun, batch)))\n"
+            "            else:\n"
+            "                in_flight.append((yield ctx.begin(process_batch, begun, batch)))\n"))],
     "versioned": [
-        ('@register(name="import_records")\ndef import_records(',
-         '@register(name="import_records")\ndef import_records_v1('),
+        ('@register(name="import_records", version=2)\ndef import_records(',
+         '@register(name="import_records", version=2)\ndef import_records_v2('),
         ("\n\ndef find_batch_commit(", (
-            '\n\n@register(name="import_records", version=2)\n'
+            '\n\n@register(name="import_records", version=3)\n'
             "def import_records(ctx, source, batch_size):\n"
             "    results = []\n"
             "    for i, batch in enumerate(plan_batches(source, batch_size)):\n"
             "        results.append((yield ctx.run(process_batch_strict, i, batch)))\n"
             "    return summarize(results)\n\n\ndef find_batch_commit(")),
     ],
-    "unpatched": [(OLD_LOOP, "        results.append((yield ctx.run(process_batch_strict, i, batch)))\n")],
+    "unpatched": [(OLD_LOOP, OLD_LOOP.replace("process_batch,", "process_batch_strict,"))],
     "old-version-dropped": [
-        ('@register(name="import_records")\n', '@register(name="import_records", version=2)\n')],
+        ('@register(name="import_records", version=2)\n', '@register(name="import_records", version=3)\n')],
 }
 REFUSALS = {  # deploy -> what the one error line must say
     "unpatched": ("error: non-deterministic workflow: call", "ctx.patched(", "new version"),
-    "old-version-dropped": ("recorded with import_records v1, which this code does not register (it has v2)",
-                            "keep v1 registered beside the new version"),
+    "old-version-dropped": ("recorded with import_records v2, which this code does not register "
+                            "(it has v1, v3)", "keep v2 registered beside the new version"),
 }
 
 
@@ -100,9 +100,8 @@ def supervisor(code: Path, state_dir: Path, *, env: dict[str, str] | None = None
 def resolved_batches(audit: ModuleType, state_dir: Path) -> dict[int, object]:
     if not (state_dir / "store.jsonl").exists():
         return {}
-    promises = audit.load_store(state_dir / "store.jsonl")
-    return {int(pid.rsplit(".", 1)[1]): p["value"] for pid, p in promises.items()
-            if pid.startswith(ROOT + ".") and pid.rsplit(".", 1)[1].isdigit() and p["state"] == "resolved"}
+    batches = audit.batch_promises(audit.load_store(state_dir / "store.jsonl"), ROOT)
+    return {b: p["value"] for b, p in batches.items() if p["state"] == "resolved"}
 
 
 def half_done_import(tmp_path: Path, audit: ModuleType) -> tuple[Path, Path, dict[int, object]]:
@@ -167,14 +166,14 @@ def test_a_patched_or_versioned_deploy_finishes_the_import_in_flight(
         strict = sum(1 for i in range((STOP_AT + 1) * BATCH_SIZE, RECORDS)
                      if i % 20 != 13 and str(i).endswith("7"))
         assert report["total_skipped"] == RECORDS // 20 + strict
-    else:  # the run recorded with import_records v1 finishes on v1, and status says so
+    else:  # the run recorded with import_records v2 finishes on v2, and status says so
         assert all(by_batch[b] == old for b in range(BATCHES))
         assert report["total_skipped"] == RECORDS // 20
         status = subprocess.run(
             [sys.executable, "-m", "supervisor", "status", "--id", ROOT, "--state-dir", str(state_dir),
              "--json"], cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True,
             text=True, timeout=60, check=True)
-        assert json.loads(status.stdout)["code"] == "import_records v1"
+        assert json.loads(status.stdout)["code"] == "import_records v2"
     verdict = audit.audit(state_dir, ROOT, RECORDS)
     assert verdict["ok"], verdict["violations"]
 

@@ -31,7 +31,7 @@ MISUSE = textwrap.dedent('''
 CASES = {
     "add": ((), "misuse.add is not a workflow: a workflow is a generator function"),
     "two_args": (("--arg", "1"), "workflow misuse.two_args (m): two_args() missing 1 required positional"),
-    "yields_a_number": ((), "workflow misuse.yields_a_number (m) yielded 42; yield ctx.run(...), ctx.begin(...), a handle, ctx.gather(...) or ctx.map(...) instead"),
+    "yields_a_number": ((), "workflow misuse.yields_a_number (m) yielded 42; yield ctx.run(...)"),
     "runs_a_lambda": ((), "<lambda> (in misuse) has no name of its own"),
     "calls_a_sub_workflow_wrongly": ((), "workflow misuse.two_args (m.0): two_args() missing 1"),
 }

@@ -18,7 +18,6 @@ import ctypes
 import json
 import os
 import resource
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from supervisor_helpers import child_env as _env
 
 from store import Durability, JsonlStore
 from store.codec import decode, encode
+from workflow.importer.sink import open_read_only
+from workflow.importer.sources import SEGMENT_BATCHES
 
 STORE = "store.jsonl"
 SINK = "import.db"
@@ -148,7 +149,7 @@ def sink_tables(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
     path = state_dir / SINK
     if not path.exists():
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = open_read_only(path)
     try:
         return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
                 for t in ("records", "skipped", "batch_commits", "executions")}
@@ -157,7 +158,7 @@ def sink_tables(state_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def query(state_dir: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(f"file:{state_dir / SINK}?mode=ro", uri=True)
+    db = open_read_only(state_dir / SINK)
     try:
         return db.execute(sql, params).fetchall()
     finally:
@@ -299,6 +300,27 @@ def test_bad_line_deep_in_the_file_stops_the_run_before_any_batch(
     assert (state_dir / STORE).read_bytes() == store_before
     assert sink_tables(state_dir) == sink_before
     assert_audit_ok(audit, state_dir, other_root, 200)
+
+
+def test_bad_line_beyond_the_first_plan_segment_rejects_the_import_keeping_its_batches(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    """Planning goes a segment at a time: a broken line beyond the first segment is found when
+    the worker plans that far. The import is rejected naming the file and line; the batches
+    before it stay committed, and nothing of a batch after it is."""
+    state_dir = tmp_path / "state"
+    rows = [f"{i},Name {i},user{i}@example.com\n".encode() for i in range(SEGMENT_BATCHES + 20)]
+    rows[SEGMENT_BATCHES + 10] = b'1,"Ann"x,ann@example.com\n'
+    path = tmp_path.resolve() / "people.csv"
+    path.write_bytes(HEADER.encode() + b"".join(rows))
+
+    done = run(state_dir, "--input", str(path), "--batch-size", "1")
+
+    assert_one_line_error(done, f"SourceError: {path}:{SEGMENT_BATCHES + 12}: malformed CSV")
+    assert query(state_dir, "SELECT COUNT(*) FROM batch_commits") == [(SEGMENT_BATCHES,)]
+    assert query(state_dir, "SELECT MAX(position) FROM records") == [(SEGMENT_BATCHES - 1,)]
+    root = next(pid for pid in audit.load_store(state_dir / STORE) if "." not in pid)
+    assert audit.audit(state_dir, root, SEGMENT_BATCHES, finished=False)["ok"]
 
 
 def test_csv_field_beyond_the_parsers_limit_is_a_one_line_error(tmp_path: Path) -> None:
@@ -578,13 +600,13 @@ def test_store_of_another_workflow_version_is_refused_naming_both(
     sizes, root = _finished_import(state_dir)
     store = state_dir / STORE
     rewrite_store_line(store, lambda r: r["op"] == "create" and r["id"] == root,
-                       lambda r: r["param"].update(v=2))
+                       lambda r: r["param"].update(v=3))
     before, sink_before = store.read_bytes(), sink_tables(state_dir)
 
     done = run(state_dir, *sizes)
 
-    assert_one_line_error(done, root, "recorded with import_records v2", "(it has v1)",
-                          "keep v2 registered")
+    assert_one_line_error(done, root, "recorded with import_records v3", "(it has v1, v2)",
+                          "keep v3 registered")
     assert store.read_bytes() == before
     assert sink_tables(state_dir) == sink_before
     assert_audit_ok(audit, state_dir, root, 300)
@@ -599,13 +621,14 @@ def test_step_recorded_by_another_version_is_non_determinism_naming_the_promise(
     assert failed.returncode == 1, failed.describe()
     assert cli("retry", state_dir, "--id", root).returncode == 0  # pending again, batches 0-2 resolved
     store = state_dir / STORE
-    rewrite_store_line(store, lambda r: r["op"] == "create" and r["id"] == f"{root}.1",
+    batch_1 = audit.batch_promises(audit.load_store(store), root)[1]["id"]
+    rewrite_store_line(store, lambda r: r["op"] == "create" and r["id"] == batch_1,
                        lambda r: r["param"].update(v=2))
     before, sink_before = store.read_bytes(), sink_tables(state_dir)
 
     done = run(state_dir, *sizes)
 
-    assert_one_line_error(done, f"{root}.1", "process_batch v2", "process_batch v1")
+    assert_one_line_error(done, batch_1, "process_batch v2", "process_batch v1")
     assert "non-deterministic" in done.last_error_line
     assert store.read_bytes() == before
     assert sink_tables(state_dir) == sink_before
@@ -627,7 +650,7 @@ def test_disk_full_while_writing_the_store_then_a_later_run_finishes(
     sizes, root = synthetic(400, 20)
     before = settled(audit, state_dir)
 
-    full = run(state_dir, *sizes, *FAST, preexec_fn=limit_file_size(store.stat().st_size + 1000))
+    full = run(state_dir, *sizes, *FAST, preexec_fn=limit_file_size(store.stat().st_size + 3000))
 
     assert_one_line_error(full, str(store))
     assert full.report["children"][-1]["executed"], "the limit should hit mid-run, after a batch"
@@ -636,7 +659,7 @@ def test_disk_full_while_writing_the_store_then_a_later_run_finishes(
     assert torn_files(state_dir) == []
     middle = settled(audit, state_dir)
     assert_settled_kept(before, middle)
-    done_before = {int(pid.rsplit(".", 1)[1]) for pid in middle if pid.startswith(root + ".")}
+    done_before = set(audit.batch_promises(middle, root))
     assert done_before == set(range(len(done_before)))
 
     rerun = run(state_dir, *sizes)
@@ -665,14 +688,13 @@ def test_disk_full_while_writing_the_sink_then_retry_and_a_later_run_finish(
 
     assert full.returncode == 1, full.describe()
     assert "Traceback" not in full.stderr
-    rejected = [pid for pid, p in audit.load_store(state_dir / STORE).items() if p["state"] == "rejected"]
-    failed_batch = next(pid for pid in rejected if pid != root)
-    assert f"({failed_batch}) failed after 1 attempt:" in full.last_error_line, full.describe()
+    batches = audit.batch_promises(audit.load_store(state_dir / STORE), root)
+    [k] = [b for b, p in batches.items() if p["state"] == "rejected"]
+    assert f"({batches[k]['id']}) failed after 1 attempt:" in full.last_error_line, full.describe()
     assert f"retry --id {root}" in full.last_error_line
-    k = int(failed_batch.rsplit(".", 1)[1])
     assert k >= 1, "the limit should hit after some batches committed"
     before = settled(audit, state_dir)
-    assert {pid for pid in before if pid.startswith(root + ".")} == {f"{root}.{b}" for b in range(k)}
+    assert set(audit.batch_promises(before, root)) == set(range(k))
     assert query(state_dir, "SELECT COUNT(*) FROM batch_commits") == [(k,)]
 
     assert cli("retry", state_dir, "--id", root).returncode == 0

@@ -40,9 +40,10 @@ def test_fail_at_batch_is_retried_with_backoff(tmp_path: Path, audit: ModuleType
     run = run_import(state_dir, *SIZES, "--fail-at-batch", "4", "--retry-initial", "0.2")
     report = assert_finished(run, RECORDS, BATCH_SIZE)
 
+    batch_4 = batch_promises(audit, state_dir, root)[4]["id"]
     retry_lines = [line for line in run.stderr.splitlines() if "attempt 1; retrying in" in line]
     assert len(retry_lines) == 1, run.stderr
-    assert f"{root}.4" in retry_lines[0]
+    assert f"({batch_4})" in retry_lines[0]
     assert re.search(r"retrying in 0\.2\d* s", retry_lines[0]), retry_lines[0]
     assert report["elapsed_s"] >= 0.2  # the backoff was waited, not skipped
     assert report["restarts"] == 0
@@ -94,12 +95,13 @@ def test_batch_that_always_fails_is_named_then_retry_resumes_there(
 
     assert failed.returncode == 1, failed.describe()
     assert failed.report is not None and failed.report["ok"] is False
-    assert f"{root}.2" in failed.report["error"]
+    batches = batch_promises(audit, state_dir, root)
+    batch_2 = batches[2]["id"]
+    assert f"({batch_2})" in failed.report["error"]
     assert "InjectedFault" in failed.report["error"]
     assert "after 2 attempts" in failed.report["error"]
     last_line = failed.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and f"{root}.2" in last_line, last_line
-    batches = batch_promises(audit, state_dir, root)
+    assert last_line.startswith("error: ") and f"({batch_2})" in last_line, last_line
     assert batches[2]["state"] == "rejected"
     assert batches[2]["attempts"] == 2
     assert {b for b, p in batches.items() if p["state"] == "resolved"} == {0, 1}
@@ -112,7 +114,7 @@ def test_batch_that_always_fails_is_named_then_retry_resumes_there(
 
     retry = run_cli("retry", state_dir, "--id", root)
     assert retry.returncode == 0, retry.describe()
-    assert f"reopened {root}.2" in retry.stdout
+    assert f"reopened {batch_2}" in retry.stdout
     assert batch_promises(audit, state_dir, root)[2]["state"] == "pending"
 
     rerun = run_import(state_dir, *SIZES)

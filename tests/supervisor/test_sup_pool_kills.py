@@ -93,11 +93,10 @@ def test_a_pool_kill_costs_one_batch_attempt_and_the_worker_runs_on(
     [kill] = report["kills"]
     assert (kill["kind"], kill["worker"]) == ("pool", worker["pid"]) and pid_is_gone(kill["pid"])
     attempts = _audit_ok(audit, tmp_path / "state")
-    # One batch paid: the one the process ran, or the next one sent to it if it was idle.
+    # The batch the process ran took one more attempt, unless it had committed already (its
+    # recover function found it) or the process was idle; no other batch did.
     extra = {b: n - 1 for b, n in attempts.items() if n > 1}
-    assert list(extra.values()) == [1]
-    if kill["step"] is not None:
-        assert extra == {kill["step"]: 1}
+    assert extra in ({}, {kill["step"]: 1}), (kill, extra)
 
 
 @pytest.mark.parametrize("seed", [2, 5, 7])

@@ -21,6 +21,7 @@ from wf_helpers import (
     SAFETY_TIMEOUT_S,
     SINK_FILE,
     STORE_FILE,
+    batch_id,
     open_store,
     run_worker,
     worker_argv,
@@ -193,7 +194,7 @@ def test_batch_committed_on_its_last_attempt_is_found_not_exhausted(
     tmp_path: Path, audit: ModuleType
 ) -> None:
     source = synthetic_source(500)
-    torn_resolve = {"name": "store.append", "key": f"resolve:{ROOT}.3", "action": "pause"}
+    torn_resolve = {"name": "store.append", "key": f"resolve:{batch_id(ROOT, 3)}", "action": "pause"}
     killed = run_worker(tmp_path, ROOT, source, 100, "--max-attempts", "1", failpoints=[torn_resolve])
     assert killed.returncode == KILLED
 
@@ -201,7 +202,7 @@ def test_batch_committed_on_its_last_attempt_is_found_not_exhausted(
 
     assert finished.returncode == exitcodes.OK
     with JsonlStore(tmp_path / STORE_FILE, readonly=True) as store:
-        batch = store.get(f"{ROOT}.3")
+        batch = store.get(batch_id(ROOT, 3))
     assert batch.state is State.RESOLVED and batch.attempts == 1
     with sqlite3.connect(tmp_path / SINK_FILE) as db:
         runs = db.execute("SELECT attempt, outcome FROM executions WHERE batch = 3 ORDER BY id").fetchall()
@@ -257,7 +258,7 @@ def test_worker_batch_that_hangs_times_out_and_is_retried(tmp_path: Path, audit:
     assert done.returncode == exitcodes.OK, done.stderr
     assert "did not return within 0.5 s" in done.stderr  # the retry was logged
     with JsonlStore(tmp_path / STORE_FILE, readonly=True) as store:
-        assert store.get(f"{ROOT}.2").attempts == 2
+        assert store.get(batch_id(ROOT, 2)).attempts == 2
     with sqlite3.connect(tmp_path / SINK_FILE) as db:
         runs = db.execute("SELECT attempt, outcome FROM executions WHERE batch = 2 ORDER BY id").fetchall()
     assert runs == [(1, None), (2, "committed")]

@@ -9,12 +9,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from wf_helpers import SINK_FILE, drop_store_records, open_store, read_store
+from wf_helpers import SINK_FILE, batch_id, drop_store_records, open_store, read_store
 
 from store import JsonlStore, State
 from workflow import RetryPolicy, Runner, StepError, StepEvent, WorkflowInterrupted
 from workflow.importer import Sink, file_source, import_records, plan_batches, synthetic_source
-from workflow.importer.sources import read_batch
+from workflow.importer.sources import SEGMENT_BATCHES, read_batch
 
 ROOT = "import/test"
 FAST = RetryPolicy(max_attempts=3, initial=0)
@@ -82,11 +82,26 @@ def test_ten_thousand_synthetic_records_import_with_the_right_totals(
 
 def test_batches_are_steps_with_descriptors_not_records(store: JsonlStore, sink: Sink) -> None:
     runner(store, sink).run(ROOT, import_records, synthetic_source(250), 100)
-    batches = store.list(ROOT + ".")
-    assert [p.id for p in batches] == [f"{ROOT}.0", f"{ROOT}.1", f"{ROOT}.2"]
+    plan, *batches = store.list(ROOT + ".")
+    assert [p.id for p in [plan, *batches]] == [f"{ROOT}.0", f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.3"]
+    assert (plan.param["fn"], plan.param["args"]) == ("plan_segment", [synthetic_source(250), 100, None])
+    assert plan.value["next"] is None
+    assert plan.value["batches"] == [batch.param["args"][1] for batch in batches]
     assert batches[2].param["args"] == [2, {"source": synthetic_source(250), "start": 200, "stop": 250}]
     assert batches[2].value == {"batch": 2, "records": 50, "processed": 48, "skipped": 2,
                                 "reasons": {"invalid_email": 2}}  # 213 and 233
+
+
+def test_the_plan_is_stored_in_segments_between_their_batches(store: JsonlStore, sink: Sink) -> None:
+    source, segment = synthetic_source(SEGMENT_BATCHES * 10 + 5), SEGMENT_BATCHES
+    summary = runner(store, sink).run(ROOT, import_records, source, 10)
+    calls = store.list(ROOT + ".")
+    plans = [p for p in calls if p.param["fn"] == "plan_segment"]
+    assert [calls.index(p) for p in plans] == [0, segment + 1]
+    assert [p.param["args"][2] for p in plans] == [None, {"start": segment * 10}]
+    assert [len(p.value["batches"]) for p in plans] == [segment, 1]
+    assert [p.param["args"][0] for p in calls if p.param["fn"] == "process_batch"] == list(range(segment + 1))
+    assert summary["batch_count"] == segment + 1 and summary["total_records"] == segment * 10 + 5
 
 
 def test_replay_of_a_finished_import_executes_no_batch(
@@ -105,7 +120,7 @@ def test_interrupted_import_resumes_at_the_first_unfinished_batch(
 ) -> None:
     source = synthetic_source(1000)
     with open_store(store_path) as store, pytest.raises(WorkflowInterrupted):
-        runner(store, sink, **stop_once_resolved(f"{ROOT}.3")).run(ROOT, import_records, source, 100)
+        runner(store, sink, **stop_once_resolved(batch_id(ROOT, 3))).run(ROOT, import_records, source, 100)
     with open_store(store_path) as store:
         summary = runner(store, sink).run(ROOT, import_records, source, 100)
     assert summary["total_processed"] == 950
@@ -132,19 +147,19 @@ def test_rerun_of_a_committed_batch_whose_resolve_was_lost_finds_its_commit(
 ) -> None:
     source = synthetic_source(1000)
     with open_store(store_path) as store, pytest.raises(WorkflowInterrupted):
-        runner(store, sink, **stop_once_resolved(f"{ROOT}.3")).run(ROOT, import_records, source, 100)
+        runner(store, sink, **stop_once_resolved(batch_id(ROOT, 3))).run(ROOT, import_records, source, 100)
     with read_store(store_path) as view:
-        stored_counts = view.get(f"{ROOT}.3").value
-    assert drop_store_records(store_path, "resolve", f"{ROOT}.3") == 1  # as if killed before it
+        stored_counts = view.get(batch_id(ROOT, 3)).value
+    assert drop_store_records(store_path, "resolve", batch_id(ROOT, 3)) == 1  # as if killed before it
 
     with open_store(store_path) as store:
-        assert store.get(f"{ROOT}.3").state is State.PENDING
+        assert store.get(batch_id(ROOT, 3)).state is State.PENDING
         summary = runner(store, sink).run(ROOT, import_records, source, 100)
-        assert store.get(f"{ROOT}.3").value == stored_counts
+        assert store.get(batch_id(ROOT, 3)).value == stored_counts
 
     db = tmp_path / SINK_FILE
     # Found by the recover function, as attempt 1's effect: no second attempt was spent.
-    assert executions(db, f"{ROOT}.3") == [(1, "committed"), (1, "found_commit")]
+    assert executions(db, batch_id(ROOT, 3)) == [(1, "committed"), (1, "found_commit")]
     assert query(db, "SELECT COUNT(*), COUNT(DISTINCT id) FROM records") == [(950, 950)]
     assert query(db, "SELECT COUNT(*) FROM batch_commits") == [(10,)]
     assert summary["total_processed"] == 950
@@ -235,16 +250,17 @@ def test_jsonl_import_counts_every_reason(tmp_path: Path, store: JsonlStore, sin
     ]
 
 
-def test_file_level_error_rejects_the_import_before_any_batch_is_committed(
+def test_file_level_error_rejects_the_import_before_the_batches_of_its_segment(
     tmp_path: Path, store: JsonlStore, sink: Sink
 ) -> None:
     rows = [f"{i},n{i},u{i}@example.com,X" for i in range(20)] + ['21,"a"b,c@d.io,X']
     path = write_csv(tmp_path / "broken.csv", rows)
     with pytest.raises(StepError) as raised:
         runner(store, sink).run(ROOT, import_records, file_source(path), 2)
-    assert raised.value.error["type"] == "SourceError"
-    assert f"{path}:22" in raised.value.error["message"]
-    assert store.list(ROOT + ".") == []
+    assert f"SourceError: {path}:22: malformed CSV" in raised.value.error["message"]
+    [plan] = store.list(ROOT + ".")
+    assert plan.param["fn"] == "plan_segment" and plan.error["type"] == "SourceError"
+    assert plan.attempts == 1  # no retry can fix the file
     assert query(tmp_path / SINK_FILE, "SELECT COUNT(*) FROM batch_commits") == [(0,)]
     assert query(tmp_path / SINK_FILE, "SELECT COUNT(*) FROM records") == [(0,)]
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import orjson
 import pytest
-from wf_helpers import SINK_FILE, STORE_FILE, read_store, run_worker_plain, supervisor_retry
+from wf_helpers import SINK_FILE, STORE_FILE, batch_id, read_store, run_worker_plain, supervisor_retry
 
 from store import State
 from workflow import exitcodes
@@ -65,7 +65,7 @@ def test_disk_full_in_the_sink_fails_the_batch_at_once_naming_the_database_then_
     [(failed, attempts, error)] = rejected_batches(tmp_path)
     assert attempts == 1 and error["type"] == "SinkStorageError", error
     committed = assert_no_partial_batch(tmp_path / SINK_FILE)
-    assert failed == f"{ROOT}.{committed}" and committed >= 1, "the limit should hit after a few batches"
+    assert failed == batch_id(ROOT, committed) and committed >= 1, "the limit should hit after a few batches"
 
     assert supervisor_retry(tmp_path, ROOT).returncode == 0
     finished = run_worker_plain(tmp_path, ROOT, source, BATCH_SIZE)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from store import Durability, JsonlStore
+from workflow.importer.sources import SEGMENT_BATCHES
 
 HERE = Path(__file__).resolve().parent
 FLAKY_CHILD = HERE / "flaky_child.py"
@@ -119,17 +120,34 @@ class WorkerRun:
     killed_at: Event | None = None
 
     def batches(self, kind: str) -> list[int]:
-        """The batches of the step events of `kind` (started, resolved, replayed...)."""
-        return [e["step"] for e in self.events
-                if e["event"] == "step" and e["kind"] == kind and e["step"] is not None]
+        """The batches of the step events of `kind` (started, resolved, replayed, retrying...).
+
+        A batch's number is its rank among the batch steps the worker reported, which it meets
+        in order (replayed first); plan segments are steps too, but not batches.
+        """
+        number: dict[str, int] = {}
+        batch_events = [e for e in self.events if e["event"] == "step" and e["fn"] == "process_batch"]
+        for e in batch_events:
+            number.setdefault(e["id"], len(number))
+        return [number[e["id"]] for e in batch_events if e["kind"] == kind]
+
+
+def batch_id(root_id: str, batch: int) -> str:
+    """The promise id of batch `batch` of an import planned in full segments (a synthetic source,
+    or a small file): a plan segment comes before every SEGMENT_BATCHES batches."""
+    return f"{root_id}.{batch + batch // SEGMENT_BATCHES + 1}"
+
+
+IMPORT_TARGET = "workflow.importer.app:import_records"
 
 
 def worker_argv(
-    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, *extra: str
+    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, *extra: str,
+    target: str = IMPORT_TARGET,
 ) -> list[str]:
     """The import's worker: the runtime's child running the import workflow with its setup hook."""
     return [
-        sys.executable, "-m", "workflow", "run", "workflow.importer.app:import_records", "--id", root_id,
+        sys.executable, "-m", "workflow", "run", target, "--id", root_id,
         "--arg", json.dumps(source), "--arg", str(batch_size), "--setup", "workflow.importer.app:setup",
         "--state-dir", str(state_dir), "--durability", "none", *extra,
     ]
@@ -156,12 +174,13 @@ def _spawn_worker(
     batch_size: int,
     extra: tuple[str, ...],
     failpoints: list[dict[str, Any]],
+    target: str = IMPORT_TARGET,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a worker whose progress (and failpoint announcements) come on the returned fd."""
     read_fd, write_fd = os.pipe()
     try:
         argv = worker_argv(state_dir, root_id, source, batch_size, "--progress-fd", str(write_fd),
-                           *extra)
+                           *extra, target=target)
         with open(state_dir / "worker.log", "ab") as log:
             proc = subprocess.Popen(argv, pass_fds=(write_fd,), env=worker_env(failpoints, write_fd),
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -183,18 +202,19 @@ def run_worker(
     kill_at_batch: int | None = None,
     failpoints: list[dict[str, Any]] | None = None,
     term_when: Callable[[Event], bool] | None = None,
+    target: str = IMPORT_TARGET,
 ) -> WorkerRun:
     """Run the import's worker (`python -m workflow run`) to its end, or SIGKILL it mid-batch.
 
     With `kill_at_batch`, the batch.mid failpoint of that batch is armed; the worker announces
     it on the progress pipe and waits there, and this SIGKILLs it. A worker that never reaches
     it (the batch was done before) just runs to its end. `term_when` picks a progress event
-    after which the worker gets a SIGTERM.
+    after which the worker gets a SIGTERM. `target` is the workflow the worker runs.
     """
     points = list(failpoints or [])
     if kill_at_batch is not None:
         points.append(pause_at(kill_at_batch))
-    proc, read_fd = _spawn_worker(state_dir, root_id, source, batch_size, extra, points)
+    proc, read_fd = _spawn_worker(state_dir, root_id, source, batch_size, extra, points, target)
     try:
         try:
             events, announcement = _watch(JsonLines(read_fd), proc, term_when)
@@ -209,12 +229,14 @@ def run_worker(
 
 @contextmanager
 def worker_paused_at(
-    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, batch: int
+    state_dir: Path, root_id: str, source: dict[str, Any], batch_size: int, batch: int,
+    events: list[Event] | None = None,
 ) -> Iterator[Event]:
-    """A worker paused halfway through batch `batch` (its announcement), SIGKILLed on exit."""
+    """A worker paused halfway through batch `batch` (its announcement), SIGKILLed on exit;
+    `events` receives the events it sent before."""
     proc, read_fd = _spawn_worker(state_dir, root_id, source, batch_size, (), [pause_at(batch)])
+    events = [] if events is None else events
     try:
-        events: list[Event] = []
         announcement = JsonLines(read_fd).until(lambda e: e["event"] == "failpoint", events)
         assert announcement is not None, f"the worker ended without pausing: {events}"
         yield announcement

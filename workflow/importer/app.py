@@ -1,4 +1,9 @@
-"""The bulk import workflow: the seed's plain loop, one durable step per batch.
+"""The bulk import workflow: a plain loop, one durable step per plan segment and per batch.
+
+Version 2 plans the input as it goes (`plan_segment`, a few dozen batches at a time), so the
+first batch starts at once and a restarted worker replays the stored plan without reading the
+file. Version 1, which planned the whole input up front, stays registered: imports recorded
+with it replay with it to their end.
 
 Run it with the runtime's child, which a supervisor spawns:
 
@@ -9,7 +14,7 @@ Run it with the runtime's child, which a supervisor spawns:
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,11 +22,11 @@ from typing import Any
 from store import Durability, failpoints
 
 from ..child import RunInfo
-from ..context import Context, current_step
+from ..context import Context, Handle, current_step
 from ..errors import PermanentError
 from ..registry import register
 from .sink import Sink
-from .sources import plan_batches, read_batch
+from .sources import check_source, plan_batches, plan_segment, read_batch
 
 SINK_FILE = "import.db"  # the SQLite sink's file in a state dir
 
@@ -32,14 +37,15 @@ class ImportArgumentsError(PermanentError):
 
 @contextmanager
 def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
-    """The child's setup hook: plan the input first, so that a bad or changed file stops the run
-    before anything is written, then open the sink in the state dir (the steps' `sink`)."""
+    """The child's setup hook: check the arguments and the input cheaply (a file's presence,
+    size and header; nothing is planned here), so that a bad input stops the run before anything
+    is written, then open the sink in the state dir (the steps' `sink`)."""
     if len(run.args) != 2:
         raise ImportArgumentsError(
             f"the import takes 2 arguments (a source descriptor and a batch size), not {len(run.args)}"
         )
     try:
-        plan_batches(*run.args)
+        check_source(*run.args)
     except ValueError as exc:
         raise ImportArgumentsError(str(exc)) from exc
     sink = Sink(run.state_dir / SINK_FILE, durable=run.durability is Durability.FULL)
@@ -49,11 +55,38 @@ def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
         sink.close()
 
 
-@register(name="import_records")
+@register(name="import_records", version=2)
 def import_records(
     ctx: Context, source: dict[str, Any], batch_size: int
 ) -> Generator[Any, Any, dict[str, Any]]:
-    """Import `source` in batches of `batch_size`; resumable at the first unfinished batch."""
+    """Import `source` in batches of `batch_size`, planned a segment at a time; resumable at the
+    first unfinished batch without reading the input again. With a pool of N step processes
+    (`--workers N`), 2N batches are begun before the oldest is waited for, so N run at once;
+    without one, each batch is waited for before the next begins, as in a plain loop."""
+    window = 1 if ctx.parallelism == 1 else 2 * ctx.parallelism
+    results: list[dict[str, Any]] = []
+    in_flight: deque[Handle] = deque()
+    begun = 0
+    cursor = None
+    while True:
+        segment = yield ctx.run(plan_segment, source, batch_size, cursor)
+        for batch in segment["batches"]:
+            if len(in_flight) == window:
+                results.append((yield in_flight.popleft()))
+            in_flight.append((yield ctx.begin(process_batch, begun, batch)))
+            begun += 1
+        cursor = segment["next"]
+        if cursor is None:
+            results.extend((yield ctx.gather(*in_flight)))
+            return summarize(results)
+
+
+@register(name="import_records")
+def import_records_v1(
+    ctx: Context, source: dict[str, Any], batch_size: int
+) -> Generator[Any, Any, dict[str, Any]]:
+    """Version 1, kept for the imports recorded with it: plans the whole input (reading all of a
+    file) on every replay, then one step per batch."""
     results = []
     for i, batch in enumerate(plan_batches(source, batch_size)):
         results.append((yield ctx.run(process_batch, i, batch)))

@@ -4,11 +4,19 @@ Tables: `records` (one row per imported record, keyed by its id), `skipped` (one
 record that was not imported, with the reason), `batch_commits` (one row per committed batch,
 keyed by its promise id, written in the same transaction as its rows) and `executions` (one row
 per invocation of the batch step, committed when it starts, finished when its batch commits).
+
+Several processes may write at once (a pool of step processes, a Sink each): the database is in
+WAL mode, every writing transaction takes the write lock first (BEGIN IMMEDIATE) and waits for it
+up to BUSY_TIMEOUT_S, and only a batch's commit syncs the disk. It commits into the WAL without
+a sync (synchronous=NORMAL), lets the write lock go, then fdatasyncs the WAL itself before it
+returns: the lock is held for the inserts only, and the syncs of several writers overlap (one
+can cover another's commit) instead of queueing behind the lock.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -62,11 +70,21 @@ CREATE TABLE IF NOT EXISTS executions (
     code TEXT
 );
 """
+TABLES = ("records", "skipped", "batch_commits", "executions")
 # Columns added since a table was first created: (table, column, declaration).
 ADDED_COLUMNS = [("executions", "code", "TEXT")]
 
 
 _IDS_PER_QUERY = 500
+# How long a writer waits for another's write lock before `database is locked`: far longer than
+# any batch transaction holds it (they prepare their rows before taking it).
+BUSY_TIMEOUT_S = 30.0
+# WAL pages (4 KiB) before a commit checkpoints them into the database file. A checkpoint costs
+# three syncs (the WAL, the database, the WAL header when it restarts); at ~25 pages per batch of
+# 100 records, 2,000 pages (~8 MiB of WAL) make that one checkpoint per ~80 batches, and keep
+# what a restarted worker reads to rebuild the WAL's index (all of the WAL) small.
+CHECKPOINT_PAGES = 2_000
+_SWITCH_RETRY_S = 0.01
 
 
 class SinkError(PermanentError):
@@ -117,29 +135,78 @@ class Sink:
         """`durable=False` commits without syncing (survives kills, not power loss), like
         the store's `Durability.NONE`."""
         self.path = Path(path)
-        self._commit_sync = "FULL" if durable else "NORMAL"
+        self._durable = durable
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         except sqlite3.Error as exc:
             raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
-            self._db.executescript(SCHEMA)
-            self._add_missing_columns()
+            self._configure()
         except sqlite3.Error as exc:
             self._db.close()
             raise SinkError(f"{self.path}: cannot open the import database ({exc})") from exc
 
+    def __reduce__(self) -> tuple[Callable[..., Sink], tuple[Path, bool]]:
+        """A Sink sent to another process (a spawned pool) opens its own connection there: an
+        SQLite connection must not cross a process boundary."""
+        return _reopen, (self.path, self._durable)
+
     def close(self) -> None:
         self._db.close()
 
-    def _add_missing_columns(self) -> None:
-        """Bring a database made by an older version up to the schema (imports in flight keep it)."""
-        for table, column, declaration in ADDED_COLUMNS:
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
+    def _configure(self) -> None:
+        """WAL mode (a database an older version made in rollback-journal mode is switched), the
+        checkpoint interval, the commit's sync; then the schema, made or brought up to date in
+        one write transaction, so that processes opening a new database at once never race."""
+        self._switch_to_wal()
+        self._db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # a batch's commit syncs the WAL itself
+        if self._schema_is_current():  # no write lock to wait for while others commit
+            return
+        with self._write():
+            for statement in SCHEMA.split(";"):
+                self._db.execute(statement)
+            for table, column, declaration in self._missing_columns():
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    def _switch_to_wal(self) -> None:
+        """Switching a database to WAL needs it to itself, and SQLite does not wait for that
+        (no busy handler): when processes open an old database at once, retry up to the busy
+        timeout. A database already in WAL mode stays there without any lock."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+                    raise
+                time.sleep(_SWITCH_RETRY_S)
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"it stays in journal mode {mode}, WAL was refused")
+
+    def _schema_is_current(self) -> bool:
+        have = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return set(TABLES) <= have and not self._missing_columns()
+
+    def _missing_columns(self) -> list[tuple[str, str, str]]:
+        """The columns a database made by an older version lacks (imports in flight keep it)."""
+        return [(table, column, declaration) for table, column, declaration in ADDED_COLUMNS
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}]
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction that takes the write lock before it reads: a transaction that read
+        first and then found another writer's commit in its way would fail at once with
+        SQLITE_BUSY (its snapshot is stale), which the busy timeout does not wait out."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
+                self._db.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def _storage_faults(self, action: str) -> Iterator[None]:
@@ -156,25 +223,24 @@ class Sink:
         """Record that a batch step starts, and which code runs it (`process_batch v2`).
         Survives a process kill at once; becomes durable against power loss with the next
         synchronous commit (the batch's own)."""
+        # One statement in autocommit mode: its transaction writes before it reads anything.
         with self._storage_faults(f"starting batch {batch}"):
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                cursor = self._db.execute(
-                    "INSERT INTO executions (promise_id, batch, attempt, pid, started_at, code) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (promise_id, batch, attempt, pid, time.time(), code),
-                )
-            finally:
-                self._db.execute(f"PRAGMA synchronous={self._commit_sync}")
+            cursor = self._db.execute(
+                "INSERT INTO executions (promise_id, batch, attempt, pid, started_at, code) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (promise_id, batch, attempt, pid, time.time(), code),
+            )
         return cursor.lastrowid
 
     def find_commit(self, promise_id: str) -> dict[str, Any] | None:
+        """The summary of the batch `promise_id` if it was committed, else None."""
         row = self._db.execute(
             "SELECT summary FROM batch_commits WHERE promise_id = ?", (promise_id,)
         ).fetchone()
         return None if row is None else orjson.loads(row[0])
 
     def finish_execution(self, execution: int, outcome: str) -> None:
+        """Record an execution's outcome; like its start, durable with the next batch's commit."""
         with self._storage_faults(f"recording the outcome of execution {execution}"):
             self._set_outcome(execution, outcome)
 
@@ -195,12 +261,30 @@ class Sink:
     ) -> dict[str, Any]:
         """Write a batch's rows, skipped rows and commit row in one transaction; return its summary.
 
-        `halfway` runs after half the rows are inserted, before the commit (a failpoint). A
-        write the disk refuses is a SinkStorageError, and nothing of the batch is kept.
+        A batch another process committed meanwhile is not written again: its stored summary is
+        returned and the execution recorded as `found_commit`. `halfway` runs after half the
+        rows are inserted, before the commit (a failpoint). A write the disk refuses is a
+        SinkStorageError, and nothing of the batch is kept.
         """
         rows = list(rows)
         with self._storage_faults(f"committing batch {batch}"):
-            return self._commit(promise_id, import_id, batch, rows, execution, halfway)
+            summary = self._commit(promise_id, import_id, batch, rows, execution, halfway)
+            if self._durable:
+                self._sync_wal()
+        return summary
+
+    def _sync_wal(self) -> None:
+        """Make the commits in the WAL durable: what synchronous=FULL does at commit, done after
+        the write lock is released. (Our connection is open, so the WAL file is the live one;
+        if a checkpoint emptied it, the checkpoint synced the database file first.)"""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _commit(
         self,
@@ -211,15 +295,20 @@ class Sink:
         execution: int,
         halfway: Callable[[], None],
     ) -> dict[str, Any]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            good = [r for r in rows if r.problem is None]
-            skipped = [(r, r.problem) for r in rows if r.problem is not None]
+        # Everything that needs no database is done before the write lock is taken.
+        good = [r for r in rows if r.problem is None]
+        skipped = [(r, r.problem) for r in rows if r.problem is not None]
+        inserts = [record_row(import_id, batch, r) for r in good]
+        half = len(inserts) // 2
+        with self._write():
+            committed = self.find_commit(promise_id)
+            if committed is not None:
+                self._set_outcome(execution, "found_commit")
+                return committed
             before = self._db.total_changes
-            half = len(good) // 2
-            self._insert_records(import_id, batch, good[:half])
+            self._db.executemany(INSERT_RECORD, inserts[:half])
             halfway()
-            self._insert_records(import_id, batch, good[half:])
+            self._db.executemany(INSERT_RECORD, inserts[half:])
             duplicates = []
             if self._db.total_changes - before != len(good):
                 duplicates = self._duplicates(import_id, good)
@@ -239,11 +328,6 @@ class Sink:
                 (promise_id, import_id, batch, orjson.dumps(summary).decode(), time.time()),
             )
             self._set_outcome(execution, "committed")
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
-                self._db.execute("ROLLBACK")
-            raise
         return summary
 
     def _duplicates(self, import_id: str, good: list[Row]) -> list[tuple[Row, str]]:
@@ -266,11 +350,37 @@ class Sink:
             for r in ignored
         ]
 
-    def _insert_records(self, import_id: str, batch: int, rows: list[Row]) -> None:
-        """Insert rows; one whose id is already taken is ignored (first occurrence wins)."""
-        self._db.executemany(INSERT_RECORD, [record_row(import_id, batch, r) for r in rows])
+
+def _reopen(path: Path, durable: bool) -> Sink:
+    return Sink(path, durable=durable)
 
 
+def open_read_only(path: str | Path) -> sqlite3.Connection:
+    """A connection that reads the sink and cannot write it, for tools and tests.
+
+    A reader of a WAL database needs its -wal and -shm files and creates them when they are
+    missing (the last writer to close deletes them). One that may not create them (a directory
+    it cannot write) reads the database file as immutable, which is right only because then no
+    WAL holds commits the file lacks; a writer starting meanwhile is not seen.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SinkError(f"{path}: no import database there")
+    uri = path.absolute().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the WAL files, if any
+        return db
+    except sqlite3.OperationalError as exc:
+        db.close()
+        wal = path.with_name(path.name + "-wal")
+        wal_is_empty = not wal.exists() or wal.stat().st_size == 0
+        if exc.sqlite_errorname != "SQLITE_READONLY_DIRECTORY" or not wal_is_empty:
+            raise SinkError(f"{path}: cannot read the import database ({exc})") from exc
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+
+
+# A record whose id is already taken is ignored (the first occurrence wins), then counted.
 INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)"
 INSERT_SKIPPED = "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)"
 

@@ -4,10 +4,17 @@ A source is a small JSON descriptor; a batch is the source plus a range (record 
 the synthetic source, byte offsets for files). Workflows pass descriptors, never records, so
 the promise store grows with the number of batches, not with the number of records.
 
+Planning is streamed: `plan_segment` plans the next few batches from a cursor, as a durable step
+of its own, so an import starts its first batch at once and a restarted worker replays the stored
+plan instead of reading the file again. A file's descriptor is pinned by its SHA-256; each batch
+and cursor also carries the file's identity (inode, size, mtime, ctime) verified when it was
+planned, so a later process trusts an unchanged file by a stat and hashes it only if that moved.
+
 File-level problems (missing, unreadable, empty, unknown extension, bad or too wide header,
-broken CSV quoting, invalid UTF-8) raise SourceError naming file and line; planning reads the
-whole file first, so they stop an import before any batch runs. Row-level problems become
-skipped rows.
+broken CSV quoting, invalid UTF-8) raise SourceError naming file and line. The cheap ones
+(`check_source`: the file is there, its size, its header) stop an import before anything is
+written; one found by planning further on (broken quoting at line 1,900,000) rejects the import
+there, keeping the batches committed before it. Row-level problems become skipped rows.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from typing import Any, BinaryIO
 import orjson
 
 from ..errors import PermanentError
+from ..registry import register
 from . import records
 
 CSV_FIELD_LIMIT = 64 * 1024 * 1024
 MAX_BATCH_SIZE = 10_000_000  # records a batch holds, at most: one transaction, in memory
-MAX_BATCHES = 10_000_000  # the plan is held in memory, and the store keeps a promise per batch
+MAX_BATCHES = 10_000_000  # the store keeps a promise per batch (and v1 a plan in memory)
 MAX_CSV_COLUMNS = 10_000  # a wider header is refused: no real import has that many columns
 _REPEATS_NAMED = 5  # a header's repeated columns named in its error, at most
 SYNTHETIC_INVALID_EVERY = 20  # record i has a malformed email when i % 20 == 13: exactly 5%
@@ -110,61 +118,134 @@ def source_label(source: dict[str, Any]) -> str:
 
 # -- planning ---------------------------------------------------------------------------------
 
-_plans: dict[bytes, tuple[dict[str, Any], ...]] = {}
+SEGMENT_BATCHES = 64  # batches a plan segment holds, at most
+SEGMENT_BYTES = 4 << 20  # a file's segment also ends once it spans this much input (~50 ms of scan)
+
+
+def check_source(source: Any, batch_size: Any) -> None:
+    """Check an import's arguments without reading its input: the batch size (ValueError), the
+    descriptor, a synthetic source's batch count, a file's presence and size, a CSV's header
+    (SourceError). Cheap, so a bad input stops before anything is written."""
+    _check_batch_size(batch_size)
+    _check_descriptor(source)
+    if source["kind"] == "synthetic":
+        _check_batch_count(source, batch_size)
+        return
+    size = _stat(source["path"]).st_size
+    if size != source["size"]:
+        raise _changed(source, size)
+    if source["kind"] == "csv":
+        with _open(source) as f:
+            _csv_header(f, source)
+
+
+def batch_count(source: dict[str, Any], batch_size: int) -> int | None:
+    """How many batches `source` makes, if known without reading it (a synthetic source)."""
+    return -(-source["records"] // batch_size) if source["kind"] == "synthetic" else None
+
+
+@register(name="plan_segment")
+def plan_segment(
+    source: dict[str, Any], batch_size: int, cursor: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The import's planning step: `{"batches": [...], "next": cursor}`, the batches of `source`
+    from `cursor` (None: from the start) up to SEGMENT_BATCHES of them (in a file, also about
+    SEGMENT_BYTES of it), and where the next segment starts (None after the last batch)."""
+    _check_batch_size(batch_size)
+    _check_descriptor(source)
+    if source["kind"] == "synthetic":
+        _check_batch_count(source, batch_size)
+        return _plan_synthetic(source, batch_size, 0 if cursor is None else cursor["start"])
+    identity = _check_unchanged(source, None if cursor is None else cursor["identity"])
+    batches, after = _plan_file(source, batch_size, cursor, SEGMENT_BATCHES)
+    for batch in batches:
+        batch["identity"] = identity
+    if after is not None:
+        after["identity"] = identity
+    return {"batches": batches, "next": after}
 
 
 def plan_batches(source: dict[str, Any], batch_size: int) -> tuple[dict[str, Any], ...]:
-    """The batch descriptors of `source`; reads a whole file once per process (then cached)."""
+    """Every batch descriptor of `source` at once, reading a whole file: the plan that
+    import_records v1 replays (its descriptors carry no file identity)."""
+    _check_batch_size(batch_size)
+    _check_descriptor(source)
+    if source["kind"] == "synthetic":
+        _check_batch_count(source, batch_size)
+        return tuple(_synthetic_batch(source, start, batch_size)
+                     for start in range(0, source["records"], batch_size))
+    _check_unchanged(source)
+    return tuple(_plan_file(source, batch_size, None, None)[0])
+
+
+def _check_batch_size(batch_size: Any) -> None:
     if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(
             f"batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, not {batch_size!r}"
         )
-    _check_descriptor(source)
-    if source["kind"] == "synthetic" and -(-source["records"] // batch_size) > MAX_BATCHES:
-        raise SourceError("source", (
-            f"{source['records']:,} records in batches of {batch_size:,} would be more than "
-            f"{MAX_BATCHES:,} batches: use a larger batch size"))
-    key = orjson.dumps([source, batch_size], option=orjson.OPT_SORT_KEYS)
-    if key not in _plans:
-        if source["kind"] == "synthetic":
-            plan = _plan_synthetic(source, batch_size)
-        else:
-            plan = _plan_file(source, batch_size)
-        _plans[key] = tuple(plan)
-    return _plans[key]
 
 
 def _check_descriptor(source: Any) -> None:
     ok = isinstance(source, dict) and (
         (source.get("kind") == "synthetic" and type(source.get("records")) is int
          and source["records"] >= 0)
-        or (source.get("kind") in _FILE_READERS and isinstance(source.get("path"), str)
+        or (source.get("kind") in _FILE_RECORDS and isinstance(source.get("path"), str)
             and type(source.get("size")) is int and isinstance(source.get("sha256"), str))
     )
     if not ok:
         raise SourceError("source", f"not a valid source descriptor: {source!r}")
 
 
-def _plan_synthetic(source: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
+def _check_batch_count(source: dict[str, Any], batch_size: int) -> None:
+    if batch_count(source, batch_size) > MAX_BATCHES:
+        raise SourceError("source", (
+            f"{source['records']:,} records in batches of {batch_size:,} would be more than "
+            f"{MAX_BATCHES:,} batches: use a larger batch size"))
+
+
+def _plan_synthetic(source: dict[str, Any], batch_size: int, start: int) -> dict[str, Any]:
     count = source["records"]
-    for start in range(0, count, batch_size):
-        yield {"source": source, "start": start, "stop": min(count, start + batch_size)}
+    stop = min(count, start + SEGMENT_BATCHES * batch_size)
+    batches = [_synthetic_batch(source, first, batch_size) for first in range(start, stop, batch_size)]
+    return {"batches": batches, "next": {"start": stop} if stop < count else None}
 
 
-def _plan_file(source: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
-    _check_unchanged(source)
-    batch: dict[str, Any] | None = None
-    for row, start, end in _FILE_READERS[source["kind"]](source, 0, source["size"], 1, 0):
-        if batch is None:
-            batch = {"source": source, "offset": start, "line": row.line,
-                     "position": row.position, "records": 0}
-        batch["end"] = end
-        batch["records"] += 1
-        if batch["records"] == batch_size:
-            yield batch
-            batch = None
-    if batch is not None:
-        yield batch
+def _synthetic_batch(source: dict[str, Any], start: int, batch_size: int) -> dict[str, Any]:
+    return {"source": source, "start": start, "stop": min(source["records"], start + batch_size)}
+
+
+def _plan_file(
+    source: dict[str, Any], batch_size: int, cursor: dict[str, Any] | None, max_batches: int | None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The batches from `cursor` (None: the first record) to the end of the file, or only up to
+    `max_batches` and about SEGMENT_BYTES; and the cursor of the record after them (None at the
+    end). Scans record boundaries only: rows are built and checked when a batch is read."""
+    with _open(source) as f:
+        if cursor is not None:
+            offset, line, position = cursor["offset"], cursor["line"], cursor["position"]
+        elif source["kind"] == "csv":
+            _header, offset, line = _csv_header(f, source)
+            position = 0
+        else:
+            offset, line, position = 0, 1, 0
+        batches: list[dict[str, Any]] = []
+        batch: dict[str, Any] | None = None
+        scan = _FILE_RECORDS[source["kind"]]
+        for start, end, first_line, _content in scan(f, source["path"], offset, source["size"], line):
+            if batch is None:
+                if max_batches is not None and (
+                    len(batches) == max_batches or start - offset >= SEGMENT_BYTES
+                ):
+                    return batches, {"offset": start, "line": first_line, "position": position}
+                batch = {"source": source, "offset": start, "line": first_line,
+                         "position": position, "records": 0}
+                batches.append(batch)
+            batch["end"] = end
+            batch["records"] += 1
+            position += 1
+            if batch["records"] == batch_size:
+                batch = None
+    return batches, None
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -178,12 +259,11 @@ def read_batch(descriptor: dict[str, Any]) -> Iterator[Row]:
             record = synthetic_record(i)
             yield Row(i, i + 1, record, records.problem_with(record))
         return
-    _check_unchanged(source)
-    read = _FILE_READERS[source["kind"]]
-    for row, _start, _end in read(
+    _check_unchanged(source, descriptor.get("identity"))
+    read = _FILE_ROWS[source["kind"]]
+    yield from read(
         source, descriptor["offset"], descriptor["end"], descriptor["line"], descriptor["position"]
-    ):
-        yield row
+    )
 
 
 def synthetic_record(i: int) -> dict[str, Any]:
@@ -193,34 +273,44 @@ def synthetic_record(i: int) -> dict[str, Any]:
 
 
 # (path, sha256) -> the file's identity (inode, size, mtime, ctime) when its digest last matched
-_verified: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+_verified: dict[tuple[str, str], list[int]] = {}
 
 
-def _check_unchanged(source: dict[str, Any]) -> None:
-    """Refuse an input whose content is not what the import was planned on.
+def _check_unchanged(source: dict[str, Any], trusted: list[int] | None = None) -> list[int]:
+    """Refuse an input whose content is not what the import was planned on; return the file's
+    identity, now verified.
 
-    The SHA-256 is checked once per process (and again if the file's inode, size, mtime or
-    ctime move: a replaced file always changes its ctime), so a resumed import never mixes two
-    versions of a file.
+    The SHA-256 is read only when the identity is neither `trusted` (what planning verified and
+    stored, in any process) nor verified in this process already. A rewritten or replaced file
+    always moves its ctime, so a resumed import never mixes two versions of a file.
     """
     path = source["path"]
+    identity = _identity(_stat(path))
+    key = (path, source["sha256"])
+    if identity == trusted or _verified.get(key) == identity:
+        return identity
+    if identity[1] != source["size"] or _sha256(path) != source["sha256"]:
+        raise _changed(source, identity[1])
+    _verified[key] = identity
+    return identity
+
+
+def _changed(source: dict[str, Any], size: int) -> SourceError:
+    return SourceError(
+        source["path"], f"input changed since the import started (it was {source['size']} bytes, "
+        f"sha256 {source['sha256'][:12]}; it is {size} bytes now)"
+    )
+
+
+def _stat(path: str) -> os.stat_result:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except OSError as exc:
         raise SourceError(path, f"cannot read ({exc.strerror})") from None
-    identity = _identity(st)
-    if _verified.get((path, source["sha256"])) == identity:
-        return
-    if st.st_size != source["size"] or _sha256(path) != source["sha256"]:
-        raise SourceError(
-            path, f"input changed since the import started (it was {source['size']} bytes, "
-            f"sha256 {source['sha256'][:12]}; it is {st.st_size} bytes now)"
-        )
-    _verified[(path, source["sha256"])] = identity
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -260,20 +350,29 @@ class _Lines:
             ) from None
 
 
-# A file reader yields (row, start offset, end offset) for each record in a byte range.
+# A record scanner yields (start offset, end offset, first line, content) for each record that
+# starts in the byte range [offset, end) of an open file: content is a JSON line's text or a CSV
+# record's cells. Planning needs only the offsets; a batch's reader builds rows from the content.
+
+
+def _jsonl_records(
+    f: BinaryIO, path: str, offset: int, end: int, line: int
+) -> Iterator[tuple[int, int, int, str]]:
+    lines = _Lines(f, path, offset, end, line)
+    start = offset
+    for text in lines:
+        if text.strip():  # blank lines are not records
+            yield start, lines.pos, lines.line, text
+        start = lines.pos
 
 
 def _jsonl_rows(
     source: dict[str, Any], offset: int, end: int, line: int, position: int
-) -> Iterator[tuple[Row, int, int]]:
+) -> Iterator[Row]:
     with _open(source) as f:
-        lines = _Lines(f, source["path"], offset, end, line)
-        start = offset
-        for text in lines:
-            if text.strip():  # blank lines are not records
-                yield _jsonl_row(text, position, lines.line), start, lines.pos
-                position += 1
-            start = lines.pos
+        for _start, _end, first_line, text in _jsonl_records(f, source["path"], offset, end, line):
+            yield _jsonl_row(text, position, first_line)
+            position += 1
 
 
 def _jsonl_row(text: str, position: int, line: int) -> Row:
@@ -293,31 +392,42 @@ def _jsonl_row(text: str, position: int, line: int) -> Row:
 _LONG_DIGITS = re.compile(r"\d{19}")  # 2**63 has 19 digits
 
 
+def _csv_header(f: BinaryIO, source: dict[str, Any]) -> tuple[list[str], int, int]:
+    """A CSV's header, checked; the offset just after it and the number of the next line."""
+    path = source["path"]
+    lines = _Lines(f, path, 0, source["size"], 1)
+    reader = csv.reader(lines, strict=True)
+    header: list[str] | None = []
+    while header == []:  # blank lines before the header are not the header
+        header = _next_csv_record(reader, lines, path)
+    if header is None:
+        raise SourceError(path, "has no header line (expected the columns id,name,email)")
+    _check_header(path, header, lines.line)
+    return header, lines.pos, lines.line + 1
+
+
+def _csv_records(
+    f: BinaryIO, path: str, offset: int, end: int, line: int
+) -> Iterator[tuple[int, int, int, list[str]]]:
+    lines = _Lines(f, path, offset, end, line)
+    reader = csv.reader(lines, strict=True)
+    while True:
+        start, first_line = lines.pos, lines.line + 1
+        cells = _next_csv_record(reader, lines, path)
+        if cells is None:
+            return
+        if cells:  # a blank line is not a record
+            yield start, lines.pos, first_line, cells
+
+
 def _csv_rows(
     source: dict[str, Any], offset: int, end: int, line: int, position: int
-) -> Iterator[tuple[Row, int, int]]:
-    path = source["path"]
+) -> Iterator[Row]:
     with _open(source) as f:
-        header_lines = _Lines(f, path, 0, source["size"], 1)
-        header_reader = csv.reader(header_lines, strict=True)
-        header: list[str] | None = []
-        while header == []:  # blank lines before the header are not the header
-            header = _next_csv_record(header_reader, header_lines, path)
-        if header is None:
-            raise SourceError(path, "has no header line (expected the columns id,name,email)")
-        _check_header(path, header, header_lines.line)
-        if offset < header_lines.pos:
-            offset, line = header_lines.pos, header_lines.line + 1
-        lines = _Lines(f, path, offset, end, line)
-        reader = csv.reader(lines, strict=True)
-        while True:
-            start, first_line = lines.pos, lines.line + 1
-            cells = _next_csv_record(reader, lines, path)
-            if cells is None:
-                return
-            if cells:  # a blank line is not a record
-                yield _csv_row(header, cells, position, first_line), start, lines.pos
-                position += 1
+        header = _csv_header(f, source)[0]
+        for _start, _end, first_line, cells in _csv_records(f, source["path"], offset, end, line):
+            yield _csv_row(header, cells, position, first_line)
+            position += 1
 
 
 def _next_csv_record(reader: Any, lines: _Lines, path: str) -> list[str] | None:
@@ -362,4 +472,5 @@ def _open(source: dict[str, Any]) -> BinaryIO:
         raise SourceError(source["path"], f"cannot read ({exc.strerror})") from None
 
 
-_FILE_READERS = {"csv": _csv_rows, "jsonl": _jsonl_rows}
+_FILE_RECORDS = {"csv": _csv_records, "jsonl": _jsonl_records}
+_FILE_ROWS = {"csv": _csv_rows, "jsonl": _jsonl_rows}
