@@ -7,12 +7,15 @@ in the driver or in a forked step process. Registered names start with `fan.`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from store import Promise, PromiseStore
 from workflow import PermanentError, RetryPolicy, current_step, register
@@ -111,3 +114,47 @@ def read_exactly(fd: int, size: int) -> bytes:
             raise EOFError(f"fd {fd} closed after {len(data)} of {size} bytes")
         data += chunk
     return data
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def open_pidfds(pids: list[int]) -> list[int]:
+    """A pidfd per process still running (one that is gone already needs no waiting)."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+def wait_until_gone(pidfds: list[int]) -> None:
+    """Wait until every process ended (a pidfd turns readable then; a zombie has ended), then
+    close the pidfds. Opened before the processes could end, they cannot name a reused pid."""
+    try:
+        left = list(pidfds)
+        while left:
+            ready, _, _ = select.select(left, [], [], SAFETY_TIMEOUT_S)
+            if not ready:
+                raise TimeoutError(f"{len(left)} process(es) still running after {SAFETY_TIMEOUT_S} s")
+            left = [fd for fd in left if fd not in ready]
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def sibling_step_processes() -> list[int]:
+    """From inside a step process: the pool's live processes (the driver's children that are
+    forked copies of it, like this one), this one included."""
+    me = psutil.Process()
+    return sorted(p.pid for p in psutil.Process(os.getppid()).children()
+                  if running(p.pid) and p.cmdline() == me.cmdline())
