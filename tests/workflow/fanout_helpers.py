@@ -143,13 +143,19 @@ def wait_until_gone(pidfds: list[int]) -> None:
             os.close(fd)
 
 
-def running(pid: int) -> bool:
-    """Whether `pid` is a process that has not ended (a zombie has ended)."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
+            return stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie has ended)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def sibling_step_processes() -> list[int]:
@@ -158,3 +164,13 @@ def sibling_step_processes() -> list[int]:
     me = psutil.Process()
     return sorted(p.pid for p in psutil.Process(os.getppid()).children()
                   if running(p.pid) and p.cmdline() == me.cmdline())
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of the process group `pgid` that have not ended."""
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(entry)
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
