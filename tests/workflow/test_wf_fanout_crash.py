@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +39,16 @@ class Driver:
     proc: subprocess.Popen[bytes]
     announcements: JsonLines
 
-    def in_step(self, count: int, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Wait for `count` more announcements of held steps; return them."""
+    def in_step(
+        self, count: int, seen: list[dict[str, Any]], held: Collection[int] = HELD
+    ) -> list[dict[str, Any]]:
+        """Wait for `count` more announcements of steps of the `held` items; return them."""
         got = []
         while len(got) < count:
             event = self.announcements.next()
             assert event is not None, f"the driver ended early: {seen}"
             seen.append(event)
-            if event["item"] in HELD:
+            if event["item"] in held:
                 got.append(event)
         return got
 
@@ -137,7 +139,7 @@ def test_a_driver_killed_with_steps_in_flight_takes_its_pool_and_a_rerun_ends_th
 def test_a_step_process_killed_mid_step_is_replaced_and_the_run_ends_by_itself(tmp_path: Path) -> None:
     seen: list[dict[str, Any]] = []
     with driver(tmp_path, "--hold=2", "--hold-attempt=1") as d:
-        (held,) = d.in_step(1, seen)
+        (held,) = d.in_step(1, seen, held={2})
         os.kill(held["pid"], signal.SIGKILL)
         out, _ = d.proc.communicate(timeout=SAFETY_TIMEOUT_S)
         assert d.proc.returncode == 0, (tmp_path / "driver.log").read_text()
