@@ -357,21 +357,24 @@ def test_a_stopped_step_process_holds_up_only_its_own_step(log: Path) -> None:
 
 
 def logging_setup(
-    path: Path, fail: bool = False, linger: float = 0.0
+    path: Path, fail: bool = False, replacements_linger: float = 0.0
 ) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    """A setup hook that logs when each step process enters and leaves it; leaving takes
-    `linger` seconds (a connection that takes its time to close)."""
+    """A setup hook that logs when each step process enters and leaves it. A replacement (a
+    process that enters after the first two) takes `replacements_linger` seconds to leave, as
+    a connection that takes its time to close."""
 
     @contextlib.contextmanager
     def setup() -> Iterator[dict[str, str]]:
         with path.open("a") as f:
             f.write(json.dumps({"enter": os.getpid()}) + "\n")
+        replacement = len(setup_log(path)[0]) > 2
         if fail:
             raise ConnectionRefusedError("the database is down")
         try:
             yield {"who": f"setup in {os.getpid()}", "log": str(path.with_name("executions.jsonl"))}
         finally:
-            time.sleep(linger)
+            if replacement:
+                time.sleep(replacements_linger)
             with path.open("a") as f:
                 f.write(json.dumps({"exit": os.getpid()}) + "\n")
 
@@ -411,7 +414,7 @@ def test_each_step_process_enters_setup_once_and_steps_see_its_dependencies(
 def test_a_replacement_step_process_leaves_setup_cleanly_too(tmp_path: Path, log: Path) -> None:
     setup_path = tmp_path / "setup.jsonl"
     with MemoryStore() as store:
-        Runner(store, workers=2, retry=FAST, setup=logging_setup(setup_path, linger=0.3)).run(
+        Runner(store, workers=2, retry=FAST, setup=logging_setup(setup_path, replacements_linger=1.0)).run(
             ROOT, one, "die_in_attempt_1", "sigkill")
     killed = executions(log)[0]["pid"]
     entered, exited = setup_log(setup_path)
