@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import select
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,16 @@ def running(pid: int) -> bool:
     """Whether `pid` is a process that has not ended (a zombie has ended)."""
     fields = _stat(pid)
     return fields is not None and fields[0] not in ("Z", "X")
+
+
+def wait_for_state(pid: int, state: str) -> None:
+    """Wait until the process is in `state` (T: stopped). Only its parent could await that as
+    an event (waitid), so this looks at /proc every millisecond."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while (fields := _stat(pid)) is None or fields[0] != state:
+        if fields is None or time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} never reached state {state}")
+        time.sleep(0.001)
 
 
 def sibling_step_processes() -> list[int]:

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fanout_helpers import SAFETY_TIMEOUT_S, executions, group_members, open_pidfds, wait_until_gone
+from fanout_helpers import (
+    SAFETY_TIMEOUT_S,
+    executions,
+    group_members,
+    open_pidfds,
+    wait_for_state,
+    wait_until_gone,
+)
 from wf_helpers import JsonLines, read_store, worker_env
 
 from store import State
@@ -95,17 +102,22 @@ def attempts(store_path: Path) -> dict[str, int]:
         return {p.id: p.attempts for p in store.list(f"{ROOT}.")}
 
 
-@pytest.mark.parametrize("kill_a_step_first", [False, True], ids=["driver", "step-then-driver"])
+@pytest.mark.parametrize("first", [None, "kill", "stop"], ids=["driver", "step-then-driver", "stopped"])
 def test_a_driver_killed_with_steps_in_flight_takes_its_pool_and_a_rerun_ends_the_same(
-    tmp_path: Path, kill_a_step_first: bool
+    tmp_path: Path, first: str | None
 ) -> None:
+    """`first`: before the driver, SIGKILL one step process (its replacement takes the retry
+    and holds too), or SIGSTOP one (a stopped process dies all the same)."""
     hold = "--hold=" + ",".join(map(str, HELD))
     seen: list[dict[str, Any]] = []
     with driver(tmp_path, hold) as d:
         in_flight = d.in_step(3, seen)  # three step processes, each in a held step
         pool = {e["pid"] for e in in_flight}
         assert len(pool) == 3 and {e["ppid"] for e in in_flight} == {d.proc.pid}
-        if kill_a_step_first:  # its replacement takes the retry, and holds too
+        if first == "stop":
+            os.kill(in_flight[0]["pid"], signal.SIGSTOP)
+            wait_for_state(in_flight[0]["pid"], "T")
+        if first == "kill":
             lost = in_flight[0]
             os.kill(lost["pid"], signal.SIGKILL)
             (retry,) = d.in_step(1, seen)
