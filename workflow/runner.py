@@ -132,8 +132,9 @@ class Runner:
 
     @contextlib.contextmanager
     def _driver_dependencies(self) -> Iterator[dict[str, Any]]:
-        """Given `setup` and no `dependencies`, the driver's steps get theirs from `setup` too."""
-        if self._setup is None or self.dependencies:
+        """Given `setup`, no `dependencies` and no pool, the driver's steps get theirs from
+        `setup` (with a pool, every step runs in a step process, which enters `setup` itself)."""
+        if self._setup is None or self.dependencies or self.workers > 1:
             yield self.dependencies
             return
         with self._setup() as dependencies:
@@ -171,9 +172,8 @@ class Runner:
                 run.threads.shutdown(wait=True, cancel_futures=True)
 
     def _serve(self, run: _RunState) -> None:
-        """A step thread's start: it serves `run`, and runs its steps in the pool."""
+        """A step thread's start: it serves `run`."""
         self._runs.state = run
-        _step_thread.marked = True
 
     def retry(self, root_id: str) -> list[str]:
         """Make a failed workflow runnable again; return the reopened ids (the root last).
@@ -557,10 +557,11 @@ class Runner:
         timeout: float | None = None,
     ) -> Any:
         """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile:
-        in a step process when a step thread asks, else here."""
+        in a step process when the run has a pool (for a `ctx.run` step too: every step sees
+        the dependencies of a step process), else here."""
         run = self._run
         info = StepInfo(call.promise_id, attempt, entry.name, run.dependencies, entry.version)
-        executor = run.pool if getattr(_step_thread, "marked", False) else _INLINE
+        executor = run.pool or _INLINE
         return executor.run(info, fn, call.args, call.kwargs, timeout)
 
     def _retry_after(
@@ -681,7 +682,6 @@ class _RunState:
 
 
 _INLINE = InlineExecutor()
-_step_thread = threading.local()  # `marked` in the runner's step threads
 
 
 _SHARED_SAFELY = (str, int, float, bool, type(None))

@@ -533,10 +533,7 @@ def test_a_stop_during_a_map_leaves_nothing_half_settled_and_the_next_run_resume
 
 @pytest.mark.parametrize("workers", [
     pytest.param(1, id="driver"),
-    pytest.param(2, id="pool", marks=pytest.mark.xfail(strict=True, reason=(
-        "runner._drive waits for begun calls with _wait(begun, fail_fast=False), which ignores a "
-        "WorkflowInterrupted in a step thread's future: the root is resolved while a begun call "
-        "is still pending and never ran"))),
+    pytest.param(2, id="pool"),
 ])
 def test_a_stop_before_a_begun_call_ran_keeps_its_workflow_pending(
     store: PromiseStore, make_runner: Callable[..., Runner], log: Path
@@ -568,10 +565,6 @@ def waits_for_a_foreign_handle(ctx: Context) -> Gen:
     return (yield LEAKED[-1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a Handle is not tied to the workflow or run that began it: with one worker the runner waits "
-    "forever on a future an earlier run abandoned (_abandon drops it from _queued, never sets "
-    "it); with a pool the other run's WorkflowInterrupted is raised here"))
 def test_waiting_for_a_handle_of_another_run_is_a_usage_error(
     make_runner: Callable[..., Runner]
 ) -> None:
@@ -608,10 +601,6 @@ def map_over_bad_items(ctx: Context) -> Gen:
     return "not raised"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner._map iterates the workflow's iterable outside the workflow: its exception escapes "
-    "Runner.run raw (the root stays pending, a supervisor restarts it forever) instead of "
-    "being thrown into the generator at the yield like a step's failure"))
 def test_an_iterable_that_raises_raises_at_the_workflows_yield(
     store: PromiseStore, make_runner: Callable[..., Runner]
 ) -> None:
@@ -623,9 +612,6 @@ def map_over_a_number(ctx: Context) -> Gen:
     return (yield ctx.map(square, 5))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ctx.map does not check that its iterables are iterable; zip() in runner._map raises a bare "
-    "TypeError 'int' object is not iterable out of Runner.run"))
 def test_map_over_something_that_is_not_iterable_is_a_usage_error(
     store: PromiseStore, make_runner: Callable[..., Runner]
 ) -> None:
@@ -729,12 +715,6 @@ print(sorted(out.items()))
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the runner keeps per-run state on the Runner object (_queued, _grouped, _pool, _threads): "
-    "one Runner driving two workflows from two threads mixes them up (one worker: TypeError "
-    "'NoneType' object is not iterable, or one run's calls run by the other; a pool: the run "
-    "that ends last finds the other's pool closed, or hangs on it); "
-    "before the fan-out change a Runner held no per-run state"))
 def test_one_runner_drives_two_workflows_from_two_threads(workers: int, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", SHARED_RUNNER, str(workers)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)

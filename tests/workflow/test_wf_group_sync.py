@@ -165,10 +165,6 @@ def test_with_a_pool_everything_written_is_synced_before_the_values_come_back(st
     assert SYNCED[-1] == os.path.getsize(store_file)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Runner._defer defers a settle into the group only in the main thread (threading."
-    "main_thread()), so a Runner driven from any other thread syncs every begun call on its own "
-    "(6 fdatasyncs here instead of 2); the test that matters is 'not a step thread'"))
 def test_a_runner_driven_from_another_thread_still_syncs_once_per_group(store_file: Path) -> None:
     out: list[Any] = []
 
@@ -196,9 +192,5 @@ def test_a_sequential_call_is_two_lines(store_file: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.xfail(strict=True, reason=(
-    "an exclusive JsonlStore holds back one creation (_held) to write it with the first attempt; "
-    "a map or a group of begun calls creates K promises before the first attempt, so each "
-    "creation is written alone: 3 lines per call instead of 2 (+35% bytes, every write a syscall)"))
 def test_a_begun_call_is_two_lines_too(store_file: Path, workers: int) -> None:
     assert lines_per_call(store_file, mapped, 32, 16, workers=workers) == 2

@@ -246,10 +246,6 @@ def kill_idle_then_step(ctx: Context) -> Gen:
     return killed, value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pool.ProcessPool.run sends the task to the next idle process without checking it is alive: "
-    "a step process killed while idle makes conn.send fail (BrokenPipeError), reported as "
-    "StepProcessLost, so a step that never ran loses an attempt (rejected with max_attempts=1)"))
 def test_a_step_process_killed_while_idle_costs_no_attempt(log: Path) -> None:
     with MemoryStore() as store:
         got = pool_runner(store, log, retry=RetryPolicy(max_attempts=1)).run(ROOT, kill_idle_then_step)
@@ -407,10 +403,6 @@ def test_each_step_process_enters_setup_once_and_steps_see_its_dependencies(
     assert sorted(exited) == sorted(entered)  # left cleanly when the pool closed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a replacement step process is forked from a step thread, and PR_SET_PDEATHSIG fires when "
-    "the forking *thread* exits: Runner._step_processes shuts the step threads down before "
-    "ProcessPool.close, so the replacement is SIGKILLed and its setup() is never left"))
 def test_a_replacement_step_process_leaves_setup_cleanly_too(tmp_path: Path, log: Path) -> None:
     setup_path = tmp_path / "setup.jsonl"
     with MemoryStore() as store:
@@ -422,10 +414,6 @@ def test_a_replacement_step_process_leaves_setup_cleanly_too(tmp_path: Path, log
     assert sorted(exited) == sorted(set(entered) - {killed})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a setup() that raises in a step process kills it (exit status 1): every step sent there "
-    "fails with StepProcessLost, is retried, and is finally rejected, with the cause only on "
-    "stderr; a broken setup should stop the run without spending or rejecting steps"))
 def test_a_failing_setup_stops_the_run_without_spending_attempts(tmp_path: Path, log: Path) -> None:
     with MemoryStore() as store:
         with pytest.raises(Exception, match="the database is down") as raised:
@@ -442,10 +430,6 @@ def who_run_and_begun(ctx: Context) -> Gen:
     return begun.split(" in ")[0], run.split(" in ")[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with workers > 1, ctx.run steps run in the driver (Runner._as_step: _INLINE unless in a "
-    "step thread) with `dependencies`, never with what `setup()` gives; with Runner(setup=...) "
-    "alone a ctx.run step finds no dependency while a begun one does"))
 def test_a_step_sees_the_same_dependencies_run_or_begun(tmp_path: Path) -> None:
     with MemoryStore() as store:
         got = Runner(store, workers=2, retry=FAST, setup=logging_setup(tmp_path / "s.jsonl")).run(
@@ -491,19 +475,12 @@ def test_a_value_neither_json_nor_pickle_can_hold_is_rejected_at_once(log: Path)
     assert [h[1][:3] for h in (driver, pool)] == [("pool.0", State.REJECTED, 1)] * 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a value whose pickling raises RecursionError (or anything but PicklingError/TypeError/"
-    "AttributeError) escapes pool._serve's conn.send and kills the step process: the step is "
-    "run again and again (StepProcessLost) instead of being rejected once as unstorable"))
 def test_a_value_nested_too_deep_is_rejected_after_one_attempt(log: Path) -> None:
     driver, pool = run_both(log, "odd_value", "deep")
     assert driver[1] == ("pool.0", State.REJECTED, 1, "UnstorableValueError")
     assert pool[1][:3] == ("pool.0", State.REJECTED, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a value JSON stores but pickle cannot (an instance of a class defined in a function) is "
-    "resolved by the sequential runner and rejected by the pool (TypeError: cannot be sent)"))
 def test_a_value_json_can_hold_is_resolved_in_a_pool_too(log: Path) -> None:
     driver, pool = run_both(log, "odd_value", "point")
     assert driver[1] == ("pool.0", State.RESOLVED, 1, None)
@@ -583,10 +560,6 @@ def begin_local(ctx: Context) -> Gen:
     return (yield (yield ctx.begin(LOCAL_STEP, 1)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a call the pool cannot pickle (an unregistered closure) fails in _StepProcess.call's "
-    "conn.send with AttributeError, which the runner retries as if the step had failed: every "
-    "attempt of the budget is spent on a call that can never be sent (the driver runs it fine)"))
 def test_a_call_the_pool_cannot_send_is_not_retried(log: Path) -> None:
     with MemoryStore() as store:
         with contextlib.suppress(StepError):
