@@ -36,9 +36,8 @@ class IndexedStore(PromiseStore):
     def create(self, promise_id: str, param: Any) -> Promise:
         self._check(promise_id)
         param = storable(promise_id, "param", param)
-        with self._mutex:
-            self._refresh()
-            entry = self._index.get(promise_id)
+        self._refresh()
+        entry = self._index.get(promise_id)
         if entry is not None:  # the common case on replay: no store lock needed to read
             check_create(entry, promise_id, param)
             return snapshot(promise_id, entry)
@@ -78,9 +77,8 @@ class IndexedStore(PromiseStore):
 
     def get(self, promise_id: str) -> Promise | None:
         self._check(promise_id)
-        with self._mutex:
-            self._refresh()
-            entry = self._index.get(promise_id)
+        self._refresh()
+        entry = self._index.get(promise_id)
         return None if entry is None else snapshot(promise_id, entry)
 
     def list(self, prefix: str = "") -> list[Promise]:
@@ -143,7 +141,8 @@ class IndexedStore(PromiseStore):
 
     @abc.abstractmethod
     def _refresh(self) -> None:
-        """Fold into the index what other writers added since (a no-op for a sole writer)."""
+        """Fold into the index what other writers added since (a no-op for a sole writer);
+        safe to call from several threads at once."""
 
     @abc.abstractmethod
     def _append(self, record: dict[str, Any]) -> Promise:

@@ -212,6 +212,10 @@ class JsonlStore(IndexedStore):
         """Index what other processes appended (or re-read a file another process compacted)."""
         if self._exclusive:
             return  # we hold the lock: nobody else has written since we did
+        with self._mutex:  # one thread at a time reads on from the offset
+            self._refresh_shared()
+
+    def _refresh_shared(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -314,10 +318,12 @@ class JsonlStore(IndexedStore):
 
     def _append_attempt(self, record: dict[str, Any]) -> None:
         promise_id = record["id"]
-        if promise_id not in self._held:
+        held = self._held
+        if promise_id not in held:
             self._append(record)
             return
-        self._write_held(before=promise_id)  # the file keeps the order of creation
+        if next(iter(held)) != promise_id:
+            self._write_held(before=promise_id)  # the file keeps the order of creation
         self._write({**self._held[promise_id], "n": record["n"]})
         del self._held[promise_id]
         apply(self._index, record)

@@ -37,7 +37,7 @@ class Handle:
 
     __slots__ = ("_future", "parent", "promise_id")
 
-    def __init__(self, promise_id: str, future: Future[Any], parent: Context) -> None:
+    def __init__(self, promise_id: str, future: Future[Any] | Any, parent: Context) -> None:
         self.promise_id = promise_id
         self._future = future
         self.parent = parent  # the workflow's Context that began it: only it may wait for it

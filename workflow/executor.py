@@ -2,9 +2,9 @@
 
 The runner decides *what* runs (which attempt, when to retry, what to settle) and alone writes
 the store; an executor only runs one function call and hands back its value or its exception.
-`InlineExecutor` runs it in the calling thread of the driver; `pool.ProcessPool` in a pool of
-step processes; a many-machine executor (step tasks claimed from PostgreSQL) implements the same
-three members.
+Without one, the runner calls `call_as_step` in the driver; `pool.ProcessPool` runs the call in a
+pool of step processes; a many-machine executor (step tasks claimed from PostgreSQL) implements
+the same three members.
 """
 
 from __future__ import annotations
@@ -42,20 +42,6 @@ class StepExecutor(abc.ABC):
 class StepProcessLost(Exception):
     """The process running an attempt died (killed, or crashed) before it answered: the attempt
     is spent, and the step is retried like any failure."""
-
-
-class InlineExecutor(StepExecutor):
-    """Runs the step in the calling thread, with the dependencies the runner was given."""
-
-    def run(
-        self,
-        info: StepInfo,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-    ) -> Any:
-        return call_as_step(info, fn, args, kwargs, timeout)
 
 
 def call_as_step(

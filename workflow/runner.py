@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -39,7 +39,7 @@ from .errors import (
     WorkflowInterrupted,
     WorkflowUsageError,
 )
-from .executor import InlineExecutor, StepExecutor
+from .executor import StepExecutor, call_as_step
 from .ids import check_root_id, child_id, children_prefix, patch_marker_id
 from .patches import Patch
 from .pool import ProcessPool, Setup
@@ -174,6 +174,7 @@ class Runner:
     def _serve(self, run: _RunState) -> None:
         """A step thread's start: it serves `run`."""
         self._runs.state = run
+        self._runs.in_step_thread = True
 
     def retry(self, root_id: str) -> list[str]:
         """Make a failed workflow runnable again; return the reopened ids (the root last).
@@ -332,7 +333,7 @@ class Runner:
         """Start `call` without waiting: checked against the history now, run meanwhile."""
         entry, promise = self._prepare(call)
         if promise.state is not State.PENDING or entry.is_workflow:
-            future: Future[Any] = Future()
+            future = _Outcome()
             try:  # a replay, or a sub-workflow: its result now
                 future.set_result(self._finish(call, entry, promise))
             except StepError as exc:
@@ -348,7 +349,7 @@ class Runner:
         if run.threads is not None:
             future = run.threads.submit(self._finish, call, entry, promise)
             return Handle(call.promise_id, future, ctx)
-        handle = Handle(call.promise_id, Future(), ctx)
+        handle = Handle(call.promise_id, _Outcome(), ctx)
         run.queued.append((handle, call, entry, promise))
         return handle
 
@@ -362,6 +363,7 @@ class Runner:
         running: dict[Handle, int] = {}  # -> its item's index
         items = zip(*m.iterables, strict=False)  # as map(): to the shortest
         unreadable: Exception | None = None
+        synced_at = 0
         try:
             while True:
                 try:
@@ -383,10 +385,14 @@ class Runner:
                 running[self._start(ctx, call, entry, promise)] = len(values) - 1
                 if len(running) >= m.concurrency:
                     self._collect(running, values, failures, any_one=True)
+                    if len(values) - synced_at >= m.concurrency:  # a long map: settles on disk
+                        self._sync_owed()                          # a window at a time
+                        synced_at = len(values)
             self._collect(running, values, failures, any_one=False)
         except BaseException:
             self._abandon(list(running))  # a fatal error: those in flight end first
             raise
+        self._sync_owed()
         if unreadable is not None:
             raise _ThrownIn(unreadable)
         if failures:
@@ -416,6 +422,7 @@ class Runner:
                     "workflow (or an earlier run) began: wait only for the handles you begin"
                 )
         self._wait(handles)
+        self._sync_owed()
         failed = next((h._future.exception() for h in handles if h._future.exception()), None)
         if failed is not None:
             raise failed
@@ -559,10 +566,11 @@ class Runner:
         """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile:
         in a step process when the run has a pool (for a `ctx.run` step too: every step sees
         the dependencies of a step process), else here."""
-        run = self._run
+        run = self._runs.state
         info = StepInfo(call.promise_id, attempt, entry.name, run.dependencies, entry.version)
-        executor = run.pool or _INLINE
-        return executor.run(info, fn, call.args, call.kwargs, timeout)
+        if run.pool is None:
+            return call_as_step(info, fn, call.args, call.kwargs, timeout)
+        return run.pool.run(info, fn, call.args, call.kwargs, timeout)
 
     def _retry_after(
         self, exc: Exception, call: Call, entry: Registered, policy: RetryPolicy, done: int
@@ -636,11 +644,22 @@ class Runner:
         effect again needs none of its own; in a group of begun calls, one sync ends the group."""
         if recoverable:
             return True
-        grouped = self._run.grouped
-        if grouped is not None:  # only ever set in the thread that drives a run without a pool
-            grouped.append(True)
+        run = self._runs.state
+        if run.grouped is not None:  # only ever set in the thread that drives a run without a pool
+            run.grouped.append(True)
+            return True
+        if run.threads is not None and getattr(self._runs, "in_step_thread", False):
+            run.owed = True  # the driver syncs before the workflow goes on
             return True
         return False
+
+    def _sync_owed(self) -> None:
+        """Sync the settles step threads deferred, before the workflow sees their values: the
+        ones that ended together share this one sync (group commit with a pool)."""
+        run = self._run
+        if run.owed:
+            run.owed = False  # before the sync: a settle deferred after it sets it again
+            self.store.sync()
 
     def _emit(self, kind: str, call: Call, entry: Registered, **detail: Any) -> None:
         if self._on_event is not None:
@@ -669,6 +688,43 @@ class _ThrownIn(Exception):
         self.exc = exc
 
 
+class _Outcome:
+    """The outcome of a call run in the driver (or replayed), for its Handle: a Future's reading
+    side without the lock a Future pays for on every call, since no other thread touches it."""
+
+    __slots__ = ("_cancelled", "_done", "_exc", "_value")
+
+    def __init__(self) -> None:
+        self._done = self._cancelled = False
+        self._value: Any = None
+        self._exc: BaseException | None = None
+
+    def set_result(self, value: Any) -> None:
+        self._value, self._done = value, True
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc, self._done = exc, True
+
+    def cancel(self) -> bool:
+        if not self._done:
+            self._cancelled = self._done = True
+        return self._cancelled
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._done
+
+    def exception(self) -> BaseException | None:
+        return self._exc
+
+    def result(self) -> Any:
+        if self._exc is not None:
+            raise self._exc
+        return self._value
+
+
 class _RunState:
     """What one run of a Runner holds: its steps' dependencies, its pool and step threads, and
     (without a pool) the calls begun but not run yet and the group being settled."""
@@ -679,9 +735,9 @@ class _RunState:
         self.threads: ThreadPoolExecutor | None = None
         self.queued: list[tuple[Handle, Call, Registered, Promise]] = []
         self.grouped: list[bool] | None = None  # during a group of begun calls: a sync owed?
+        self.owed = False  # a step thread deferred a settle the driver has not synced yet
 
 
-_INLINE = InlineExecutor()
 
 
 _SHARED_SAFELY = (str, int, float, bool, type(None))
