@@ -438,9 +438,10 @@ class Runner:
             self._run_queued()
             pending: list[Handle] = []
         else:
-            futures = {h._future for h in handles}
-            _, not_done = wait(futures, return_when=FIRST_COMPLETED if any_one else "ALL_COMPLETED")
-            pending = [h for h in handles if h._future in not_done]
+            running = {h._future for h in handles if not h._future.done()}  # step threads' Futures
+            if running and not (any_one and len(running) < len(handles)):
+                _, running = wait(running, return_when=FIRST_COMPLETED if any_one else "ALL_COMPLETED")
+            pending = [h for h in handles if h._future in running]
         for handle in handles:
             future = handle._future
             if future.done() and not future.cancelled():
