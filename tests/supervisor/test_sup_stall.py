@@ -122,3 +122,31 @@ def test_a_worker_stuck_in_c_code_holding_the_gil_is_caught_the_same_way(
     assert "; 1 restart(s), 0 kill(s), 1 stall(s)," in run.stdout
     assert pid_is_gone(worker.pid)
     assert_audit_ok(audit, state_dir, root, RECORDS)
+
+
+def test_a_stopped_step_process_makes_its_worker_look_hung_and_it_is_restarted(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    """A pool process that stops cannot answer, and its driver cannot tell that from a long
+    step: the step process stops beating, so the driver withholds its heartbeat and the
+    supervisor restarts the whole worker, as it would a stopped driver."""
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    sup = start_import(state_dir, *WAITING_AT_BATCH_3, "--workers", "2")
+    try:
+        _wait_for_batch_3(audit, sup, state_dir, root)
+        worker = worker_of(sup.process.pid)
+        step_process = worker.children()[0]
+        step_process.send_signal(signal.SIGSTOP)
+        run = sup.finish(FINISH_TIMEOUT_S)
+    finally:
+        sup.close()
+
+    report = assert_finished(run, RECORDS, BATCH_SIZE)
+    [stall] = report["stalls"]
+    assert stall["pid"] == worker.pid and stall["kind"] == "stall"
+    assert report["kills"] == [] and report["restarts"] == 1
+    assert "heartbeat withheld" in run.stderr and str(step_process.pid) in run.stderr
+    assert pid_is_gone(worker.pid) and pid_is_gone(step_process.pid)
+    verdict = audit.audit(state_dir, root, RECORDS, workers=2)
+    assert verdict["ok"] and verdict["lost"] == verdict["duplicate_rows"] == 0, verdict
