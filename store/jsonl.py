@@ -91,7 +91,7 @@ class JsonlStore(IndexedStore):
         self._lock = None if readonly else OwnedLock(f"{self._lock_base}.lock")
         self._holding_lock = False
         self._failed: str | None = None  # why writing must stop (a failed sync): reopen to go on
-        self._held: dict[str, Any] | None = None  # an exclusive store's create, not yet written
+        self._held: dict[str, dict[str, Any]] = {}  # an exclusive store's creates, not yet written
         self._index: dict[str, Entry] = {}
         self._offset = 0  # bytes of whole, indexed lines
         self._lines = 0
@@ -126,11 +126,11 @@ class JsonlStore(IndexedStore):
     def close(self, *, discard_held: bool = False) -> None:
         """Write what is held back (unless discarded), close the file, release an exclusive lock."""
         if discard_held:
-            self._held = None  # a creation is never synced anyway: the replay makes it again
+            self._held = {}  # a creation is never synced anyway: the replay makes it again
         self._closed = True
         fd, self._fd = self._fd, -1
         try:
-            if fd >= 0 and self._failed is None and (self._held is not None or self._deferred):
+            if fd >= 0 and self._failed is None and (self._held or self._deferred):
                 self._fd = fd
                 try:
                     self._write_held()
@@ -304,34 +304,40 @@ class JsonlStore(IndexedStore):
         if not self._exclusive:
             return self._append(record)
         # Held back until the next write, so that a step's creation and its first attempt
-        # become one line. Other processes only read an exclusive store (status), and see the
-        # creation with that line; a create is not synced anyway: if the process dies first,
-        # the replay creates it again.
-        self._write_held()
-        self._held = record
+        # become one line (several creations may wait: the calls a workflow begins together).
+        # Other processes only read an exclusive store (status), and see the creation with
+        # that line; a create is not synced anyway: if the process dies first, the replay
+        # creates it again.
+        self._held[record["id"]] = record
         apply(self._index, record)
         return snapshot(record["id"], self._index[record["id"]])
 
     def _append_attempt(self, record: dict[str, Any]) -> None:
-        held = self._held
-        if held is not None and held["id"] == record["id"]:
-            self._write({**held, "n": record["n"]})
-            self._held = None
-            apply(self._index, record)
-        else:
+        promise_id = record["id"]
+        if promise_id not in self._held:
             self._append(record)
+            return
+        self._write_held(before=promise_id)  # the file keeps the order of creation
+        self._write({**self._held[promise_id], "n": record["n"]})
+        del self._held[promise_id]
+        apply(self._index, record)
 
     def _append(self, record: dict[str, Any]) -> Promise:
-        """Write one record, then fold it into the index."""
-        self._write_held()
+        """Write one record (after its promise's creation, if that is held), fold it in."""
+        if record["id"] in self._held:
+            self._write_held(before=record["id"])
+            self._write_held(only=record["id"])
         self._write(record)
         apply(self._index, record)
         return snapshot(record["id"], self._index[record["id"]])
 
-    def _write_held(self) -> None:
-        if self._held is not None:
-            self._write(self._held)
-            self._held = None
+    def _write_held(self, *, before: str | None = None, only: str | None = None) -> None:
+        """Write the held creations: all, those held before `before`, or `only` that one."""
+        for promise_id in [only] if only is not None else list(self._held):
+            if promise_id == before:
+                return
+            self._write(self._held[promise_id])
+            del self._held[promise_id]  # only once written: a failed write keeps it held
 
     def _write(self, record: dict[str, Any]) -> None:
         """Write one record (a settle is synced after, by `_sync_written`)."""

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.send(STARTED, pid=os.getpid())
     progress.start_heartbeat(args.heartbeat)
     try:
-        result = run(args, progress.step, stop)
+        result = run(args, progress, stop)
     except WorkflowInterrupted as exc:
         return _end(progress, exitcodes.INTERRUPTED, str(exc))
     except StepError as exc:
@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     return exitcodes.OK
 
 
-def run(args: argparse.Namespace, on_event: Callable[..., None], should_stop: Callable[[], bool]) -> Any:
-    """Import the target, enter the setup hook, open the store and run the workflow to its end."""
+def run(args: argparse.Namespace, progress: Progress, should_stop: Callable[[], bool]) -> Any:
+    """Import the target, enter the setup hook, open the store and run the workflow to its end
+    (step events on `progress`, whose heartbeat stops while a step process is silent)."""
     _import_from_current_directory()
     fn = load(args.target)
     setup = load(args.setup) if args.setup else None
@@ -226,11 +227,12 @@ def run(args: argparse.Namespace, on_event: Callable[..., None], should_stop: Ca
             retry=RetryPolicy(max_attempts=args.max_attempts, initial=args.retry_initial,
                               timeout=args.step_timeout),
             dependencies=dependencies,
-            on_event=on_event,
+            on_event=progress.step,
             should_stop=should_stop,
             workers=args.workers,
             setup=None if setup is None else functools.partial(setup, info),  # each step process's own
         )
+        progress.stalled = runner.stalled_step_processes
         return runner.run(args.id, fn, *info.args)
 
 

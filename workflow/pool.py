@@ -50,6 +50,10 @@ Setup = Callable[[], AbstractContextManager[Mapping[str, Any]]]
 BEAT_S = 0.5  # how often a step process beats
 _SETUP_KILLS = 5  # step processes SIGKILLed while setting up, in a row, before the run gives up
 _PR_SET_PDEATHSIG = 1
+# The driver's ends of all step processes' pipes, of every pool in this process: a forked step
+# process closes them all (a pipe end held by another process would never report its close).
+_driver_ends: set[Connection] = set()
+_driver_ends_lock = threading.Lock()
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -160,8 +164,7 @@ class ProcessPool(StepExecutor):
     def _fork(self, slot: int) -> _StepProcess:
         with self._mutex:
             self._beats[slot] = time.monotonic()  # a newborn has not stalled yet
-            siblings = [p.conn for p in self._all]
-            process = _StepProcess.fork(slot, self._beats, self._setup, self._dependencies, siblings)
+            process = _StepProcess.fork(slot, self._beats, self._setup, self._dependencies)
             self._all.add(process)
         return process
 
@@ -207,18 +210,21 @@ class _StepProcess:
 
     @classmethod
     def fork(
-        cls, slot: int, beats: Any, setup: Setup | None, dependencies: Mapping[str, Any],
-        siblings: list[Connection],
+        cls, slot: int, beats: Any, setup: Setup | None, dependencies: Mapping[str, Any]
     ) -> _StepProcess:
-        """A new step process; it closes the driver's ends of its siblings' pipes, or they
-        would never see their pipe close."""
+        """A new step process; it closes the driver's ends of every other step process's pipe
+        (of any pool in this process), or those would never see their pipe close."""
         ours, theirs = Pipe()
         parent = os.getpid()
-        pid = os.fork()
+        with _driver_ends_lock:
+            others = list(_driver_ends)
+            pid = os.fork()
+            if pid != 0:
+                _driver_ends.add(ours)
         if pid == 0:  # the step process: never returns into the driver's code
             code = 1
             try:
-                for conn in [ours, *siblings]:
+                for conn in [ours, *others]:
                     conn.close()
                 _start_beating(beats, slot)
                 _serve(theirs, parent, setup, dependencies)
@@ -262,17 +268,22 @@ class _StepProcess:
         raise _described_error(*payload)
 
     def stop(self) -> None:
-        self.conn.close()
+        self._close_pipe()
         self.reap()
 
     def reap(self) -> None:
         """Wait for the process to exit (it does once its pipe is closed, or it was killed)."""
         if self._reaped:
             return
-        self.conn.close()
+        self._close_pipe()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         self._reaped = True
+
+    def _close_pipe(self) -> None:
+        with _driver_ends_lock:
+            _driver_ends.discard(self.conn)
+        self.conn.close()
 
     def _how_it_ended(self) -> str:
         try:

@@ -111,10 +111,8 @@ class Runner:
         self._on_event = on_event
         self._should_stop = should_stop
         self._sleep = sleep
-        self._pool: StepExecutor | None = None  # the step processes, while a run has them
-        self._threads: ThreadPoolExecutor | None = None  # one thread per step process
-        self._queued: list[tuple[Handle, Call, Registered, Promise]] = []  # begun, not run (1 worker)
-        self._grouped: list[bool] | None = None  # during a group of begun calls: sync owed?
+        self._runs = threading.local()  # `.state`: the _RunState of the run this thread serves
+        self._active: set[_RunState] = set()  # the runs in progress (threads may drive several)
 
     def run(self, root_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or resume, or just return the stored result of) the workflow `root_id`."""
@@ -125,44 +123,57 @@ class Runner:
                 f"{entry.name} is not a workflow: a workflow is a generator function taking "
                 "a Context first (`def wf(ctx, ...): ... yield ctx.run(step, ...)`)"
             )
-        with self.store.own(root_id), self._setup_in_driver(), self._step_processes():
+        with (
+            self.store.own(root_id),  # one driver per workflow, before anything runs
+            self._driver_dependencies() as dependencies,
+            self._step_processes(_RunState(dependencies)),
+        ):
             return self._call(Call(root_id, fn, args, kwargs, None), root=True)
 
     @contextlib.contextmanager
-    def _setup_in_driver(self) -> Iterator[None]:
-        """Given `setup` and no `dependencies`, the driver's steps get theirs from `setup` too."""
-        if self._setup is None or self.dependencies:
-            yield
+    def _driver_dependencies(self) -> Iterator[dict[str, Any]]:
+        """Given `setup`, no `dependencies` and no pool, the driver's steps get theirs from
+        `setup` (with a pool, every step runs in a step process, which enters `setup` itself)."""
+        if self._setup is None or self.dependencies or self.workers > 1:
+            yield self.dependencies
             return
         with self._setup() as dependencies:
-            self.dependencies = dict(dependencies)
-            try:
-                yield
-            finally:
-                self.dependencies = {}
+            yield dict(dependencies)
+
+    @property
+    def _run(self) -> _RunState:
+        return self._runs.state
 
     def stalled_step_processes(self, limit_s: float) -> list[int]:
         """The pids of step processes silent for `limit_s` seconds (none without a pool)."""
-        pool = self._pool
-        return pool.stalled(limit_s) if isinstance(pool, ProcessPool) else []
+        return sorted(pid for run in list(self._active) if isinstance(run.pool, ProcessPool)
+                      for pid in run.pool.stalled(limit_s))
 
     @contextlib.contextmanager
-    def _step_processes(self) -> Iterator[None]:
-        """The pool and its threads for one run (forked before any step thread exists)."""
-        if self.workers == 1:
-            yield
-            return
-        self._pool = ProcessPool(self.workers, setup=self._setup, dependencies=self.dependencies)
-        self._threads = ThreadPoolExecutor(
-            self.workers, thread_name_prefix="step", initializer=_mark_step_thread
-        )
+    def _step_processes(self, run: _RunState) -> Iterator[None]:
+        """The run's state for this thread, and its pool and step threads (forked before any
+        step thread exists)."""
+        if self.workers > 1:
+            run.pool = ProcessPool(self.workers, setup=self._setup, dependencies=run.dependencies)
+            run.threads = ThreadPoolExecutor(
+                self.workers, thread_name_prefix="step", initializer=self._serve, initargs=(run,)
+            )
+        outer = getattr(self._runs, "state", None)  # a Runner may run again inside a step
+        self._runs.state = run
+        self._active.add(run)
         try:
             yield
         finally:
-            # The pool first: a replacement step process dies with the thread that forked it.
-            self._pool.close()
-            self._threads.shutdown(wait=True, cancel_futures=True)
-            self._pool = self._threads = None
+            self._active.discard(run)
+            self._runs.state = outer
+            if run.pool is not None:
+                # The pool first: a replacement step process dies with the thread that forked it.
+                run.pool.close()
+                run.threads.shutdown(wait=True, cancel_futures=True)
+
+    def _serve(self, run: _RunState) -> None:
+        """A step thread's start: it serves `run`."""
+        self._runs.state = run
 
     def retry(self, root_id: str) -> list[str]:
         """Make a failed workflow runnable again; return the reopened ids (the root last).
@@ -333,11 +344,12 @@ class Runner:
 
     def _start(self, ctx: Context, call: Call, entry: Registered, promise: Promise) -> Handle:
         """A pending call, handed to a step thread (a pool) or queued for the next wait."""
-        if self._threads is not None:
-            future = self._threads.submit(self._finish, call, entry, promise)
+        run = self._run
+        if run.threads is not None:
+            future = run.threads.submit(self._finish, call, entry, promise)
             return Handle(call.promise_id, future, ctx)
         handle = Handle(call.promise_id, Future(), ctx)
-        self._queued.append((handle, call, entry, promise))
+        run.queued.append((handle, call, entry, promise))
         return handle
 
     def _map(self, ctx: Context, m: MapCall) -> list[Any]:
@@ -415,7 +427,7 @@ class Runner:
         A failure of the engine or the store in one that ended (a stop request among them) is
         raised; a step's own failure (StepError) stays in its handle.
         """
-        if self._threads is None:
+        if self._run.threads is None:
             self._run_queued()
             pending: list[Handle] = []
         else:
@@ -432,8 +444,9 @@ class Runner:
 
     def _run_queued(self) -> None:
         """One worker: run every begun call now, in the order begun; their settles share a sync."""
-        queued, self._queued = self._queued, []
-        self._grouped = []
+        run = self._run
+        queued, run.queued = run.queued, []
+        run.grouped = []
         try:
             for handle, call, entry, promise in queued:
                 try:
@@ -442,19 +455,20 @@ class Runner:
                     handle._future.set_exception(exc)
                 except BaseException as exc:
                     handle._future.set_exception(exc)
-                    self._queued = [q for q in queued if not q[0].done()] + self._queued
+                    run.queued = [q for q in queued if not q[0].done()] + run.queued
                     raise
         finally:
-            owed, self._grouped = any(self._grouped), None
+            owed, run.grouped = any(run.grouped), None
             if owed:
                 self.store.sync()
 
     def _abandon(self, handles: list[Handle]) -> None:
         """Leaving a workflow: calls begun but not started are dropped (they are pending; the
         next run starts them), and those in flight end first (a step thread never outlives it)."""
-        if self._threads is None:
+        run = self._run
+        if run.threads is None:
             mine = {id(h) for h in handles}
-            self._queued = [q for q in self._queued if id(q[0]) not in mine]
+            run.queued = [q for q in run.queued if id(q[0]) not in mine]
             for handle in handles:
                 handle._future.cancel()  # never run: a wait for it ends (none can be made)
             return
@@ -543,9 +557,11 @@ class Runner:
         timeout: float | None = None,
     ) -> Any:
         """Call `fn` with the call's arguments, `current_step()` describing the call meanwhile:
-        in a step process when a step thread asks, else here."""
-        info = StepInfo(call.promise_id, attempt, entry.name, self.dependencies, entry.version)
-        executor = self._pool if getattr(_step_thread, "marked", False) else _INLINE
+        in a step process when the run has a pool (for a `ctx.run` step too: every step sees
+        the dependencies of a step process), else here."""
+        run = self._run
+        info = StepInfo(call.promise_id, attempt, entry.name, run.dependencies, entry.version)
+        executor = run.pool or _INLINE
         return executor.run(info, fn, call.args, call.kwargs, timeout)
 
     def _retry_after(
@@ -620,8 +636,9 @@ class Runner:
         effect again needs none of its own; in a group of begun calls, one sync ends the group."""
         if recoverable:
             return True
-        if self._grouped is not None and threading.current_thread() is threading.main_thread():
-            self._grouped.append(True)
+        grouped = self._run.grouped
+        if grouped is not None:  # only ever set in the thread that drives a run without a pool
+            grouped.append(True)
             return True
         return False
 
@@ -652,12 +669,19 @@ class _ThrownIn(Exception):
         self.exc = exc
 
 
+class _RunState:
+    """What one run of a Runner holds: its steps' dependencies, its pool and step threads, and
+    (without a pool) the calls begun but not run yet and the group being settled."""
+
+    def __init__(self, dependencies: Mapping[str, Any]) -> None:
+        self.dependencies = dependencies
+        self.pool: StepExecutor | None = None
+        self.threads: ThreadPoolExecutor | None = None
+        self.queued: list[tuple[Handle, Call, Registered, Promise]] = []
+        self.grouped: list[bool] | None = None  # during a group of begun calls: a sync owed?
+
+
 _INLINE = InlineExecutor()
-_step_thread = threading.local()  # `marked` in the runner's step threads
-
-
-def _mark_step_thread() -> None:
-    _step_thread.marked = True
 
 
 _SHARED_SAFELY = (str, int, float, bool, type(None))
