@@ -415,8 +415,11 @@ class Supervisor:
 
     def _deliver_timed(self, child: Child, watch: Watch, kill: RandomKill) -> None:
         """SIGKILL the worker (a timed kill) or one process of its pool (a pool kill: it costs
-        the attempt of the step that process runs, if any)."""
-        if self.stop_signal is None and not self._last_attempt_in_flight(watch):
+        the attempt of the step that process runs, if any; killed idle, it may still cost the
+        attempt of the next step sent to it, as the pool may not see at once that it died, so
+        a pool kill also waits while a step waiting to be retried is down to its last attempt)."""
+        ahead = 1 if kill.kind == "pool" else 0
+        if self.stop_signal is None and not self._last_attempt_in_flight(watch, ahead=ahead):
             if kill.kind == "timed":
                 self._kill(child, watch, "timed", watch.step_in_flight())
                 return
@@ -436,16 +439,18 @@ class Supervisor:
         watch.random_kill = None
         self._arm_next(watch)
 
-    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None) -> bool:
+    def _last_attempt_in_flight(self, watch: Watch, besides: str | None = None, ahead: int = 0) -> bool:
         """Whether a step's last allowed attempt may be running (besides that of step `besides`),
         by what the worker said and by the store (which the worker writes before it says so):
-        then a kill would fail the step."""
+        then a kill would fail the step. With `ahead` 1, also whether the next attempt of a
+        step not running (waiting to be retried) is its last."""
         if watch.on_last_attempt(self.s.max_attempts, besides):
             return True
         history = self._read_history()
         return history is not None and any(
             p.state is State.PENDING and p.id != besides
-            and p.attempts >= watch.last_attempts.get(p.id, self.s.max_attempts)
+            and p.attempts + (0 if watch.running(p.id) else ahead)
+            >= watch.last_attempts.get(p.id, self.s.max_attempts)
             for p in history.calls
         )
 

@@ -61,6 +61,11 @@ class Watch:
                    for promise_id, f in self.flights.items()
                    if promise_id != besides and not f.retrying)
 
+    def running(self, promise_id: str) -> bool:
+        """Whether an attempt of the step runs now (in flight, not waiting to be retried)."""
+        flight = self.flights.get(promise_id)
+        return flight is not None and not flight.retrying
+
     def unit(self, promise_id: str, step: int, is_unit: bool) -> int | None:
         """The unit number of the direct step `step` (None if it is no unit): its step number
         less the direct steps before it that are no units. The workflow makes those in its own

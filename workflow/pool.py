@@ -48,6 +48,7 @@ log = logging.getLogger("workflow.pool")
 Setup = Callable[[], AbstractContextManager[Mapping[str, Any]]]
 
 BEAT_S = 0.5  # how often a step process beats
+_SETUP_KILLS = 5  # step processes SIGKILLed while setting up, in a row, before the run gives up
 _PR_SET_PDEATHSIG = 1
 # The driver's ends of all step processes' pipes, of every pool in this process: a forked step
 # process closes them all (a pipe end held by another process would never report its close).
@@ -121,15 +122,20 @@ class ProcessPool(StepExecutor):
             self._idle.put(process)
 
     def _replace(self, process: _StepProcess) -> _StepProcess:
-        """A new step process in the place of one that died."""
+        """A new step process in the place of one that died; another if that one is SIGKILLed
+        while it sets up (a kill may take any step process at any time; a few in a row mean
+        that setting up itself gets it killed, the memory it takes say)."""
         self._forget(process)
-        successor = self._fork(process.slot)
-        try:
-            successor.wait_until_set_up()
-        except BaseException:
-            self._forget(successor)
-            raise
-        return successor
+        for _ in range(_SETUP_KILLS):
+            successor = self._fork(process.slot)
+            try:
+                successor.wait_until_set_up()
+                return successor
+            except BaseException:
+                self._forget(successor)
+                if successor.killed_by is not signal.SIGKILL:
+                    raise
+        raise StepSetupError(f"{_SETUP_KILLS} step processes in a row were SIGKILLed while setting up")
 
     def stalled(self, limit_s: float) -> list[int]:
         """The step processes that have not beaten for `limit_s` seconds (stopped, or stuck)."""
@@ -199,6 +205,7 @@ class _StepProcess:
         self.pid = pid
         self.slot = slot
         self.conn = conn
+        self.killed_by: signal.Signals | None = None  # once it is reaped, if a signal ended it
         self._reaped = False
 
     @classmethod
@@ -285,7 +292,8 @@ class _StepProcess:
             return "(already reaped)"
         self._reaped = True
         if os.WIFSIGNALED(status):
-            return f"(killed by {signal.Signals(os.WTERMSIG(status)).name})"
+            self.killed_by = signal.Signals(os.WTERMSIG(status))
+            return f"(killed by {self.killed_by.name})"
         return f"(exit status {os.waitstatus_to_exitcode(status)})"
 
 

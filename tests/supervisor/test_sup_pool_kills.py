@@ -2,8 +2,9 @@
 the whole worker (the driver, and its pool with it) and random kills of one pool process; the
 invariants of DESIGN.md are checked from the store and the sink by scripts/audit.py.
 
-The import's batches run in the pool here through tests/apps/pooled.py (`import_mapped`: the
-import's own steps, sink and setup hook, eight batches in flight) under `supervisor exec`.
+Most run the import's own steps, sink and setup hook through tests/apps/pooled.py
+(`import_mapped`, eight batches in flight) under `supervisor exec`; the last runs the import
+itself with `supervisor run --workers 2`.
 """
 
 from __future__ import annotations
@@ -130,11 +131,29 @@ def test_run_with_workers_keeps_kill_at_batch_in_that_batch(tmp_path: Path, audi
                      "--workers", str(WORKERS), "--kill-at-batch", "7")
     report = assert_finished(run, RECORDS, BATCH_SIZE)
 
-    first, _ = report["children"]
+    first, second = report["children"]
     assert report["kills"] == [{"pid": first["pid"], "kind": "kill-at-batch", "batch": 7}]
-    # Killed halfway through its rows, in whichever process ran it (a pool's, once the import
-    # maps its batches): that process died, its rows never committed, the restart redid them.
+    assert 7 not in first["executed"] and 7 in second["executed"]
+    # Killed halfway through its rows in a process of the worker's pool, which announced itself
+    # from there: the worker's group kill took it, its rows never committed, the restart redid them.
     killed, redone = [e for e in executions(state_dir, root) if e.batch == 7]
     assert (killed.attempt, killed.outcome, redone.attempt, redone.outcome) == (1, None, 2, "committed")
-    assert pid_is_gone(killed.pid)
+    assert killed.pid not in {first["pid"], second["pid"]} and pid_is_gone(killed.pid)
     _audit_ok(audit, state_dir, root)
+
+
+def test_run_with_workers_survives_random_kills_of_the_worker_and_its_pool(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    state_dir = tmp_path / "state"
+    root = root_id(RECORDS, BATCH_SIZE)
+    run = run_import(state_dir, "--records", str(RECORDS), "--batch-size", str(BATCH_SIZE),
+                     "--workers", str(WORKERS), "--kill-random", "6", "--seed", "5",
+                     "--max-attempts", "3", "--retry-initial", "0.05")
+    report = assert_finished(run, RECORDS, BATCH_SIZE)
+
+    kinds = [k["kind"] for k in report["kills"]]
+    assert "pool" in kinds and len(kinds) + len(report["undelivered_kills"]) == 6, report
+    executed = [b for c in report["children"] for b in c["executed"]]
+    assert sorted(executed) == list(range(BATCHES))  # each batch reported done once, by number
+    assert max(_audit_ok(audit, state_dir, root).values()) <= 3

@@ -14,8 +14,9 @@ from test_sup_exec import supervisor
 
 from supervisor.faults import pool_victim, random_kills, steps_in_reach
 from supervisor.location import StoreLocation
-from supervisor.report import KillReport, RunReport
+from supervisor.report import ChildReport, KillReport, RunReport
 from supervisor.supervise import Settings, worker_args
+from supervisor.watch import Watch
 from workflow.child import parse_args
 
 ROOT = "wf/naps"
@@ -134,3 +135,13 @@ def test_a_kill_at_step_waits_while_another_step_in_flight_runs_its_last_attempt
     # that started as nap 0 ended, when the kill came, may have lost its first).
     assert attempts[:4] == [2, 1, 2, 2] and max(attempts) == 2, attempts
     assert all(stored[f"{ROOT}.{n}"]["state"] == "resolved" for n in range(6))
+
+
+def test_units_are_numbered_by_their_place_among_the_steps_whatever_order_they_start_in() -> None:
+    # Steps 0 and 3 are plan steps (no units); units 4 and 5 start before unit 2 does.
+    watch = Watch(ChildReport(1, "running"))
+    assert watch.unit("r.0", 0, is_unit=False) is None
+    assert watch.unit("r.1", 1, is_unit=True) == 0
+    assert watch.unit("r.3", 3, is_unit=False) is None
+    assert [watch.unit(f"r.{n}", n, is_unit=True) for n in (5, 4, 2)] == [3, 2, 1]
+    assert watch.id_of(2) == "r.4" and watch.id_of(9) is None
