@@ -39,7 +39,7 @@ from .errors import (
     WorkflowInterrupted,
     WorkflowUsageError,
 )
-from .executor import StepExecutor, call_as_step
+from .executor import StepExecutor, StepProcessLost, call_as_step
 from .ids import check_root_id, child_id, children_prefix, patch_marker_id
 from .patches import Patch
 from .pool import ProcessPool, Setup
@@ -63,6 +63,7 @@ class StepEvent:
 
 
 _STOP_POLL_S = 0.1
+_RECOVER_TRIES = 3  # looks for a dead attempt's effect, each in a step process that may be killed
 
 
 class ObserverError(EngineError):
@@ -555,7 +556,15 @@ class Runner:
         function and an attempt was made; else None."""
         if entry.recover is None or not last_attempt:
             return None
-        found = self._as_step(call, entry, last_attempt, entry.recover)
+        for _ in range(_RECOVER_TRIES):  # a look that died with its step process looks again
+            try:
+                found = self._as_step(call, entry, last_attempt, entry.recover)
+                break
+            except StepProcessLost as lost:
+                log.warning("the recover function of %s was cut short (%s); looking again",
+                            call.promise_id, lost)
+        else:
+            found = None  # found out by the attempt itself: a step that can recover is idempotent
         if found is not None:
             self._emit("recovered", call, entry, attempt=last_attempt)
         return found
