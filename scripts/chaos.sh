@@ -156,7 +156,7 @@ running_on() {
 # A file size limit that the import of $1 records in batches of $2 should reach in the middle
 # of batch k, k drawn from $3 between the fourth batch and the last (or the WAL's checkpoint).
 disk_full_limit() {
-    local batches=$((($1 + $2 - 1) / $2)) per_batch=$((38000 + 80000 * $2 / ($2 + 60))) first last
+    local batches=$((($1 + $2 - 1) / $2)) per_batch=$((27000 + 40000 * $2 / ($2 + 60))) first last
     last=$(((WAL_CHECKPOINT_BYTES - WAL_START_BYTES) / per_batch))
     ((last > batches - 1)) && last=$((batches - 1))
     first=$((last < 3 ? last : 3))

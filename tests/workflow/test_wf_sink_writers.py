@@ -158,7 +158,7 @@ def commit_when_free(sink: Sink, descriptor: dict[str, Any], trying: Event) -> N
 
 def test_a_writer_killed_inside_its_transaction_leaves_nothing_and_frees_the_lock(tmp_path: Path) -> None:
     path = tmp_path / SINK_FILE
-    big, small = plan_batches(synthetic_source(40_100), 40_000)  # half of `big` spills into the WAL
+    big, small = plan_batches(synthetic_source(80_100), 80_000)  # half of `big` spills into the WAL
     sink = Sink(path)  # sent to each process, which opens its own connection
     wal = path.with_name(SINK_FILE + "-wal")
     before = wal.stat().st_size
@@ -189,7 +189,7 @@ def test_a_writer_killed_inside_its_transaction_leaves_nothing_and_frees_the_loc
             (0, None), (1, "committed")]  # batch 0's start is kept: the invocation happened
     finally:
         db.close()
-    assert run_batch(sink, 0, big)["processed"] == 38_000
+    assert run_batch(sink, 0, big)["processed"] == 76_000
     sink.close()
 
 

@@ -42,9 +42,8 @@ CREATE TABLE IF NOT EXISTS records (
     batch INTEGER NOT NULL,
     name TEXT,
     email TEXT,
-    extra TEXT,
-    UNIQUE (import_id, position)
-);
+    extra TEXT
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS skipped (
     import_id TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -353,22 +352,19 @@ class Sink:
         return summary
 
     def _duplicates(self, import_id: str, good: list[Row]) -> list[tuple[Row, str]]:
-        """The rows the insert ignored: their id was taken by an earlier record of this input
-        (`duplicate_id`) or by another import into this database (`already_imported`)."""
-        lo, hi = good[0].position, good[-1].position
-        inserted = {p for (p,) in self._db.execute(
-            "SELECT position FROM records WHERE import_id = ? AND position BETWEEN ? AND ?",
-            (import_id, lo, hi),
-        )}
-        ignored = [r for r in good if r.position not in inserted]
-        owners: dict[str, str] = {}
-        for i in range(0, len(ignored), _IDS_PER_QUERY):  # SQLite caps a query's parameters
-            chunk = [r.record_id for r in ignored[i : i + _IDS_PER_QUERY]]
-            owners.update(self._db.execute(
-                f"SELECT id, import_id FROM records WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        """The rows the insert ignored: their id is held by another position, of this input
+        (`duplicate_id`) or of another import into this database (`already_imported`)."""
+        holders: dict[str, tuple[str, int]] = {}
+        ids = list(dict.fromkeys(r.record_id for r in good))
+        for i in range(0, len(ids), _IDS_PER_QUERY):  # SQLite caps a query's parameters
+            chunk = ids[i : i + _IDS_PER_QUERY]
+            holders.update((rid, (imp, pos)) for rid, imp, pos in self._db.execute(
+                f"SELECT id, import_id, position FROM records WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
             ))
+        ignored = [r for r in good if holders[r.record_id] != (import_id, r.position)]
         return [
-            (r, records.DUPLICATE_ID if owners.get(r.record_id) == import_id else records.ALREADY_IMPORTED)
+            (r, records.DUPLICATE_ID if holders[r.record_id][0] == import_id else records.ALREADY_IMPORTED)
             for r in ignored
         ]
 
