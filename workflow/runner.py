@@ -63,6 +63,7 @@ class StepEvent:
 
 
 _STOP_POLL_S = 0.1
+_PRUNE_BEGUN_AT = 64  # begun calls a workflow keeps track of before it forgets the ended ones
 _RECOVER_TRIES = 3  # looks for a dead attempt's effect, each in a step process that may be killed
 
 
@@ -341,6 +342,8 @@ class Runner:
                 future.set_exception(exc)
             return Handle(call.promise_id, future, ctx)
         handle = self._start(ctx, call, entry, promise)
+        if len(begun) >= _PRUNE_BEGUN_AT and len(begun) & (len(begun) - 1) == 0:  # at powers of 2:
+            begun[:] = [h for h in begun if not h.done()]  # a long import keeps no ended handles
         begun.append(handle)
         return handle
 
