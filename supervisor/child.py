@@ -9,7 +9,6 @@ the supervisor (PR_SET_PDEATHSIG), so an orphan never runs on beside a new super
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import selectors
@@ -27,18 +26,10 @@ import orjson
 import psutil
 
 from store.failpoints import ENV_FD
+from workflow.pool import die_with_parent
 
 log = logging.getLogger("supervisor")
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn: ask the kernel to SIGKILL us when the supervisor dies."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os._exit(1)
 
 
 def _wait_for_group_to_die(pgid: int, timeout: float = 5.0) -> None:
@@ -110,7 +101,7 @@ class Child:
                 stdout=output_w,
                 stderr=output_w,
                 process_group=0,
-                preexec_fn=lambda: _die_with_parent(parent),
+                preexec_fn=lambda: die_with_parent(parent),  # never outlives us
             )
         except BaseException:
             os.close(progress_r)
