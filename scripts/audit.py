@@ -86,14 +86,29 @@ def batch_promises(promises: dict[str, dict[str, Any]], root: str) -> dict[int, 
             and p["param"].get("fn") == "process_batch"}
 
 
+CSV_FIELD_LIMIT = 64 * 1024 * 1024  # the importer's (workflow/importer/sources.py): a longer
+# field is a skipped row there, not an unreadable file
+
+
+class InputError(Exception):
+    """The input file cannot be counted (the import refuses it too): names file and line."""
+
+
 def count_input(records: int | None, input_path: Path | None) -> int:
+    """The records the input holds (for a CSV, its non-blank rows after the header), streamed."""
     if input_path is None:
         return records or 0
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with open(input_path, newline="", encoding="utf-8-sig") as f:
-        if input_path.suffix == ".csv":
-            rows = [r for r in csv.reader(f) if r]
-            return max(0, len(rows) - 1)
-        return sum(1 for line in f if line.strip())
+        rows = csv.reader(f) if input_path.suffix == ".csv" else (line for line in f if line.strip())
+        count = 0
+        try:
+            for row in rows:
+                count += bool(row)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            where = f":{rows.line_num}" if getattr(rows, "line_num", 0) else ""
+            raise InputError(f"{input_path}{where}: cannot count its records ({exc})") from None
+    return max(0, count - 1) if input_path.suffix == ".csv" else count
 
 
 def audit(state_dir: Path, root: str, expected_records: int, finished: bool = True,
@@ -227,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unfinished", action="store_true", help="the import may still be in progress")
     p.add_argument("--workers", type=int, default=1, help="the import's --workers (default 1)")
     args = p.parse_args(argv)
-    verdict = audit(args.state_dir, args.id, count_input(args.records, args.input),
-                    finished=not args.unfinished, workers=args.workers)
+    try:
+        expected = count_input(args.records, args.input)
+    except InputError as exc:
+        print(f"audit: {exc}", file=sys.stderr)
+        return 2
+    verdict = audit(args.state_dir, args.id, expected, finished=not args.unfinished,
+                    workers=args.workers)
     print(json.dumps(verdict))
     return 0 if verdict["ok"] else 1
 

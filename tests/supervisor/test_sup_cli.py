@@ -46,7 +46,7 @@ SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
     (("--batch-size", str(10**21)), "--batch-size: batch size must be a whole number from 1 to 10,000,000"),
     (("--workers", "0"), "--workers: must be at least 1, not 0"),
     (("--workers", "65"), "--workers: at most 64, not 65"),
-    (("--workers", "two"), "--workers: invalid worker_count value: 'two'"),
+    (("--workers", "two"), "--workers: must be a whole number, not 'two'"),
 ], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
         "fail-beyond-last", "kill-negative", "unknown-flag", "input-and-records", "records-not-a-number",
         "id-with-a-dot", "kill-random-beyond-the-cap", "records-beyond-the-cap",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -42,3 +44,15 @@ def test_audit_counts_the_batch_executions_that_ran_at_once(tmp_path: Path, audi
     assert audit.audit(tmp_path, root, 300, workers=2)["ok"]
     # One ending as the next starts is one at a time.
     assert audit._most_at_once([(0.0, 1.0), (1.0, 2.0), (1.5, 3.0)]) == 2
+
+
+def test_an_input_the_audit_cannot_count_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The files the import refuses (invalid UTF-8) are refused by the audit too, with no traceback."""
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"id,name,email\nr1,a\xff,b@c.d\n")
+    audit_py = Path(__file__).resolve().parents[2] / "scripts" / "audit.py"
+    done = subprocess.run([sys.executable, str(audit_py), "--state-dir", str(tmp_path),
+                           "--id", "x", "--input", str(bad)], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"audit: {bad}: cannot count its records")
+    assert "Traceback" not in done.stderr
