@@ -81,11 +81,12 @@ _IDS_PER_QUERY = 500
 # How long a writer waits for another's write lock before `database is locked`: far longer than
 # any batch transaction holds it (they prepare their rows before taking it).
 BUSY_TIMEOUT_S = 30.0
-# WAL pages (4 KiB) before a commit checkpoints them into the database file. A checkpoint costs
-# three syncs (the WAL, the database, the WAL header when it restarts); at ~25 pages per batch of
-# 100 records, 2,000 pages (~8 MiB of WAL) make that one checkpoint per ~80 batches, and keep
-# what a restarted worker reads to rebuild the WAL's index (all of the WAL) small.
+# WAL pages (4 KiB) before a batch's commit checkpoints them into the database file. A checkpoint
+# costs syncs (the WAL, the database); at ~25 pages per batch of 100 records, 2,000 pages (~8 MiB
+# of WAL) make that one checkpoint per ~80 batches, and keep what a restarted worker reads to
+# rebuild the WAL's index (all of the WAL) small.
 CHECKPOINT_PAGES = 2_000
+PAGE_BYTES = 4096
 _SWITCH_RETRY_S = 0.01
 
 
@@ -179,7 +180,7 @@ class Sink:
         checkpoint interval, the commit's sync; then the schema, made or brought up to date in
         one write transaction, so that processes opening a new database at once never race."""
         self._switch_to_wal()
-        self._db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # ours come after the writer's turn
         self._db.execute("PRAGMA synchronous=NORMAL")  # a batch's commit syncs the WAL itself
         if self._schema_is_current():  # no write lock to wait for while others commit
             return
@@ -292,7 +293,19 @@ class Sink:
             summary = self._commit(promise_id, import_id, batch, rows, execution, halfway)
             if self._durable:
                 self._sync_wal()
+            self._checkpoint_if_due()
         return summary
+
+    def _checkpoint_if_due(self) -> None:
+        """Copy the WAL into the database file once it holds CHECKPOINT_PAGES, after this
+        writer's turn: a passive checkpoint lets the others commit meanwhile, where SQLite's own
+        would run inside a commit and hold the next writer up for the whole copy and its syncs."""
+        try:
+            size = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return
+        if size >= CHECKPOINT_PAGES * PAGE_BYTES:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _sync_wal(self) -> None:
         """Make the commits in the WAL durable: what synchronous=FULL does at commit, done after
