@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import sqlite3
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -86,7 +87,10 @@ BUSY_TIMEOUT_S = 30.0
 # of WAL) make that one checkpoint per ~80 batches, and keep what a restarted worker reads to
 # rebuild the WAL's index (all of the WAL) small.
 CHECKPOINT_PAGES = 2_000
-PAGE_BYTES = 4096
+# The WAL-index header (in `<db>-shm`, SQLite's documented WAL-index format) keeps mxFrame, the
+# WAL's valid frames since it last restarted, as a native unsigned 32-bit int at this offset.
+_SHM_MAX_FRAME = struct.Struct("=I")
+_SHM_MAX_FRAME_OFFSET = 16
 _SWITCH_RETRY_S = 0.01
 
 
@@ -139,6 +143,7 @@ class Sink:
         the store's `Durability.NONE`."""
         self.path = Path(path)
         self._durable = durable
+        self._shm = -1  # the WAL-index, once read (see _wal_frames)
         try:
             self._turns = os.open(f"{self.path}.writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -160,11 +165,13 @@ class Sink:
         return _reopen, (self.path, self._durable)
 
     def close(self) -> None:
-        """Close the connection and the writers' lock file; idempotent."""
+        """Close the connection, then the files kept open beside it; idempotent."""
         self._db.close()
-        turns, self._turns = self._turns, -1
-        if turns >= 0:
-            os.close(turns)
+        for name in ("_turns", "_shm"):
+            fd = getattr(self, name)
+            setattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
@@ -300,21 +307,28 @@ class Sink:
         """Copy the WAL into the database file once it holds CHECKPOINT_PAGES, after this
         writer's turn: a passive checkpoint lets the others commit meanwhile, where SQLite's own
         would run inside a commit and hold the next writer up for the whole copy and its syncs."""
-        try:
-            size = os.stat(f"{self.path}-wal").st_size
-        except FileNotFoundError:
-            return
-        if size >= CHECKPOINT_PAGES * PAGE_BYTES:
+        if self._wal_frames() >= CHECKPOINT_PAGES:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _wal_frames(self) -> int:
+        """How many frames the WAL holds, read from the WAL-index without a lock (a value torn
+        by a concurrent commit only moves a checkpoint by a batch). The -shm file stays open
+        until the connection is closed: closing a descriptor of it would drop the POSIX locks
+        SQLite holds on it in this process."""
+        if self._shm < 0:
+            try:
+                self._shm = os.open(f"{self.path}-shm", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return 0
+        header = os.pread(self._shm, _SHM_MAX_FRAME.size, _SHM_MAX_FRAME_OFFSET)
+        return _SHM_MAX_FRAME.unpack(header)[0] if len(header) == _SHM_MAX_FRAME.size else 0
 
     def _sync_wal(self) -> None:
         """Make the commits in the WAL durable: what synchronous=FULL does at commit, done after
-        the write lock is released. (Our connection is open, so the WAL file is the live one;
-        if a checkpoint emptied it, the checkpoint synced the database file first.)"""
-        try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            fd = os.open(self.path, os.O_RDONLY)
+        the write lock is released. (Our connection is open, so the WAL file is the live one; SQLite
+        locks the -shm and the database file, never the WAL, so opening and closing it here drops
+        no lock of this process.)"""
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fdatasync(fd)
         finally:
