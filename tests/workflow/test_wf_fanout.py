@@ -692,7 +692,7 @@ def wf(ctx, i):
         value += yield (yield ctx.begin(plain, 10))
     return value
 
-together = multiprocessing.get_context("fork").Barrier(2, timeout=2)
+together = multiprocessing.get_context("fork").Barrier(2, timeout=20)
 runner = Runner(MemoryStore(), workers=int(sys.argv[1]), retry=RetryPolicy(max_attempts=1),
                 dependencies={"together": together})
 out = {}
@@ -719,7 +719,7 @@ def test_one_runner_drives_two_workflows_from_two_threads(workers: int, tmp_path
     proc = subprocess.Popen([sys.executable, "-c", SHARED_RUNNER, str(workers)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=8)
+        out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
