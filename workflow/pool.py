@@ -157,7 +157,7 @@ class ProcessPool(StepExecutor):
             self._closed = True
             processes = list(self._all)
         for process in processes:
-            process.stop()
+            process.reap()
         for _ in range(self.capacity):  # wake any thread still waiting for a process
             self._idle.put(None)
 
@@ -267,15 +267,12 @@ class _StepProcess:
             raise payload
         raise _described_error(*payload)
 
-    def stop(self) -> None:
-        self._close_pipe()
-        self.reap()
-
     def reap(self) -> None:
-        """Wait for the process to exit (it does once its pipe is closed, or it was killed)."""
+        """Close its pipe and wait for it to exit (it does once its pipe is closed, or it was
+        killed); idempotent."""
+        self._close_pipe()
         if self._reaped:
             return
-        self._close_pipe()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         self._reaped = True

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -444,7 +444,7 @@ class Runner:
         else:
             running = {h._future for h in handles if not h._future.done()}  # step threads' Futures
             if running and not (any_one and len(running) < len(handles)):
-                _, running = wait(running, return_when=FIRST_COMPLETED if any_one else "ALL_COMPLETED")
+                _, running = wait(running, return_when=FIRST_COMPLETED if any_one else ALL_COMPLETED)
             pending = [h for h in handles if h._future in running]
         for handle in handles:
             future = handle._future
@@ -458,7 +458,7 @@ class Runner:
         """One worker: run every begun call now, in the order begun; their settles share a sync."""
         run = self._run
         queued, run.queued = run.queued, []
-        run.grouped = []
+        run.grouping = True
         try:
             for handle, call, entry, promise in queued:
                 try:
@@ -470,9 +470,8 @@ class Runner:
                     run.queued = [q for q in queued if not q[0].done()] + run.queued
                     raise
         finally:
-            owed, run.grouped = any(run.grouped), None
-            if owed:
-                self.store.sync()
+            run.grouping = False
+            self._sync_owed()
 
     def _abandon(self, handles: list[Handle]) -> None:
         """Leaving a workflow: calls begun but not started are dropped (they are pending; the
@@ -658,17 +657,16 @@ class Runner:
         if recoverable:
             return True
         run = self._runs.state
-        if run.grouped is not None:  # only ever set in the thread that drives a run without a pool
-            run.grouped.append(True)
-            return True
-        if run.threads is not None and getattr(self._runs, "in_step_thread", False):
-            run.owed = True  # the driver syncs before the workflow goes on
+        # A group run by a wait without a pool, or a step thread of a pool: the driver syncs
+        # before the workflow goes on (the flag is only ever set in the driving thread).
+        if run.grouping or (run.threads is not None and getattr(self._runs, "in_step_thread", False)):
+            run.owed = True
             return True
         return False
 
     def _sync_owed(self) -> None:
-        """Sync the settles step threads deferred, before the workflow sees their values: the
-        ones that ended together share this one sync (group commit with a pool)."""
+        """Sync the settles deferred by a group or by step threads, before the workflow sees
+        their values: the ones that ended together share this one sync (group commit)."""
         run = self._run
         if run.owed:
             run.owed = False  # before the sync: a settle deferred after it sets it again
@@ -747,8 +745,8 @@ class _RunState:
         self.pool: StepExecutor | None = None
         self.threads: ThreadPoolExecutor | None = None
         self.queued: list[tuple[Handle, Call, Registered, Promise]] = []
-        self.grouped: list[bool] | None = None  # during a group of begun calls: a sync owed?
-        self.owed = False  # a step thread deferred a settle the driver has not synced yet
+        self.grouping = False  # the driver runs a group of begun calls (no pool)
+        self.owed = False  # a settle was deferred that the driver has not synced yet
 
 
 
