@@ -14,7 +14,6 @@ SIGINT (test_sup_signals.py), crash loops and a batch that always fails (test_su
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from plain_user import as_plain_user
 from supervisor_helpers import Finished
 from supervisor_helpers import child_env as _env
 
@@ -67,15 +67,6 @@ def run(state_dir: Path, *args: str, **kwargs: Any) -> Finished:
 def limit_file_size(limit: int) -> Any:
     """preexec_fn: a full disk, as RLIMIT_FSIZE; the supervisor's workers inherit it."""
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-
-def as_plain_user() -> None:
-    """preexec_fn: drop the capabilities that let root ignore file modes (CAP_DAC_OVERRIDE,
-    CAP_DAC_READ_SEARCH, CAP_FOWNER) from the bounding set; after exec root obeys chmod."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2, 3):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "cannot drop a capability")
 
 
 def run_as_plain_user(state_dir: Path, *args: str) -> Finished:

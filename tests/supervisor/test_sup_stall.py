@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import psutil
 from supervisor_helpers import (
     BATCH_SIZE,
     BATCHES,
@@ -19,6 +21,7 @@ from supervisor_helpers import (
     REPO,
     SIZES,
     Background,
+    Finished,
     assert_audit_ok,
     assert_finished,
     assert_report_matches_sink,
@@ -67,19 +70,29 @@ def _wait_for_batch_3(audit: ModuleType, sup: Background, state_dir: Path, root:
     wait_until(started, "batch 3 starts")
 
 
+def _stop_in_batch_3(
+    audit: ModuleType, state_dir: Path, root: str, pick: Callable[[psutil.Process], psutil.Process],
+    *flags: str,
+) -> tuple[Finished, psutil.Process, psutil.Process]:
+    """Run the import to batch 3, SIGSTOP the process `pick` chooses given the worker, and let
+    the supervisor deal with it: (its run, the worker, the stopped process)."""
+    sup = start_import(state_dir, *WAITING_AT_BATCH_3, *flags)
+    try:
+        _wait_for_batch_3(audit, sup, state_dir, root)
+        worker = worker_of(sup.process.pid)
+        stopped = pick(worker)
+        stopped.send_signal(signal.SIGSTOP)
+        return sup.finish(FINISH_TIMEOUT_S), worker, stopped
+    finally:
+        sup.close()
+
+
 def test_a_stopped_worker_is_killed_and_restarted_and_the_import_finishes(
     tmp_path: Path, audit: ModuleType
 ) -> None:
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
-    sup = start_import(state_dir, *WAITING_AT_BATCH_3)
-    try:
-        _wait_for_batch_3(audit, sup, state_dir, root)
-        worker = worker_of(sup.process.pid)
-        worker.send_signal(signal.SIGSTOP)
-        run = sup.finish(FINISH_TIMEOUT_S)
-    finally:
-        sup.close()
+    run, worker, _ = _stop_in_batch_3(audit, state_dir, root, lambda worker: worker)
 
     report = assert_finished(run, RECORDS, BATCH_SIZE)
     [stall] = report["stalls"]
@@ -132,15 +145,8 @@ def test_a_stopped_step_process_makes_its_worker_look_hung_and_it_is_restarted(
     supervisor restarts the whole worker, as it would a stopped driver."""
     state_dir = tmp_path / "state"
     root = root_id(RECORDS, BATCH_SIZE)
-    sup = start_import(state_dir, *WAITING_AT_BATCH_3, "--workers", "2")
-    try:
-        _wait_for_batch_3(audit, sup, state_dir, root)
-        worker = worker_of(sup.process.pid)
-        step_process = worker.children()[0]
-        step_process.send_signal(signal.SIGSTOP)
-        run = sup.finish(FINISH_TIMEOUT_S)
-    finally:
-        sup.close()
+    run, worker, step_process = _stop_in_batch_3(
+        audit, state_dir, root, lambda worker: worker.children()[0], "--workers", "2")
 
     report = assert_finished(run, RECORDS, BATCH_SIZE)
     [stall] = report["stalls"]

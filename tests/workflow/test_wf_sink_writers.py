@@ -3,7 +3,6 @@ an old database switched to WAL, and read-only readers of a WAL database."""
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import random
@@ -19,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+from plain_user import as_plain_user
 from wf_helpers import SAFETY_TIMEOUT_S, SINK_FILE
 
 from workflow.importer import synthetic_source
@@ -194,15 +194,6 @@ def test_a_writer_killed_inside_its_transaction_leaves_nothing_and_frees_the_loc
 
 
 # -- readers -------------------------------------------------------------------------------------
-
-
-def as_plain_user() -> None:
-    """preexec_fn: drop the capabilities that let root ignore file modes (CAP_DAC_OVERRIDE,
-    CAP_DAC_READ_SEARCH, CAP_FOWNER) from the bounding set; after exec root obeys chmod."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2, 3):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "cannot drop a capability")
 
 
 COUNT_RECORDS = """
