@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from pgdb import pg_url  # noqa: F401  (a fresh PostgreSQL database per test)
 
 REPO = Path(__file__).resolve().parent.parent
 
