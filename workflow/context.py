@@ -185,13 +185,16 @@ class Context:
 @dataclass(frozen=True, slots=True)
 class StepInfo:
     """Who is running: the promise id and attempt number of the step, its registered name and
-    version, and the run's dependencies."""
+    version, the run's dependencies, and (on a PostgreSQL fleet) the step's transaction."""
 
     promise_id: str
     attempt: int
     fn: str
     dependencies: Mapping[str, Any]
     version: int = 1
+    # A fleet executor's open database transaction (a psycopg connection), which also settles
+    # the step's promise when it commits: what the step writes there is one with its resolve.
+    transaction: Any = None
 
     @property
     def code(self) -> str:
