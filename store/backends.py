@@ -11,8 +11,8 @@ from .memory import MemoryStore
 
 
 def parse_store_url(url: str | os.PathLike[str]) -> tuple[str, str]:
-    """`(backend, rest)` of a store URL: ("jsonl", path) or ("memory", ""); ValueError saying
-    what is wrong with anything else."""
+    """`(backend, rest)` of a store URL: ("jsonl", path), ("memory", "") or ("postgresql", url);
+    ValueError saying what is wrong with anything else."""
     text = os.fspath(url)
     scheme, colon, rest = text.partition(":")
     if not colon or scheme not in _SCHEMES:
@@ -21,7 +21,9 @@ def parse_store_url(url: str | os.PathLike[str]) -> tuple[str, str]:
                              "or memory:; a file name with a ':' can be given as jsonl:NAME)")
         return "jsonl", text  # a plain path
     if scheme in ("postgresql", "postgres"):
-        raise ValueError(f"{text}: the PostgreSQL store is not built yet; use a path or jsonl:PATH")
+        if not rest.startswith("//"):
+            raise ValueError(f"{text}: a PostgreSQL URL reads postgresql://[user@]host[:port]/database")
+        return "postgresql", text
     if scheme == "jsonl" and not rest:
         raise ValueError("jsonl: needs a path, e.g. jsonl:state/store.jsonl")
     if scheme == "memory" and rest:
@@ -38,9 +40,17 @@ def open_store(url: str | os.PathLike[str], **options: Any) -> PromiseStore:
     - a path, or `jsonl:PATH`: the JSON-lines file (options: exclusive, readonly, durability,
       lock_timeout; see JsonlStore);
     - `memory:`: a new in-memory store (option: lock_timeout);
-    - `postgresql://...`: PostgreSQL, for many machines (not built yet: refused clearly).
+    - `postgresql://...`: PostgreSQL, for many machines (options: durability, lock_timeout,
+      lease_s; `exclusive` and `readonly` mean nothing there: a lease per root workflow
+      excludes other drivers, and reading takes no lock).
     """
     backend, rest = parse_store_url(url)
     if backend == "memory":
         return MemoryStore(**options)
+    if backend == "postgresql":
+        from .pg import PgStore  # psycopg is loaded only by those who use it
+
+        options.pop("exclusive", None)
+        options.pop("readonly", None)
+        return PgStore(rest, **options)
     return JsonlStore(rest, **options)

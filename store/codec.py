@@ -6,6 +6,7 @@ reads it, and a torn or altered line is detected without parsing the JSON first.
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
 
@@ -63,10 +64,19 @@ def normalize(value: Any) -> Any:
 
     So a tuple comes back a list, a datetime/date/time an ISO string, a UUID a string, an enum
     its value, a dataclass a dict. A value JSON cannot hold (a set, bytes, an arbitrary object,
-    a dict key that is not a str, an int beyond 64 bits, nesting deeper than 254 levels) raises
-    TypeError; `unstorable_part` says where it is.
+    a dict key that is not a str, an int beyond 64 bits, nesting deeper than 254 levels), or
+    a str with a NUL character (which no PostgreSQL text or jsonb can hold, so that a value is
+    storable in every backend or in none) raises TypeError; `unstorable_part` says where it is.
     """
-    return orjson.loads(orjson.dumps(value))
+    raw = orjson.dumps(value)
+    if b"\\u0000" in raw and _NUL.search(raw):
+        raise TypeError("a str with a NUL character")
+    return orjson.loads(raw)
+
+
+# An escaped NUL in orjson's output: \u0000 after an even number of backslashes (an odd
+# number would make it the text "\u0000", an escaped backslash and "u0000").
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def unstorable_part(value: Any) -> str:
@@ -78,12 +88,16 @@ def unstorable_part(value: Any) -> str:
             return f"{path[:40]}...: nested deeper than {_MAX_DEPTH} levels"
         if isinstance(part, dict):
             for key, item in part.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{path}: a key with a NUL character (no backend can store one)"
                 if not isinstance(key, str):
                     return f"{path}: a key that is not a str ({type(key).__name__} {key!r})"
                 stack.append((f"{path}[{orjson.dumps(key).decode()}]", item, depth + 1))
         elif isinstance(part, list | tuple):
             stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(part))
         else:
+            if isinstance(part, str) and "\x00" in part:
+                return f"{path}: a str with a NUL character (no backend can store one)"
             try:
                 orjson.dumps(part)
             except TypeError as exc:

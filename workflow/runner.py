@@ -644,7 +644,8 @@ class Runner:
     def _fail(self, call: Call, entry: Registered, exc: BaseException) -> NoReturn:
         """Reject the call's promise with `exc` and raise the StepError every replay will raise."""
         current = self.store.get(call.promise_id)
-        error = {"type": type(exc).__name__, "message": str(exc)}
+        # (a NUL in a message, from the data a step read, would make the error unstorable)
+        error = {"type": type(exc).__name__, "message": str(exc).replace("\x00", "\\x00")}
         if current is not None and current.attempts:
             error["attempts"] = current.attempts
         self.store.reject(call.promise_id, error, defer_sync=self._defer(False))

@@ -1,6 +1,7 @@
 """The PromiseStore contract (store/base.py), run against every backend.
 
-A new backend is "pass this suite": add it to BACKENDS. File specifics (lines, reopening the
+A new backend is "pass this suite": add it to BACKENDS (the fixtures `backend` and `place`
+are in conftest.py). File specifics (lines, reopening the
 file, torn tails) are in the test_jsonl*.py files.
 """
 
@@ -30,17 +31,14 @@ BACKENDS = {
         f"jsonl:{tmp / 'promises.jsonl'}", durability="none", exclusive=True, lock_timeout=0.2
     ),
     "memory": lambda tmp: open_store("memory:", lock_timeout=0.2),
+    # `tmp` is a database URL here (see the `place` fixture): a fresh database per test
+    "postgresql": lambda url: open_store(url, lock_timeout=0.2),
 }
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 @pytest.fixture
-def store(backend: str, tmp_path: Path) -> Iterator[PromiseStore]:
-    with BACKENDS[backend](tmp_path) as store:
+def store(backend: str, place: Path | str) -> Iterator[PromiseStore]:
+    with BACKENDS[backend](place) as store:
         yield store
 
 
@@ -245,6 +243,23 @@ def test_a_value_json_cannot_hold_names_the_promise_and_where_and_writes_nothing
     assert store.get("a").state is State.PENDING and store.get("b") is None
 
 
+def test_numbers_come_back_exactly(store: PromiseStore) -> None:
+    numbers = [1e20, -1.5e-7, 0.1, 1.0, 5e-324, 1.7976931348623157e308, 2**63 - 1, -(2**63), 0]
+    store.create("a", None)
+    store.resolve("a", {"n": numbers, "text": "1e5 \\u0000"})
+    value = store.list()[0].value  # read back from where it is kept
+    assert value == {"n": numbers, "text": "1e5 \\u0000"}
+    assert [type(n) for n in value["n"]] == [type(n) for n in numbers]
+
+
+@pytest.mark.parametrize("value", ["a\x00b", {"k\x00": 1}])
+def test_a_nul_character_is_refused_by_every_backend(store: PromiseStore, value: object) -> None:
+    store.create("a", None)
+    with pytest.raises(UnstorableValueError, match="NUL character"):
+        store.resolve("a", value)
+    assert store.get("a").state is State.PENDING
+
+
 @pytest.mark.parametrize("bad", [None, 7, b"a", ""])
 def test_an_id_that_is_not_a_non_empty_str_is_refused(store: PromiseStore, bad: object) -> None:
     with pytest.raises(TypeError, match="non-empty str"):
@@ -258,11 +273,11 @@ def test_an_error_must_be_a_json_object(store: PromiseStore) -> None:
         store.reject("a", "just text")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("backend", ["jsonl-shared", "memory"])  # an exclusive store owns all
+@pytest.mark.parametrize("backend", ["jsonl-shared", "memory", "postgresql"])  # an exclusive one owns all
 def test_own_is_exclusive_per_root_and_released_on_exit(
-    store: PromiseStore, backend: str, tmp_path: Path
+    store: PromiseStore, backend: str, place: Path | str
 ) -> None:
-    other = store if backend == "memory" else BACKENDS[backend](tmp_path)
+    other = store if backend == "memory" else BACKENDS[backend](place)
     outcome: list[BaseException | None] = []
 
     def contend(root: str) -> None:
@@ -284,8 +299,8 @@ def test_own_is_exclusive_per_root_and_released_on_exit(
         pass
 
 
-def test_close_is_idempotent_and_the_store_is_a_context_manager(backend: str, tmp_path: Path) -> None:
-    with BACKENDS[backend](tmp_path) as store:
+def test_close_is_idempotent_and_the_store_is_a_context_manager(backend: str, place: Path | str) -> None:
+    with BACKENDS[backend](place) as store:
         store.create("a", 1)
     store.close()
     store.close()
@@ -309,8 +324,8 @@ def test_every_call_refuses_an_id_that_is_not_a_str(store: PromiseStore, call: s
         getattr(store, call)(123, *args.get(call, ()))
 
 
-def test_a_closed_store_refuses_every_call(backend: str, tmp_path: Path) -> None:
-    store = BACKENDS[backend](tmp_path)
+def test_a_closed_store_refuses_every_call(backend: str, place: Path | str) -> None:
+    store = BACKENDS[backend](place)
     store.create("a", 1)
     store.close()
     for call in (lambda: store.create("b", 1), lambda: store.get("a"), lambda: store.list(),

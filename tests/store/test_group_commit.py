@@ -38,14 +38,10 @@ from store import (
 SAFETY_TIMEOUT_S = 60.0  # only so that a broken store fails a test instead of hanging it
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 @pytest.fixture
-def any_store(backend: str, tmp_path: Path) -> Iterator[PromiseStore]:
-    with BACKENDS[backend](tmp_path) as s:
+def any_store(backend: str, place: Path | str) -> Iterator[PromiseStore]:
+    """The contract suite's store (named apart from the `store` package this module imports)."""
+    with BACKENDS[backend](place) as s:
         yield s
 
 
@@ -83,9 +79,9 @@ def test_a_deferred_settle_follows_the_rules_of_every_settle(
 
 
 def test_sync_with_nothing_to_sync_is_harmless_and_a_closed_store_refuses_it(
-    backend: str, tmp_path: Path
+    backend: str, place: Path | str
 ) -> None:
-    s = BACKENDS[backend](tmp_path)
+    s = BACKENDS[backend](place)
     s.sync()
     s.close()
     with pytest.raises(StoreError, match="is closed"):

@@ -1,0 +1,546 @@
+"""The PostgreSQL promise store: many machines share one import through one database.
+
+One row per promise (`promises`, values as jsonb), a lease per root workflow (`leases`), and
+the steps a fleet claims (`tasks`, see pg_tasks.py); the tables are made on first use
+(pg_schema.py). Every call is one statement, in autocommit mode, on a pooled connection:
+
+- **Fencing.** `own(root)` takes the root's lease (owner, epoch, expires_at) and a heartbeat
+  thread renews it. Every write under an owned root joins the lease row `FOR SHARE` in the same
+  statement, so it happens only while this owner's epoch is current and unexpired: a takeover
+  (which bumps the epoch) waits for writes in flight and refuses the rest, and a driver that
+  was paused past its lease and resumes writes nothing (FencedError). A lease once lost stays
+  lost for this store object.
+- **Durability.** Settles commit synchronously (the commit waits for the server's WAL flush;
+  the server flushes commits that arrive together once: group commit). Creations, attempts and
+  deferred settles commit asynchronously (`synchronous_commit = off`): they survive a kill of
+  the client at once, and a crash of the server once a later synchronous commit (or `sync()`)
+  flushed the WAL past them, as the contract allows.
+- **The owner's view.** Only the owner of a root creates promises under it, so the owner reads
+  them from memory (loaded when it takes the lease) and holds a new creation back until its
+  next write under the root, which writes both in one statement: a step's creation and first
+  attempt cost one round trip. Settles made by others (a fleet's executors) are read again when
+  waited for (`refresh`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg.types.json
+import psycopg_pool
+
+from .base import PromiseStore
+from .errors import StoreError, StoreWriteError, WorkflowBusyError
+from .indexed import storable
+from .jsonl import Durability
+from .log import check_attempt, check_create, check_error, check_reopen, check_settle
+from .pg_schema import ensure_schema
+from .promise import Promise, State
+
+log = logging.getLogger("store.pg")
+
+DEFAULT_LEASE_S = 5.0  # a dead driver's root is taken over within this (plus one poll)
+_RENEWALS_PER_LEASE = 3
+_TAKE_POLL_S = 0.1
+_COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"
+_FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = %(root)s AND epoch = %(epoch)s "
+          "AND expires_at > now() FOR SHARE)")
+_NO_FENCE = "fence AS (SELECT 1)"
+_LAST_CHAR = "\U0010ffff"  # above every other character in the ids' byte order (COLLATE "C")
+
+
+class FencedError(StoreError):
+    """This process no longer holds the lease of a root workflow (it expired, or another driver
+    took it over): it must not write anything under it. Run again to take the lease anew."""
+
+    def __init__(self, where: str, root: str, why: str) -> None:
+        super().__init__(f"{where}: lost the lease of workflow {root} ({why}); nothing more was written")
+        self.root = root
+
+
+@dataclass
+class _Lease:
+    root: str
+    owner: str
+    epoch: int
+    lost: str | None = None  # why, once the lease is lost
+    held: dict[str, Promise] = field(default_factory=dict)  # creations not written yet, in order
+
+
+def to_jsonb(value: Any) -> str:
+    """A normalized JSON value as text that jsonb keeps exactly: jsonb stores numbers as
+    numeric, which prints `1e20` back as `100000000000000000000` (an int to a JSON reader), so
+    floats are written in positional notation, which keeps their decimal point."""
+    text = orjson.dumps(value).decode()
+    if "e" not in text and "E" not in text:
+        return text
+    return _NUMBER_OR_STRING.sub(_positional, text)
+
+
+_NUMBER_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?[eE][-+]?\d+')
+
+
+def _positional(match: re.Match[str]) -> str:
+    token = match.group()
+    if token.startswith('"'):
+        return token
+    text = format(Decimal(token), "f")  # the same shortest digits, without the exponent
+    return text if "." in text else f"{text}.0"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+class PgStore(PromiseStore):
+    """Durable promises in PostgreSQL; threads of a process may share one (a pool of connections)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: Durability | str = Durability.FULL,
+        lock_timeout: float = 30.0,
+        lease_s: float = DEFAULT_LEASE_S,
+        pool_size: int = 16,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.where = redact(url)
+        self.lease_s = lease_s
+        self._lock_timeout = lock_timeout
+        durable = Durability(durability) is Durability.FULL
+        self._closed = False
+        self._mutex = threading.RLock()
+        self._leases: dict[str, _Lease] = {}
+        self._cache: dict[str, Promise] = {}  # the promises under owned roots
+        self._renewing = threading.Event()  # set: stop the heartbeat
+        self._heartbeat: threading.Thread | None = None
+        self._safe = self._pool(pool_size, connect_timeout, synchronous=durable)
+        try:
+            self._fast = self._pool(pool_size, connect_timeout, synchronous=False)
+            with self._errors("making the store's tables", write=True), self._safe.connection() as conn:
+                ensure_schema(conn, self.where)
+        except BaseException:
+            self._safe.close()
+            if hasattr(self, "_fast"):
+                self._fast.close()
+            raise
+
+    def _pool(self, size: int, timeout: float, *, synchronous: bool) -> psycopg_pool.ConnectionPool:
+        def configure(conn: psycopg.Connection) -> None:
+            psycopg.types.json.set_json_loads(orjson.loads, conn)
+            if not synchronous:
+                conn.execute("SET synchronous_commit = off")
+
+        pool = psycopg_pool.ConnectionPool(
+            self.url, min_size=1, max_size=size, open=False, configure=configure, timeout=timeout,
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
+        )
+        try:
+            pool.open(wait=True, timeout=timeout)
+        except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
+            pool.close()
+            raise StoreError(f"{self.where}: cannot connect to PostgreSQL ({exc})") from None
+        return pool
+
+    def __repr__(self) -> str:
+        return f"PgStore({self.where})"
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def create(self, promise_id: str, param: Any) -> Promise:
+        self._check(promise_id)
+        param = storable(promise_id, "param", param)
+        lease = self._lease_of(promise_id)
+        if lease is not None:
+            with self._mutex:
+                known = lease.held.get(promise_id) or self._cache.get(promise_id)
+                if known is not None:
+                    check_create(_entry(known), promise_id, param)
+                    return known
+                self._check_held(lease)
+                promise = Promise(promise_id, param, created_at=time.time())
+                lease.held[promise_id] = promise  # written with its first attempt, or sooner
+                return promise
+        row = self._one(self._fast, "creating", promise_id, lease,
+                        f"INSERT INTO promises (id, param, created_at) SELECT %(id)s, %(param)s::jsonb, "
+                        f"%(t)s FROM fence ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}",
+                        id=promise_id, param=to_jsonb(param), t=time.time())
+        if row is not None:
+            return row
+        existing = self._select(promise_id)
+        check_create(_entry(existing), promise_id, param)
+        return existing
+
+    def start_attempt(self, promise_id: str) -> int:
+        self._check(promise_id)
+        lease = self._lease_of(promise_id)
+        if lease is not None:
+            with self._mutex:
+                if promise_id in lease.held:
+                    return self._write_held(lease, first_attempt=promise_id).attempts
+                known = self._cache.get(promise_id)
+                check_attempt(None if known is None else _entry(known), promise_id)
+        row = self._one(self._fast, "starting an attempt of", promise_id, lease,
+                        f"UPDATE promises SET attempts = attempts + 1 FROM fence "
+                        f"WHERE id = %(id)s AND state = 'pending' RETURNING {_COLUMNS}", id=promise_id)
+        if row is None:
+            check_attempt(_entry(self._explain(promise_id, lease)), promise_id)
+            raise AssertionError("unreachable: a pending promise's attempt was not written")
+        return row.attempts
+
+    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
+        self._check(promise_id)
+        value = storable(promise_id, "value", value)
+        return self._settle(promise_id, State.RESOLVED, value, defer_sync)
+
+    def reject(
+        self, promise_id: str, error: dict[str, Any] | BaseException, *, defer_sync: bool = False
+    ) -> Promise:
+        self._check(promise_id)
+        if isinstance(error, BaseException):
+            error = {"type": type(error).__name__, "message": str(error)}
+        error = storable(promise_id, "error", error)
+        check_error(promise_id, error)
+        return self._settle(promise_id, State.REJECTED, error, defer_sync)
+
+    def reopen(self, promise_id: str, reason: str) -> Promise:
+        self._check(promise_id)
+        lease = self._write_held_of(promise_id)
+        row = self._one(self._safe, "reopening", promise_id, lease,
+                        "UPDATE promises SET state = 'pending', attempts_at_reopen = attempts, "
+                        "error = NULL, settled_at = NULL, reopened = reopened || jsonb_build_array("
+                        "jsonb_build_object('error', error, 'reason', %(reason)s::text, 't', %(t)s::float8)) "
+                        f"FROM fence WHERE id = %(id)s AND state = 'rejected' RETURNING {_COLUMNS}",
+                        id=promise_id, reason=reason, t=time.time()) if type(reason) is str else None
+        if row is None:
+            check_reopen(_entry(self._explain(promise_id, lease)), promise_id, reason)
+            raise AssertionError("unreachable: a rejected promise was not reopened")
+        return row
+
+    def sync(self) -> None:
+        """A transaction that takes a transaction id commits synchronously: it waits for the WAL
+        to be flushed past itself, and so past every asynchronous commit before it."""
+        self._check_open()
+        with self._errors("syncing", write=True), self._safe.connection() as conn:
+            conn.execute("SELECT pg_current_xact_id()")
+
+    def get(self, promise_id: str) -> Promise | None:
+        self._check(promise_id)
+        lease = self._lease_of(promise_id)
+        if lease is not None:
+            with self._mutex:
+                return lease.held.get(promise_id) or self._cache.get(promise_id)
+        return self._select(promise_id)
+
+    def list(self, prefix: str = "") -> list[Promise]:
+        self._check_open()
+        for lease in list(self._leases.values()):
+            self._write_held(lease)
+        with self._errors("listing promises"), self._fast.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM promises WHERE id >= %s AND id < %s ORDER BY seq",
+                (prefix, prefix + _LAST_CHAR),
+            ).fetchall()
+        return [_promise(row) for row in rows if row[0].startswith(prefix)]
+
+    def refresh(self, promise_ids: list[str]) -> list[Promise]:
+        """The promises as the database has them now (settled by others meanwhile, perhaps);
+        the owner's view of them is brought up to date."""
+        self._check_open()
+        with self._errors("reading promises"), self._fast.connection() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM promises WHERE id = ANY(%s)",
+                                (promise_ids,)).fetchall()
+        promises = [_promise(row) for row in rows]
+        for promise in promises:
+            self._remember(promise)
+        return promises
+
+    def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
+        return self._owning(root_id)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            for lease in list(self._leases.values()):
+                if lease.lost is None:
+                    self._write_held(lease)
+        finally:
+            self._closed = True
+            self._renewing.set()
+            if self._heartbeat is not None:
+                self._heartbeat.join()
+            self._fast.close()
+            self._safe.close()
+
+    # -- ownership -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _owning(self, root: str) -> Iterator[None]:
+        self._check_open()
+        if root in self._leases:
+            raise WorkflowBusyError(root, f"this process ({self._leases[root].owner})")
+        lease = self._take(root)
+        with self._mutex:
+            self._leases[root] = lease
+        try:
+            with self._errors("reading the workflow"), self._fast.connection() as conn:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM promises WHERE id = %s OR (id >= %s AND id < %s)",
+                    (root, f"{root}.", f"{root}.{_LAST_CHAR}"),
+                ).fetchall()
+            for row in rows:
+                self._cache[row[0]] = _promise(row)
+            self._start_heartbeat()
+            yield
+        finally:
+            try:
+                if lease.lost is None and not self._closed:
+                    self._write_held(lease)
+                    self._release(lease)
+            finally:
+                with self._mutex:
+                    del self._leases[root]
+                    for pid in [p for p in self._cache if _under(p, root)]:
+                        del self._cache[pid]
+
+    def _take(self, root: str) -> _Lease:
+        """The root's lease, once it is free or expired (the epoch bumped); WorkflowBusyError
+        naming the holder after the lock timeout."""
+        owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + self._lock_timeout
+        while True:
+            with self._errors("taking the workflow's lease", write=True), self._safe.connection() as conn:
+                taken = conn.execute(
+                    "INSERT INTO leases AS l "
+                    "VALUES (%(root)s, %(owner)s, 1, now() + %(s)s * interval '1 second') "
+                    "ON CONFLICT (root) DO UPDATE SET owner = excluded.owner, epoch = l.epoch + 1, "
+                    "expires_at = excluded.expires_at WHERE l.expires_at <= now() RETURNING epoch",
+                    {"root": root, "owner": owner, "s": self.lease_s},
+                ).fetchone()
+                if taken is not None:
+                    return _Lease(root, owner, taken[0])
+                holder = conn.execute(
+                    "SELECT owner, extract(epoch FROM expires_at - now()) FROM leases WHERE root = %s",
+                    (root,),
+                ).fetchone()
+            if time.monotonic() >= deadline:
+                left = f"; its lease ends in {holder[1]:.1f} s unless renewed" if holder else ""
+                raise WorkflowBusyError(root, f"{holder[0] if holder else 'unknown'}{left}")
+            time.sleep(_TAKE_POLL_S)
+
+    def _release(self, lease: _Lease) -> None:
+        """Let the next owner take over at once instead of waiting for the lease to expire."""
+        with self._errors("releasing the workflow's lease", write=True), self._safe.connection() as conn:
+            conn.execute("UPDATE leases SET expires_at = now() WHERE root = %s AND epoch = %s",
+                         (lease.root, lease.epoch))
+
+    def _start_heartbeat(self) -> None:
+        with self._mutex:
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._renew_leases, name="lease", daemon=True)
+                self._heartbeat.start()
+
+    def _renew_leases(self) -> None:
+        """Renew every owned lease a few times per lease period. One that cannot be renewed
+        (expired while this process was stopped, or taken over) is lost for good."""
+        while not self._renewing.wait(self.lease_s / _RENEWALS_PER_LEASE):
+            for lease in list(self._leases.values()):
+                if lease.lost is not None:
+                    continue
+                try:
+                    with self._safe.connection() as conn:
+                        renewed = conn.execute(
+                            "UPDATE leases SET expires_at = now() + %s * interval '1 second' "
+                            "WHERE root = %s AND epoch = %s AND expires_at > now() RETURNING 1",
+                            (self.lease_s, lease.root, lease.epoch),
+                        ).fetchone()
+                except psycopg.Error as exc:  # the next renewal may get through; writes are fenced anyway
+                    log.warning("%s: could not renew the lease of %s (%s)", self.where, lease.root, exc)
+                    continue
+                if renewed is None:
+                    self._lose(lease)
+
+    def _lose(self, lease: _Lease) -> str:
+        """Why the lease is no longer ours, as the database tells; it is lost from now on."""
+        with self._safe.connection() as conn:
+            row = conn.execute("SELECT owner, epoch, expires_at > now() FROM leases WHERE root = %s",
+                               (lease.root,)).fetchone()
+        if row is None or (row[1] == lease.epoch and not row[2]):
+            why = f"it expired (epoch {lease.epoch})"
+        else:
+            why = f"{row[0]} took it over (epoch {row[1]})"
+        lease.lost = lease.lost or why
+        log.warning("%s: %s", self.where, FencedError(self.where, lease.root, lease.lost))
+        return lease.lost
+
+    def _lease_of(self, promise_id: str) -> _Lease | None:
+        """The owned lease `promise_id` falls under, if any (refused at once if lost)."""
+        for root, lease in self._leases.items():
+            if _under(promise_id, root):
+                if lease.lost is not None:
+                    raise FencedError(self.where, root, lease.lost)
+                return lease
+        return None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _settle(self, promise_id: str, state: State, outcome: Any, defer_sync: bool) -> Promise:
+        lease = self._write_held_of(promise_id)
+        value, error = (outcome, None) if state is State.RESOLVED else (None, outcome)
+        row = self._one(self._fast if defer_sync else self._safe, "settling", promise_id, lease,
+                        "UPDATE promises SET state = %(state)s, value = %(value)s::jsonb, "
+                        "error = %(error)s::jsonb, settled_at = %(t)s FROM fence "
+                        f"WHERE id = %(id)s AND state = 'pending' RETURNING {_COLUMNS}",
+                        id=promise_id, state=state.value, t=time.time(),
+                        value=None if value is None else to_jsonb(value),
+                        error=None if error is None else to_jsonb(error))
+        if row is not None:
+            return row
+        existing = self._explain(promise_id, lease)
+        if check_settle(None if existing is None else _entry(existing), promise_id, state, outcome):
+            raise AssertionError("unreachable: a pending promise was not settled")
+        return existing
+
+    def _write_held_of(self, promise_id: str) -> _Lease | None:
+        """Before a write under an owned root, the creations held back there."""
+        lease = self._lease_of(promise_id)
+        if lease is not None:
+            self._write_held(lease)
+        return lease
+
+    def _write_held(self, lease: _Lease, first_attempt: str | None = None) -> Promise | None:
+        """Write the creations held back under `lease`, in order, in one statement; the one
+        `first_attempt` names is written with its first attempt, and returned."""
+        with self._mutex:
+            if not lease.held:
+                return None
+            held = list(lease.held.values())
+            rows = self._many(
+                lease, "INSERT INTO promises (id, param, created_at, attempts) "
+                "SELECT v.id, v.param, v.t, v.n FROM unnest(%(ids)s::text[], %(params)s::jsonb[], "
+                "%(ts)s::float8[], %(ns)s::int[]) WITH ORDINALITY AS v(id, param, t, n, o), fence "
+                f"ORDER BY v.o RETURNING {_COLUMNS}",
+                ids=[p.id for p in held], params=[to_jsonb(p.param) for p in held],
+                ts=[p.created_at for p in held], ns=[int(p.id == first_attempt) for p in held],
+            )
+            lease.held.clear()
+            return next((p for p in rows if p.id == first_attempt), None)
+
+    def _one(self, pool: psycopg_pool.ConnectionPool, action: str, promise_id: str,
+             lease: _Lease | None, sql: str, **params: Any) -> Promise | None:
+        """Run one fenced statement that returns the promise it wrote (None if it wrote nothing)."""
+        fence = _FENCE if lease is not None else _NO_FENCE
+        if lease is not None:
+            params.update(root=lease.root, epoch=lease.epoch)
+        with self._errors(f"{action} promise {promise_id}", write=True), pool.connection() as conn:
+            row = conn.execute(f"WITH {fence} {sql}", params).fetchone()
+        if row is None:
+            return None
+        promise = _promise(row)
+        self._remember(promise)
+        return promise
+
+    def _many(self, lease: _Lease, sql: str, **params: Any) -> list[Promise]:
+        params.update(root=lease.root, epoch=lease.epoch)
+        with self._errors("creating promises", write=True), self._fast.connection() as conn:
+            rows = conn.execute(f"WITH {_FENCE} {sql}", params).fetchall()
+        if len(rows) != len(params["ids"]):
+            self._explain(params["ids"][0], lease)  # raises FencedError if that was why
+            missing = len(params["ids"]) - len(rows)
+            raise StoreWriteError(f"{self.where}: {missing} held creations were not written")
+        promises = [_promise(row) for row in rows]
+        for promise in promises:
+            self._remember(promise)
+        return promises
+
+    def _explain(self, promise_id: str, lease: _Lease | None) -> Promise | None:
+        """After a write that wrote nothing: FencedError if the lease is why, else the promise
+        as it stands (for the contract's checks to say what is wrong)."""
+        if lease is not None:
+            with self._errors("checking the workflow's lease"):
+                why = self._lose(lease) if not self._lease_is_current(lease) else None
+            if why is not None:
+                raise FencedError(self.where, lease.root, why)
+        promise = self._select(promise_id)
+        if promise is not None:
+            self._remember(promise)
+        return promise
+
+    def _lease_is_current(self, lease: _Lease) -> bool:
+        with self._safe.connection() as conn:
+            row = conn.execute("SELECT 1 FROM leases WHERE root = %s AND epoch = %s AND expires_at > now()",
+                               (lease.root, lease.epoch)).fetchone()
+        return row is not None
+
+    def _check_held(self, lease: _Lease) -> None:
+        if lease.lost is not None:
+            raise FencedError(self.where, lease.root, lease.lost)
+
+    def _remember(self, promise: Promise) -> None:
+        """Keep the owner's view of its own roots up to date."""
+        for root in self._leases:
+            if _under(promise.id, root):
+                self._cache[promise.id] = promise
+                return
+
+    def _select(self, promise_id: str) -> Promise | None:
+        with self._errors(f"reading promise {promise_id}"), self._fast.connection() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM promises WHERE id = %s", (promise_id,)).fetchone()
+        return None if row is None else _promise(row)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, *, write: bool = False) -> Iterator[None]:
+        """A database failure as the store's own error, naming the database and the action."""
+        try:
+            yield
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            kind = StoreWriteError if write else StoreError
+            raise kind(f"{self.where}: {action} failed ({type(exc).__name__}: {exc})") from exc
+
+    def _check(self, promise_id: Any) -> None:
+        self._check_open()
+        if type(promise_id) is not str or not promise_id:
+            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+
+
+def _under(promise_id: str, root: str) -> bool:
+    """Whether `promise_id` is the root workflow `root` or one of its calls (ids are
+    `<parent>.<n>`, and a root id has no dot)."""
+    return promise_id == root or (promise_id.startswith(root) and promise_id[len(root)] == ".")
+
+
+def _promise(row: tuple[Any, ...]) -> Promise:
+    pid, param, state, value, error, attempts, reopened, created, settled = row
+    return Promise(pid, param, State(state), value, error, attempts, reopened, created, settled)
+
+
+def _entry(promise: Promise | None) -> list[Any] | None:
+    """A promise as log.py's rules take it."""
+    return None if promise is None else list(promise[1:])
+
