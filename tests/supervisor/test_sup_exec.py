@@ -178,7 +178,7 @@ def test_exec_imports_no_application_module(tmp_path: Path) -> None:
 
 def test_a_store_url_that_names_no_backend_is_a_usage_line_not_a_traceback(tmp_path: Path) -> None:
     for url, says in [("foo:bar", "unknown store URL scheme 'foo'"),
-                      ("postgresql://h/db", "the PostgreSQL store is not built yet"),
+                      ("postgresql:h/db", "a PostgreSQL URL reads postgresql://"),
                       ("jsonl:", "jsonl: needs a path")]:
         done = supervisor(tmp_path, "status", "--id", ROOT, "--store", url)
         assert done.returncode == 2, done.describe()
