@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -35,7 +34,6 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -48,7 +46,9 @@ from .errors import StoreError, StoreWriteError, WorkflowBusyError
 from .indexed import storable
 from .jsonl import Durability
 from .log import check_attempt, check_create, check_error, check_reopen, check_settle
+from .pg_json import to_jsonb
 from .pg_schema import ensure_schema
+from .pg_tasks import TaskQueue
 from .promise import Promise, State
 
 log = logging.getLogger("store.pg")
@@ -81,27 +81,6 @@ class _Lease:
     held: dict[str, Promise] = field(default_factory=dict)  # creations not written yet, in order
 
 
-def to_jsonb(value: Any) -> str:
-    """A normalized JSON value as text that jsonb keeps exactly: jsonb stores numbers as
-    numeric, which prints `1e20` back as `100000000000000000000` (an int to a JSON reader), so
-    floats are written in positional notation, which keeps their decimal point."""
-    text = orjson.dumps(value).decode()
-    if "e" not in text and "E" not in text:
-        return text
-    return _NUMBER_OR_STRING.sub(_positional, text)
-
-
-_NUMBER_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?[eE][-+]?\d+')
-
-
-def _positional(match: re.Match[str]) -> str:
-    token = match.group()
-    if token.startswith('"'):
-        return token
-    text = format(Decimal(token), "f")  # the same shortest digits, without the exponent
-    return text if "." in text else f"{text}.0"
-
-
 def redact(url: str) -> str:
     """The URL without its password, for messages."""
     parts = urllib.parse.urlsplit(url)
@@ -111,7 +90,7 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-class PgStore(PromiseStore):
+class PgStore(TaskQueue, PromiseStore):
     """Durable promises in PostgreSQL; threads of a process may share one (a pool of connections)."""
 
     def __init__(
@@ -451,16 +430,22 @@ class PgStore(PromiseStore):
     def _one(self, pool: psycopg_pool.ConnectionPool, action: str, promise_id: str,
              lease: _Lease | None, sql: str, **params: Any) -> Promise | None:
         """Run one fenced statement that returns the promise it wrote (None if it wrote nothing)."""
-        fence = _FENCE if lease is not None else _NO_FENCE
-        if lease is not None:
-            params.update(root=lease.root, epoch=lease.epoch)
-        with self._errors(f"{action} promise {promise_id}", write=True), pool.connection() as conn:
-            row = conn.execute(f"WITH {fence} {sql}", params).fetchone()
+        row = self._fenced(pool, f"{action} promise {promise_id}", lease, sql, params)
         if row is None:
             return None
         promise = _promise(row)
         self._remember(promise)
         return promise
+
+    def _fenced(self, pool: psycopg_pool.ConnectionPool, action: str, lease: _Lease | None,
+                sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Run `sql` after `WITH fence AS (...)`: the lease row, shared-locked, if `lease` is
+        given (join `fence` to write only while it is current); its first row, if any."""
+        fence = _FENCE if lease is not None else _NO_FENCE
+        if lease is not None:
+            params.update(root=lease.root, epoch=lease.epoch)
+        with self._errors(action, write=True), pool.connection() as conn:
+            return conn.execute(f"WITH {fence} {sql}", params).fetchone()
 
     def _many(self, lease: _Lease, sql: str, **params: Any) -> list[Promise]:
         params.update(root=lease.root, epoch=lease.epoch)

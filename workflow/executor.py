@@ -21,6 +21,10 @@ class StepExecutor(abc.ABC):
     """Runs step functions for a runner; `capacity` of them at once (one per calling thread)."""
 
     capacity: int = 1
+    # True for an executor that settles the steps it runs itself (a PostgreSQL fleet, where a
+    # step's writes and its resolve are one transaction): the runner hands it the whole step
+    # (`settle_remotely(promise_id, policy) -> Promise`) and replays the promise it returns.
+    settles: bool = False
 
     @abc.abstractmethod
     def run(

@@ -102,6 +102,7 @@ class Runner:
         sleep: Callable[[float], Any] = time.sleep,
         workers: int = 1,
         setup: Setup | None = None,
+        fleet: StepExecutor | None = None,
     ) -> None:
         if type(workers) is not int or workers < 1:
             raise ValueError(f"workers must be a whole number of at least 1, not {workers!r}")
@@ -109,6 +110,7 @@ class Runner:
         self.policy = retry or RetryPolicy()
         self.dependencies = dict(dependencies or {})
         self.workers = workers
+        self._fleet = fleet
         self._setup = setup
         self._on_event = on_event
         self._should_stop = should_stop
@@ -136,7 +138,7 @@ class Runner:
     def _driver_dependencies(self) -> Iterator[dict[str, Any]]:
         """Given `setup`, no `dependencies` and no pool, the driver's steps get theirs from
         `setup` (with a pool, every step runs in a step process, which enters `setup` itself)."""
-        if self._setup is None or self.dependencies or self.workers > 1:
+        if self._setup is None or self.dependencies or self.workers > 1 or self._fleet is not None:
             yield self.dependencies
             return
         with self._setup() as dependencies:
@@ -155,10 +157,13 @@ class Runner:
     def _step_processes(self, run: _RunState) -> Iterator[None]:
         """The run's state for this thread, and its pool and step threads (forked before any
         step thread exists)."""
-        if self.workers > 1:
+        if self._fleet is not None:
+            run.pool = self._fleet
+        elif self.workers > 1:
             run.pool = ProcessPool(self.workers, setup=self._setup, dependencies=run.dependencies)
+        if run.pool is not None:
             run.threads = ThreadPoolExecutor(
-                self.workers, thread_name_prefix="step", initializer=self._serve, initargs=(run,)
+                run.pool.capacity, thread_name_prefix="step", initializer=self._serve, initargs=(run,)
             )
         outer = getattr(self._runs, "state", None)  # a Runner may run again inside a step
         self._runs.state = run
@@ -275,7 +280,7 @@ class Runner:
 
     def _drive(self, call: Call, entry: Registered) -> Any:
         """Step a generator through its durable calls, feeding back results or errors."""
-        ctx = Context(call.promise_id, self.workers)
+        ctx = Context(call.promise_id, self._fleet.capacity if self._fleet else self.workers)
         try:
             gen = entry.fn(ctx, *call.args, **call.kwargs)
         except TypeError as exc:  # making a generator runs none of its code: the arguments
@@ -531,6 +536,14 @@ class Runner:
 
     def _execute_step(self, call: Call, entry: Registered, promise: Promise) -> Any:
         policy = call.retry or self.policy
+        pool = self._runs.state.pool
+        if pool is not None and pool.settles:  # a fleet runs it, and settles it, elsewhere
+            settled = pool.settle_remotely(call.promise_id, policy)
+            if settled.state is State.RESOLVED:
+                self._emit("resolved", call, entry)
+                return _own(settled.value)
+            self._emit("rejected", call, entry, error=f"{settled.error['type']}: {settled.error['message']}")
+            raise StepError(call.promise_id, entry.name, settled.error)
         found = self._recover(call, entry, promise.attempts)
         if found is not None:  # the dead attempt's effect is durable: no attempt is spent
             return self._resolve(call, entry, found)

@@ -1,0 +1,207 @@
+"""Steps as tasks a fleet claims: the PostgreSQL store's queue (a mixin of PgStore).
+
+The driver enqueues a begun step (`enqueue`, fenced by its lease); executors on any machine
+`claim` the oldest ready task with `FOR UPDATE SKIP LOCKED`, which counts the attempt in the
+same statement, and hold it under a claim lease they renew (`renew_claim`). A claim that
+expires (its executor died or was stopped) is claimed again and its attempt stays counted.
+
+Each claim bumps the task's `claim` number, which fences the claimer: a step runs in a
+transaction (`step_transaction`) that `finish_claim` closes by marking the task done and
+resolving its promise only if the claim is still the current one, so a step's own writes, its
+task and its promise commit together or not at all, and a claimer that lost its claim (paused
+past it) commits nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from .errors import StoreError
+from .indexed import storable
+from .pg_json import to_jsonb
+from .promise import Promise
+
+# A step transaction left idle this many claim periods (its executor stopped) is ended by the
+# server, so the rows it locked do not hold up the executor that claims the step next.
+IDLE_CLAIMS_BEFORE_ABORT = 2
+
+
+class ClaimLostError(Exception):
+    """The claim expired and another executor claimed the step (or it was settled meanwhile):
+    this executor's transaction was rolled back and must not be retried by it."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed step: its promise's id and param, the task's spec, this claim's number, and
+    the attempt it is (counted in the promise; `since_reopen` against the retry budget)."""
+
+    promise_id: str
+    param: dict[str, Any]
+    spec: dict[str, Any]
+    token: int
+    attempt: int | None  # None: the promise was settled already (the task is stale)
+    since_reopen: int
+
+
+class TaskQueue:
+    """The task queue over the store's connection pools (see PgStore)."""
+
+    _safe: psycopg_pool.ConnectionPool
+    _fast: psycopg_pool.ConnectionPool
+
+    def enqueue(self, promise_id: str, spec: dict[str, Any]) -> None:
+        """Make the step `promise_id` claimable (once: again is a no-op). Only the driver
+        enqueues, under its lease; the step's creation, held back until now, is written first."""
+        lease = self._write_held_of(promise_id)
+        if lease is None:
+            raise StoreError(f"{self.where}: enqueue {promise_id} under its workflow's lease (own())")
+        written = self._fenced(self._fast, f"enqueueing {promise_id}", lease,
+                               "INSERT INTO tasks (promise_id, root, spec) SELECT %(id)s, %(root)s, "
+                               "%(spec)s::jsonb FROM fence ON CONFLICT (promise_id) DO NOTHING RETURNING 1",
+                               {"id": promise_id, "spec": _jsonb(promise_id, spec)})
+        if written is None:
+            self._explain(promise_id, lease)  # FencedError if the lease is why; else enqueued before
+
+    def claim(self, roots: list[str], owner: str, claim_s: float) -> Claim | None:
+        """The oldest ready step of these root workflows, claimed for `claim_s` seconds with
+        its attempt counted; None when none is ready."""
+        with self._errors("claiming a step", write=True), self._fast.connection() as conn:
+            row = conn.execute(_CLAIM, {"roots": roots, "owner": owner, "s": claim_s}).fetchone()
+        if row is None:
+            return None
+        promise_id, spec, token, param, attempts, reopened = row
+        return Claim(promise_id, param, spec, token, attempts, (attempts or 0) - (reopened or 0))
+
+    def renew_claim(self, claim: Claim, claim_s: float) -> bool:
+        """Extend a claim; False if it is no longer this claimer's to extend."""
+        with self._errors("renewing a claim", write=True), self._safe.connection() as conn:
+            row = conn.execute(
+                "UPDATE tasks SET claim_expires_at = now() + %s * interval '1 second' WHERE promise_id = %s "
+                "AND claim = %s AND state = 'claimed' AND claim_expires_at > now() RETURNING 1",
+                (claim_s, claim.promise_id, claim.token),
+            ).fetchone()
+        return row is not None
+
+    @contextlib.contextmanager
+    def step_transaction(self, claim_s: float) -> Iterator[psycopg.Connection]:
+        """A connection whose transaction begins with the step's first statement and commits
+        (durably) when the block ends, or rolls back if it raises. A failure of the database
+        inside the block is the step's failure (retried like any), not the store's."""
+        with self._safe.connection() as conn:
+            idle_ms = int(claim_s * IDLE_CLAIMS_BEFORE_ABORT * 1000)
+            conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                         (str(idle_ms),))
+            conn.autocommit = False
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                if not conn.broken:  # a broken connection's transaction died with it
+                    conn.rollback()
+                raise
+            finally:
+                if not conn.broken:
+                    conn.autocommit = True
+
+    def finish_claim(self, conn: psycopg.Connection, claim: Claim, value: Any) -> None:
+        """In the step's transaction: its task done and its promise resolved with `value`, if
+        the claim is still current; ClaimLostError otherwise (the caller rolls back)."""
+        value = storable(claim.promise_id, "value", value)
+        done, resolved = conn.execute(_FINISH, {
+            "id": claim.promise_id, "claim": claim.token, "value": _jsonb(claim.promise_id, value),
+            "t": time.time(),
+        }).fetchone()
+        if not (done and resolved):
+            raise ClaimLostError(f"{claim.promise_id}: claim {claim.token} is no longer current")
+
+    def fail_claim(self, claim: Claim, error: dict[str, Any], retry_in: float | None) -> bool:
+        """After a failed attempt: the task ready again in `retry_in` seconds, or (None) its
+        promise rejected with `error`; False if the claim was no longer current."""
+        error = storable(claim.promise_id, "error", error)
+        params = {"id": claim.promise_id, "claim": claim.token, "error": _jsonb(claim.promise_id, error),
+                  "delay": retry_in, "t": time.time()}
+        sql = _RETRY_LATER if retry_in is not None else _REJECT
+        with self._errors(f"recording the failure of {claim.promise_id}", write=True), \
+                self._safe.connection() as conn:
+            return conn.execute(sql, params).fetchone()[0] > 0
+
+    def settled(self, promise_ids: list[str]) -> list[Promise]:
+        """Those of the promises that are settled now (by whichever executor)."""
+        return [p for p in self.refresh(promise_ids) if p.settled]
+
+    def describe_workflow(self, root: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Record what a participant needs to run `root` (its application, arguments); the
+        first description stays. Returns the one recorded."""
+        with self._errors(f"describing workflow {root}", write=True), self._safe.connection() as conn:
+            conn.execute("INSERT INTO workflows (root, spec) VALUES (%s, %s::jsonb) ON CONFLICT DO NOTHING",
+                         (root, _jsonb(root, spec)))
+        return self.workflow(root)
+
+    def workflow(self, root: str) -> dict[str, Any] | None:
+        """The description of `root`, or None for a workflow never started here."""
+        with self._errors(f"reading workflow {root}"), self._fast.connection() as conn:
+            row = conn.execute("SELECT spec FROM workflows WHERE root = %s", (root,)).fetchone()
+        return None if row is None else row[0]
+
+
+def _jsonb(promise_id: str, value: Any) -> str:
+    return to_jsonb(storable(promise_id, "task", value))
+
+_CLAIM = """
+WITH c AS (
+    SELECT promise_id FROM tasks
+    WHERE root = ANY(%(roots)s) AND state <> 'done'
+      AND ((state = 'queued' AND not_before <= now()) OR (state = 'claimed' AND claim_expires_at <= now()))
+    ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
+), t AS (
+    UPDATE tasks SET state = 'claimed', claim = tasks.claim + 1, claimed_by = %(owner)s,
+                     claim_expires_at = now() + %(s)s * interval '1 second'
+    FROM c WHERE tasks.promise_id = c.promise_id
+    RETURNING tasks.promise_id, tasks.spec, tasks.claim
+), p AS (
+    UPDATE promises SET attempts = attempts + 1 FROM t
+    WHERE promises.id = t.promise_id AND promises.state = 'pending'
+    RETURNING promises.id, promises.param, promises.attempts, promises.attempts_at_reopen
+)
+SELECT t.promise_id, t.spec, t.claim, p.param, p.attempts, p.attempts_at_reopen
+FROM t LEFT JOIN p ON p.id = t.promise_id
+"""
+
+_FINISH = """
+WITH t AS (
+    UPDATE tasks SET state = 'done', claim_expires_at = NULL
+    WHERE promise_id = %(id)s AND claim = %(claim)s AND state = 'claimed' RETURNING promise_id
+), p AS (
+    UPDATE promises SET state = 'resolved', value = %(value)s::jsonb, settled_at = %(t)s FROM t
+    WHERE promises.id = t.promise_id AND promises.state = 'pending' RETURNING promises.id
+)
+SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM p)
+"""
+
+_RETRY_LATER = """
+WITH t AS (
+    UPDATE tasks SET state = 'queued', not_before = now() + %(delay)s * interval '1 second',
+                     last_error = %(error)s::jsonb, claim_expires_at = NULL
+    WHERE promise_id = %(id)s AND claim = %(claim)s AND state = 'claimed' RETURNING 1
+)
+SELECT count(*) FROM t
+"""
+
+_REJECT = """
+WITH t AS (
+    UPDATE tasks SET state = 'done', last_error = %(error)s::jsonb, claim_expires_at = NULL
+    WHERE promise_id = %(id)s AND claim = %(claim)s AND state = 'claimed' RETURNING promise_id
+), p AS (
+    UPDATE promises SET state = 'rejected', error = %(error)s::jsonb, settled_at = %(t)s FROM t
+    WHERE promises.id = t.promise_id AND promises.state = 'pending' RETURNING 1
+)
+SELECT count(*) FROM t
+"""
