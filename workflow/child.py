@@ -68,6 +68,7 @@ class RunInfo:
     args: tuple[Any, ...]  # the workflow's arguments, decoded from --arg
     state_dir: Path
     durability: Durability
+    store_url: str | None = None  # a PostgreSQL store's URL (its database may hold the sink too)
 
 
 Setup = Callable[[RunInfo], AbstractContextManager[Mapping[str, Any]]]
@@ -109,6 +110,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--workers", type=worker_count, default=1, metavar="N",
                      help="run up to N steps at once, each in a process of the worker's pool")
     run.add_argument("--quiet", action="store_true", help="do not print the result")
+    join = commands.add_parser("join", help="take part in a workflow another machine started in "
+                               "PostgreSQL: run its steps, and drive it if its driver dies")
+    join.add_argument("--store", type=pg_store_url, required=True, metavar="URL",
+                      help="the PostgreSQL store the workflow was started in")
+    join.add_argument("--id", type=root_id, required=True, help="the workflow's id")
+    execute = commands.add_parser("execute", help="(a participant's executor process) claim and "
+                                  "run the workflow's steps until it is settled")
+    execute.add_argument("--store", type=pg_store_url, required=True, metavar="URL")
+    execute.add_argument("--id", type=root_id, required=True)
+    for p in (join, execute):
+        p.add_argument("--state-dir", type=Path, default=None,
+                       help=f"for the application's local files (default {DEFAULT_STATE_DIR})")
+        p.add_argument("--progress-fd", type=int, default=None, help="write step events on this fd")
+        p.add_argument("--durability", choices=[d.value for d in Durability], default="full")
+    join.add_argument("--heartbeat", type=positive_float, default=HEARTBEAT_S, metavar="S",
+                      help="seconds between heartbeat lines on the progress fd")
+    join.add_argument("--max-attempts", type=positive_int, default=RetryPolicy.max_attempts,
+                      help="attempts of a step before it fails for good (for the steps it drives)")
+    join.add_argument("--retry-initial", type=non_negative_float, default=RetryPolicy.initial, metavar="S")
+    join.add_argument("--step-timeout", type=positive_float, default=STEP_TIMEOUT_S, metavar="S")
+    join.add_argument("--workers", type=worker_count, default=1, metavar="N",
+                      help="executor processes this machine adds")
+    join.add_argument("--quiet", action="store_true", help="do not print the result")
     return parser.parse_args(argv)
 
 
@@ -153,6 +177,14 @@ def durable_store_url(text: str) -> str:
     return text
 
 
+def pg_store_url(text: str) -> str:
+    """An argparse type: a PostgreSQL store's URL (only there can machines share a workflow)."""
+    if durable_store_url(text) and parse_store_url(text)[0] != "postgresql":
+        raise argparse.ArgumentTypeError(f"{text}: machines share a workflow only in PostgreSQL; "
+                                         "give a postgresql://... URL")
+    return text
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     try:
@@ -193,9 +225,12 @@ def non_negative_float(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="worker %(process)d: %(message)s")
+    who = "executor" if args.command == "execute" else "worker"
+    logging.basicConfig(level=logging.INFO, format=f"{who} %(process)d: %(message)s")
     stop = _stop_on_signals()
     progress = Progress(args.progress_fd, args.id)
+    if args.command == "execute":
+        return _execute(args, progress, stop)
     progress.send(STARTED, pid=os.getpid())
     progress.start_heartbeat(args.heartbeat)
     try:
@@ -214,16 +249,38 @@ def main(argv: list[str] | None = None) -> int:
     return exitcodes.OK
 
 
+def _execute(args: argparse.Namespace, progress: Progress, should_stop: Callable[[], bool]) -> int:
+    """An executor process: only its steps' events on the progress fd (the participant that
+    started it speaks for the machine), and an error line if it cannot go on."""
+    try:
+        run(args, progress, should_stop)
+    except (TargetError, PermanentError, EngineError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.FATAL
+    return exitcodes.OK
+
+
 def run(args: argparse.Namespace, progress: Progress, should_stop: Callable[[], bool]) -> Any:
     """Import the target, enter the setup hook, open the store and run the workflow to its end
-    (step events on `progress`, whose heartbeat stops while a step process is silent)."""
+    (step events on `progress`, whose heartbeat stops while a step process is silent). On
+    PostgreSQL, the run is this machine's part in it (fleet_child.py)."""
     _import_from_current_directory()
+    if args.command != "run":
+        return _take_part(args, progress, should_stop)
     fn = load(args.target)
     setup = load(args.setup) if args.setup else None
     state_dir = args.state_dir or DEFAULT_STATE_DIR
     if args.store is None or args.state_dir is not None:  # the state dir holds what it was given for
         _make_state_dir(state_dir)
-    info = RunInfo(args.id, tuple(args.arg), state_dir, Durability(args.durability))
+    info = RunInfo(args.id, tuple(args.arg), state_dir, Durability(args.durability), args.store)
+    if args.store is not None and parse_store_url(args.store)[0] == "postgresql":
+        with _dependencies(setup, info):  # checks the arguments and the input before anything is written
+            pass
+        from . import fleet_child  # psycopg is loaded only on PostgreSQL
+
+        with _open_store(args, state_dir) as store:
+            fleet_child.record(store, args.id, fleet_child.describe(args.target, args.setup, args.arg))
+        return _participant(args, progress, should_stop).run(fn, info.args)
     with _dependencies(setup, info) as dependencies, _open_store(args, state_dir) as store:
         runner = Runner(
             store,
@@ -237,6 +294,43 @@ def run(args: argparse.Namespace, progress: Progress, should_stop: Callable[[], 
         )
         progress.stalled = runner.stalled_step_processes
         return runner.run(args.id, fn, *info.args)
+
+
+def _take_part(args: argparse.Namespace, progress: Progress, should_stop: Callable[[], bool]) -> Any:
+    """`join` (this machine's part in a workflow another started) or `execute` (one executor
+    process of a participant): both run the workflow as its first participant recorded it."""
+    from . import fleet_child  # psycopg is loaded only on PostgreSQL
+
+    with open_store(args.store) as store:
+        description = fleet_child.recorded(store, args.id)
+    fn = load(description["target"])
+    state_dir = args.state_dir or DEFAULT_STATE_DIR
+    if args.state_dir is not None:
+        _make_state_dir(state_dir)
+    info = RunInfo(args.id, tuple(description["args"]), state_dir, Durability(args.durability), args.store)
+    setup = load(description["setup"]) if description["setup"] else None
+    with _dependencies(setup, info) as dependencies:  # refuses an input this machine cannot read
+        if args.command == "execute":
+            return fleet_child.serve(args.store, args.id, dependencies, progress, should_stop)
+    return _participant(args, progress, should_stop).run(fn, info.args)
+
+
+def _participant(args: argparse.Namespace, progress: Progress, should_stop: Callable[[], bool]) -> Any:
+    """This machine's part in a workflow on PostgreSQL: `--workers` executor processes (each
+    `python -m workflow execute`), and a driver standing by for the lease."""
+    command = [sys.executable, "-m", "workflow", "execute", "--store", args.store, "--id", args.id,
+               "--durability", args.durability]
+    if args.state_dir is not None:
+        command += ["--state-dir", str(args.state_dir)]
+    fds: tuple[int, ...] = ()
+    if args.progress_fd is not None:
+        command += ["--progress-fd", str(args.progress_fd)]
+        fds = (args.progress_fd,)
+    retry = RetryPolicy(max_attempts=args.max_attempts, initial=args.retry_initial, timeout=args.step_timeout)
+    from . import fleet_child
+
+    return fleet_child.Participant(args.store, args.id, workers=args.workers, executor_command=command,
+                                   progress=progress, retry=retry, should_stop=should_stop, pass_fds=fds)
 
 
 def load(name: str) -> Callable[..., Any]:

@@ -1,0 +1,172 @@
+"""The child on PostgreSQL: executors for the fleet, and a driver standing by for the lease.
+
+Every participant of a workflow kept in PostgreSQL (the one that started it, and each that
+joined) runs the same way: it forks `--workers` executor processes, which claim the
+workflow's steps from the database, and then tries to take the workflow's lease. Whoever holds
+the lease drives (replays the workflow and enqueues its steps); the others stand by, their
+executors working, and take over within a lease period if the driver's machine dies. Every
+participant returns the workflow's result once it is settled, whoever settled it.
+
+What a participant needs to join (the application, its setup hook and arguments) is recorded
+in the database by the first one (`describe_workflow`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from store import Promise, State, WorkflowBusyError, open_store
+from store.pg import PgStore
+from store.pg_tasks import Claim
+
+from .errors import PermanentError, StepError, WorkflowInterrupted
+from .fleet import DEFAULT_CLAIM_S, Executor, Fleet
+from .pool import die_with_parent
+from .progress import Progress
+from .retry import RetryPolicy
+from .runner import Runner, StepEvent
+
+log = logging.getLogger("workflow.fleet_child")
+
+STANDBY_POLL_S = 0.25  # how often a standing-by participant asks for the lease
+EXECUTOR_CHECK_S = 0.5  # how often a participant looks for executors that died
+WINDOW_PER_EXECUTOR = 2  # steps in flight per executor of this participant: one runs, one waits
+MIN_WINDOW = 8  # other machines' executors claim from the same window
+
+
+class JoinError(PermanentError):
+    """There is nothing to join, or this participant cannot take part (another application)."""
+
+
+def describe(target: str, setup: str | None, args: list[Any]) -> dict[str, Any]:
+    """What a joining participant needs to run the workflow."""
+    return {"target": target, "setup": setup, "args": args}
+
+
+def record(store: PgStore, root_id: str, description: dict[str, Any]) -> None:
+    """Record how to run `root_id`; refuse a second start of it with another application."""
+    recorded = store.describe_workflow(root_id, description)
+    if recorded != description:
+        raise JoinError(
+            f"workflow {root_id} was started with {recorded['target']} and arguments "
+            f"{recorded['args']}, not {description['target']} with {description['args']}; "
+            "give another --id, or join it as it is"
+        )
+
+
+def recorded(store: PgStore, root_id: str) -> dict[str, Any]:
+    """How `root_id` is run, as its first participant recorded it; JoinError if never started."""
+    description = store.workflow(root_id)
+    if description is None:
+        raise JoinError(f"{store.where}: no workflow {root_id} was started there; start it with run")
+    return description
+
+
+class Participant:
+    """One machine's part in a workflow on PostgreSQL (see the module's doc)."""
+
+    def __init__(
+        self,
+        url: str,
+        root_id: str,
+        *,
+        workers: int,
+        executor_command: list[str],
+        progress: Progress,
+        retry: RetryPolicy,
+        should_stop: Callable[[], bool],
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        self.url = url
+        self.root_id = root_id
+        self._progress = progress
+        self._retry = retry
+        self._should_stop = should_stop
+        self._executors = _Executors(workers, executor_command, pass_fds)
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """Start the executors, then drive or stand by until the workflow is settled."""
+        with self._executors, open_store(self.url, lock_timeout=STANDBY_POLL_S) as store:
+            settled = self._drive_or_stand_by(store, fn, args)
+        if settled.state is State.REJECTED:
+            raise StepError(self.root_id, settled.param["fn"], settled.error)
+        return settled.value
+
+    def _drive_or_stand_by(self, store: PgStore, fn: Callable[..., Any], args: tuple[Any, ...]) -> Promise:
+        window = max(MIN_WINDOW, WINDOW_PER_EXECUTOR * self._executors.size)
+        while True:
+            root = store.get(self.root_id)
+            if root is not None and root.settled:
+                return root
+            runner = Runner(store, retry=self._retry, on_event=self._progress.step,
+                            should_stop=self._should_stop, fleet=Fleet(store, window))
+            try:
+                runner.run(self.root_id, fn, *args)
+            except WorkflowBusyError:  # another participant drives: its steps run here too
+                if self._should_stop():
+                    raise WorkflowInterrupted("stopped while standing by; run again to rejoin") from None
+                continue  # (taking the lease waited STANDBY_POLL_S)
+            except StepError:
+                pass  # settled as rejected: read back below like any outcome
+            return store.get(self.root_id)
+
+
+class _Executors:
+    """This participant's executor processes, kept at `size`: one that dies is replaced."""
+
+    def __init__(self, size: int, command: list[str], pass_fds: tuple[int, ...]) -> None:
+        self.size = size
+        self._command = command
+        self._pass_fds = pass_fds
+        self._running: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._keep_up, name="executors", daemon=True)
+
+    def __enter__(self) -> _Executors:
+        self._running = [self._start() for _ in range(self.size)]
+        self._watch.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Executors end by themselves once the workflow is settled; on any other end of the
+        participant they are asked to stop after the step they run."""
+        self._stop.set()
+        self._watch.join()
+        for proc in self._running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._running:
+            proc.wait()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        parent = os.getpid()
+        return subprocess.Popen(self._command, pass_fds=self._pass_fds,
+                                preexec_fn=lambda: die_with_parent(parent))
+
+    def _keep_up(self) -> None:
+        while not self._stop.wait(EXECUTOR_CHECK_S):
+            for i, proc in enumerate(self._running):
+                if proc.poll() not in (None, 0):
+                    log.warning("executor %d ended (status %d); starting another", proc.pid, proc.returncode)
+                    self._running[i] = self._start()
+
+
+def serve(url: str, root_id: str, dependencies: Mapping[str, Any], progress: Progress,
+          should_stop: Callable[[], bool], claim_s: float = DEFAULT_CLAIM_S) -> int:
+    """An executor process's life: claim the workflow's steps until it is settled (or a stop
+    is asked for); the number of steps run."""
+    with open_store(url) as store:
+        def done() -> bool:
+            root = store.get(root_id)
+            return should_stop() or (root is not None and root.settled)
+
+        def report(kind: str, claim: Claim) -> None:
+            progress.step(StepEvent(kind, claim.promise_id, claim.param["fn"], attempt=claim.attempt))
+
+        return Executor(store, [root_id], dependencies, claim_s=claim_s, on_step=report).run_until(done)
