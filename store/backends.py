@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import Any
 
 from .base import PromiseStore
@@ -32,6 +33,14 @@ def parse_store_url(url: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 _SCHEMES = ("jsonl", "memory", "postgresql", "postgres")
+
+
+def redact(url: str) -> str:
+    """A store URL without its password, for messages and reports."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def open_store(url: str | os.PathLike[str], **options: Any) -> PromiseStore:

@@ -30,7 +30,6 @@ import os
 import socket
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import psycopg
 import psycopg.types.json
 import psycopg_pool
 
+from .backends import redact
 from .base import PromiseStore
 from .errors import StoreError, StoreWriteError, WorkflowBusyError
 from .indexed import storable
@@ -79,15 +79,6 @@ class _Lease:
     epoch: int
     lost: str | None = None  # why, once the lease is lost
     held: dict[str, Promise] = field(default_factory=dict)  # creations not written yet, in order
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 class PgStore(TaskQueue, PromiseStore):

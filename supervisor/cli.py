@@ -1,4 +1,4 @@
-"""Command line: `python -m supervisor exec|run|status|retry` (argument parsing and dispatch only).
+"""Command line: `python -m supervisor exec|run|join|status|retry` (argument parsing and dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -19,6 +19,7 @@ from workflow.child import (
     durable_store_url,
     json_value,
     non_negative_float,
+    pg_store_url,
     positive_float,
     positive_int,
     root_id,
@@ -27,7 +28,7 @@ from workflow.child import (
 )
 from workflow.retry import RetryPolicy
 
-from .commands import exec_command
+from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
 from .location import StoreLocation
 from .report import Terms
@@ -74,9 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-at-batch", type=_non_negative, default=None, metavar="K",
                      help="make the first attempt of batch K fail (shows retry with backoff)")
     _location(run, store=False)
+    run.add_argument("--store", type=pg_store_url, default=None, metavar="URL",
+                     help="run the import in PostgreSQL (postgresql://...): its promises and its "
+                     "rows in that database, its batches claimable by machines that `join` it")
     run.add_argument("--id", type=root_id,
                      help="workflow id (default: derived from the input and batch size)")
     _supervision(run, unit="batch")
+
+    join = commands.add_parser("join", help="add this machine to a workflow running in PostgreSQL: "
+                               "its executors run batches, and it takes over if the driver's machine dies")
+    join.add_argument("--store", type=pg_store_url, required=True, metavar="URL",
+                      help="the PostgreSQL database the workflow was started in")
+    join.add_argument("--id", type=root_id, required=True, help="the workflow's id (see its report)")
+    join.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                      help=f"this machine's state dir, for its supervisor's lock "
+                      f"(default ./{DEFAULT_STATE_DIR})")
+    _kills(join)
+    _supervision(join, unit="step")
 
     status = commands.add_parser("status", help="show a workflow's progress; changes nothing")
     _inspection(status)
@@ -144,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         from .import_command import run_command  # the import application: loaded for `run` only
 
         return run_command(parser, args)
+    if args.command == "join":
+        return join_command(args, _terms_for)
     if args.id is None:
         parser.error(f"{args.command} needs --id (see `status` of a run, or its report)")
     if args.store is not None:

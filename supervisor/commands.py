@@ -9,18 +9,21 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from store import StoreError
+from store import Promise, StoreError, parse_store_url
+from store.backends import redact
 from store.fsutil import make_dirs
 
 from . import exits
-from .faults import kill_budget_error, random_kills
+from .faults import RandomKill, in_a_database, kill_budget_error, random_kills
 from .live import LiveLine
 from .location import StoreLocation
+from .report import Terms
 from .supervise import Settings, StateDirBusyError, Supervisor
 
 log = logging.getLogger("supervisor")
@@ -45,7 +48,38 @@ def exec_command(args: argparse.Namespace) -> int:
         args=[orjson.dumps(a).decode() for a in args.arg],
         setup=args.setup,
         kill_at_steps=set(args.kill_at_step),
-        random_kills=random_kills(args.kill_random, args.seed, args.workers),
+        random_kills=_for_store(location, random_kills(args.kill_random, args.seed, args.workers)),
+        **common_settings(args),
+    )
+    return supervise(settings, as_json=args.json)
+
+
+def _for_store(location: StoreLocation, kills: list[RandomKill]) -> list[RandomKill]:
+    return in_a_database(kills) if parse_store_url(location.url)[0] == "postgresql" else kills
+
+
+def join_command(args: argparse.Namespace, terms_for: Callable[[Promise], Terms]) -> int:
+    """`python -m supervisor join --store postgresql://... --id ID`: this machine takes part in
+    a workflow another started there (its executors run steps; it drives if the driver dies)."""
+    refused = prepare_state_dir(args.state_dir, args.json)
+    if refused is not None:
+        return refused
+    location = StoreLocation.in_database(args.store, args.state_dir.resolve())
+    try:
+        store = location.open_readonly()
+        with store:
+            root = store.get(args.id)
+    except StoreError as exc:
+        return refuse(str(exc), exits.FAILED, args.json)
+    if root is None:
+        return refuse(f"{redact(args.store)}: no workflow {args.id} was started there; start it with "
+                      "`run --store ...` first", exits.FAILED, args.json)
+    settings = Settings(
+        root_id=args.id,
+        target=None,
+        location=location,
+        random_kills=in_a_database(random_kills(args.kill_random, args.seed, args.workers)),
+        terms=terms_for(root),
         **common_settings(args),
     )
     return supervise(settings, as_json=args.json)

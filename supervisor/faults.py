@@ -96,6 +96,12 @@ def random_kills(count: int, seed: int | None, workers: int = 1) -> list[RandomK
             for k, (pick, victim) in zip(kills, targets, strict=True)]
 
 
+def in_a_database(kills: list[RandomKill]) -> list[RandomKill]:
+    """The kills for a store in PostgreSQL, which has no store line to tear: its store-write
+    kills become timed ones (each lands while the worker runs, as the store-write's would)."""
+    return [replace(k, kind="timed") if k.kind == "store-write" else k for k in kills]
+
+
 def steps_in_reach(target: int, unfinished: Iterable[int], workers: int) -> set[int]:
     """The steps that may be in flight when a kill of the worker lands in step `target`: that
     one alone without a pool; with one, also every step begun and not resolved (`unfinished`):

@@ -40,7 +40,7 @@ from workflow.registry import describe
 
 from . import exits
 from .commands import common_settings, prepare_state_dir, refuse, supervise
-from .faults import Point, kill_budget_error, random_kills
+from .faults import Point, in_a_database, kill_budget_error, random_kills
 from .location import StoreLocation
 from .report import Terms
 from .supervise import Settings
@@ -162,16 +162,21 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     refused = prepare_state_dir(args.state_dir, args.json)
     if refused is not None:
         return refused
+    kills = random_kills(args.kill_random, args.seed, args.workers)
+    location = StoreLocation.in_state_dir(args.state_dir.resolve())
+    if args.store is not None:  # PostgreSQL: the store and the sink in the database
+        location = StoreLocation.in_database(args.store, args.state_dir.resolve())
+        kills = in_a_database(kills)
     settings = Settings(
         root_id=args.id or f"import/{source_label(source)}-b{args.batch_size}",
         target=function_name(import_records),
-        location=StoreLocation.in_state_dir(args.state_dir.resolve()),
+        location=location,
         args=[orjson.dumps(source).decode(), str(args.batch_size)],
         setup=function_name(import_setup),
         step_count=count,
         kill_at_steps=set(args.kill_at_batch),
         kill_point=at_mid_batch,
-        random_kills=random_kills(args.kill_random, args.seed, args.workers),
+        random_kills=kills,
         planned_failure=args.fail_at_batch,
         extra_failpoints=fail_once_at(args.fail_at_batch),
         terms=IMPORT_TERMS,

@@ -71,7 +71,7 @@ class Settings:
     """One supervised workflow: what the worker runs, where its store is, which kills to make."""
 
     root_id: str
-    target: str  # MODULE:FUNCTION, imported only by the worker
+    target: str | None  # MODULE:FUNCTION, imported only by the worker (None: `join` it as recorded)
     location: StoreLocation
     args: list[str] = field(default_factory=list)  # the workflow's arguments, as JSON texts
     setup: str | None = None  # MODULE:FUNCTION of the worker's setup hook
@@ -95,18 +95,22 @@ class Settings:
 
 
 def worker_args(s: Settings) -> list[str]:
-    """The worker's command line after `python -m workflow` (Child.spawn adds the progress fd)."""
-    args = ["run", s.target, "--id", s.root_id]
-    for arg in s.args:
-        args += ["--arg", arg]
-    if s.setup is not None:
-        args += ["--setup", s.setup]
+    """The worker's command line after `python -m workflow` (Child.spawn adds the progress fd):
+    `run` the target, or (without one) `join` the workflow as the database recorded it."""
+    if s.target is None:
+        args = ["join", "--id", s.root_id, *s.location.child_flags()]
+    else:
+        args = ["run", s.target, "--id", s.root_id]
+        for arg in s.args:
+            args += ["--arg", arg]
+        if s.setup is not None:
+            args += ["--setup", s.setup]
+        args += [*s.location.child_flags(), "--lock-timeout", str(s.lock_timeout)]
     return [
-        *args, *s.location.child_flags(),
+        *args,
         "--max-attempts", str(s.max_attempts),
         "--retry-initial", str(s.retry_initial),
         "--step-timeout", str(s.step_timeout),
-        "--lock-timeout", str(s.lock_timeout),
         "--durability", s.durability,
         "--workers", str(s.workers),
         "--heartbeat", str(min(HEARTBEAT_S, s.stall_timeout / 4)),

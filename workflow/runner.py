@@ -537,12 +537,10 @@ class Runner:
     def _execute_step(self, call: Call, entry: Registered, promise: Promise) -> Any:
         policy = call.retry or self.policy
         pool = self._runs.state.pool
-        if pool is not None and pool.settles:  # a fleet runs it, and settles it, elsewhere
+        if pool is not None and pool.settles:  # a fleet runs it, settles it, and tells of it
             settled = pool.settle_remotely(call.promise_id, policy)
             if settled.state is State.RESOLVED:
-                self._emit("resolved", call, entry)
                 return _own(settled.value)
-            self._emit("rejected", call, entry, error=f"{settled.error['type']}: {settled.error['message']}")
             raise StepError(call.promise_id, entry.name, settled.error)
         found = self._recover(call, entry, promise.attempts)
         if found is not None:  # the dead attempt's effect is durable: no attempt is spent
