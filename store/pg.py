@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +43,7 @@ from .errors import StoreError, StoreWriteError, WorkflowBusyError
 from .indexed import storable
 from .jsonl import Durability
 from .log import check_attempt, check_create, check_error, check_reopen, check_settle
+from .owners import is_dead_here, this_owner
 from .pg_json import to_jsonb
 from .pg_schema import ensure_schema
 from .pg_tasks import TaskQueue
@@ -298,16 +296,18 @@ class PgStore(TaskQueue, PromiseStore):
     def _take(self, root: str) -> _Lease:
         """The root's lease, once it is free or expired (the epoch bumped); WorkflowBusyError
         naming the holder after the lock timeout."""
-        owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+        owner = this_owner()
         deadline = time.monotonic() + self._lock_timeout
+        params = {"root": root, "owner": owner, "s": self.lease_s, "dead": None}
         while True:
             with self._errors("taking the workflow's lease", write=True), self._safe.connection() as conn:
                 taken = conn.execute(
                     "INSERT INTO leases AS l "
                     "VALUES (%(root)s, %(owner)s, 1, now() + %(s)s * interval '1 second') "
                     "ON CONFLICT (root) DO UPDATE SET owner = excluded.owner, epoch = l.epoch + 1, "
-                    "expires_at = excluded.expires_at WHERE l.expires_at <= now() RETURNING epoch",
-                    {"root": root, "owner": owner, "s": self.lease_s},
+                    "expires_at = excluded.expires_at "
+                    "WHERE l.expires_at <= now() OR l.owner = %(dead)s RETURNING epoch",
+                    params,
                 ).fetchone()
                 if taken is not None:
                     return _Lease(root, owner, taken[0])
@@ -315,6 +315,9 @@ class PgStore(TaskQueue, PromiseStore):
                     "SELECT owner, extract(epoch FROM expires_at - now()) FROM leases WHERE root = %s",
                     (root,),
                 ).fetchone()
+            if holder is not None and is_dead_here(holder[0]):
+                params["dead"] = holder[0]  # its process is gone: no need to wait for its lease
+                continue
             if time.monotonic() >= deadline:
                 left = f"; its lease ends in {holder[1]:.1f} s unless renewed" if holder else ""
                 raise WorkflowBusyError(root, f"{holder[0] if holder else 'unknown'}{left}")

@@ -15,14 +15,13 @@ Two sides of one queue (store/pg_tasks.py):
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from store import Promise, StoreError
+from store.owners import this_owner
 from store.pg import PgStore
 from store.pg_tasks import Claim, ClaimLostError
 
@@ -36,6 +35,7 @@ log = logging.getLogger("workflow.fleet")
 
 DEFAULT_CLAIM_S = 5.0  # a dead executor's step is claimed again within this
 POLL_S = 0.02  # how often an idle executor looks for a task, and the driver for outcomes
+REAP_EVERY_S = 1.0  # how often an executor looks for claims of dead executors of its machine
 
 
 class AttemptsExhaustedError(PermanentError):
@@ -131,13 +131,18 @@ class Executor:
         self.dependencies = dependencies
         self.claim_s = claim_s
         self.poll_s = poll_s
-        self.name = f"{socket.gethostname()} pid {os.getpid()}"
+        self.name = this_owner()
         self._on_step = on_step or (lambda kind, claim: None)
 
     def run_until(self, done: Callable[[], bool]) -> int:
-        """Claim and run steps until `done()` (asked when none is ready); the number run."""
+        """Claim and run steps until `done()` (asked when none is ready); the number run.
+        While idle, it also frees the claims of this machine's executors that died."""
         ran = 0
+        next_reaping = 0.0
         while True:
+            if time.monotonic() >= next_reaping:
+                self.store.release_claims_of_the_dead(self.roots)
+                next_reaping = time.monotonic() + REAP_EVERY_S
             claim = self.store.claim(self.roots, self.name, self.claim_s)
             if claim is None:
                 if done():
