@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import string
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,6 +121,44 @@ def test_an_exception_in_the_step_leaves_nothing_of_its_batch(
     assert count(pg_url, "SELECT outcome FROM executions") == [(None,)]
     assert sink.find_commit(f"{ROOT}.0") is None
     assert commit(sink, db, 0, descriptor)["processed"] == 95  # the retry commits it whole
+
+
+def test_a_batch_committed_already_is_refused_and_two_racing_executors_commit_it_once(
+    pg_url: str, sink: PgSink, db: psycopg.Connection
+) -> None:
+    """An executor whose claim was taken over may run a step another one committed, or is
+    committing: its batch is refused whole, never written twice."""
+    [descriptor] = plan_batches(synthetic_source(100), 100)
+    with psycopg.connect(pg_url) as other_db:
+        racer: dict[str, BaseException] = {}
+
+        def other_executor() -> None:
+            try:
+                commit(sink_b, other_db, 0, descriptor)
+            except BaseException as exc:
+                racer["error"] = exc
+
+        sink_b = pickle.loads(pickle.dumps(sink))  # as sent to another process: its own connection
+        thread = threading.Thread(target=other_executor)
+        with step(db, f"{ROOT}.0"):
+            execution = sink.start_execution(f"{ROOT}.0", 0, 1, os.getpid(), "process_batch v1")
+            sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(descriptor), execution)
+            thread.start()
+            deadline = time.monotonic() + SAFETY_TIMEOUT_S
+            while count(pg_url, f"SELECT wait_event_type FROM pg_stat_activity "
+                                f"WHERE pid = {other_db.info.backend_pid}") != [("Lock",)]:
+                assert time.monotonic() < deadline and thread.is_alive(), racer
+                time.sleep(0.01)  # it waits for our rows' ids, until we commit
+        thread.join(SAFETY_TIMEOUT_S)
+        sink_b.close()
+        with pytest.raises(SinkError, match="was committed already"):
+            commit(sink, db, 0, descriptor)
+
+    assert isinstance(racer["error"], SinkError), racer
+    assert "was committed already" in str(racer["error"])
+    assert count(pg_url, "SELECT COUNT(*) FROM records") == [(95,)]
+    assert count(pg_url, "SELECT COUNT(*) FROM skipped") == [(5,)]
+    assert count(pg_url, "SELECT outcome FROM executions ORDER BY id") == [("committed",), (None,), (None,)]
 
 
 KILLED_HALFWAY = """

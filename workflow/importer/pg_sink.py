@@ -77,7 +77,6 @@ MIGRATIONS = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-TABLES = ("records", "skipped", "batch_commits", "executions")
 # The advisory lock that processes opening one database at once make its schema under, in turn.
 SCHEMA_LOCK = int.from_bytes(b"dur.sink", "big")
 # An index entry holds at most 2,704 bytes (a third of a page); an id a bit under that always fits.
@@ -117,7 +116,7 @@ _STORAGE_FAULTS: tuple[tuple[type[psycopg.Error], tuple[str, str]], ...] = (
 )
 
 
-def location(url: str) -> str:
+def _location(url: str) -> str:
     """The database a URL names, without its user or password: `postgresql://host:port/dbname`."""
     try:
         params = conninfo_to_dict(url)
@@ -135,7 +134,7 @@ class PgSink:
     def __init__(self, url: str) -> None:
         """Connect (autocommit, for executions and reads) and make or update the schema."""
         self.url = url
-        self.where = location(url)
+        self.where = _location(url)
         self._db = self._connect()
         try:
             self._make_schema()
@@ -233,10 +232,11 @@ class PgSink:
         return the batch's summary.
 
         `halfway` runs after half the rows are inserted (a failpoint). A batch committed
-        already makes its commit row's insert fail (a unique violation): on PostgreSQL that
-        batch's promise was resolved with it, so no executor should run it again.
+        already (by an executor that took this step's claim over) is a SinkError: its promise
+        was resolved with it, so this execution should not have run. One committing at this
+        moment is waited for, then is that error, or was rolled back and leaves the batch to us.
         """
-        db = step_transaction()
+        db = _step_transaction()
         rows = list(rows)
         importable, skipped = batch_rows.split(rows)
         good = []
@@ -248,12 +248,17 @@ class PgSink:
         with self._faults(db, f"committing batch {batch}"):
             duplicates = self._insert_records(db, import_id, batch, good, halfway)
             skipped += duplicates
+            summary = batch_rows.summary(batch, len(rows), len(good) - len(duplicates), skipped)
+            try:
+                db.execute(f"INSERT INTO batch_commits VALUES (%s, %s, %s, %s::jsonb, {_NOW})",
+                           (promise_id, import_id, batch, orjson.dumps(summary).decode()))
+            except pg_errors.UniqueViolation as exc:
+                raise SinkError(f"{self.where}: batch {batch} ({promise_id}) was committed already, "
+                                "with its promise's resolve: this execution should not have run "
+                                "(was its claim taken over?)") from exc
             with db.cursor().copy("COPY skipped FROM STDIN") as copy:
                 for row in _skipped_rows(import_id, batch, skipped):
                     copy.write_row(row)
-            summary = batch_rows.summary(batch, len(rows), len(good) - len(duplicates), skipped)
-            db.execute(f"INSERT INTO batch_commits VALUES (%s, %s, %s, %s::jsonb, {_NOW})",
-                       (promise_id, import_id, batch, orjson.dumps(summary).decode()))
             db.execute(_SET_OUTCOME, ("committed", execution))
         return summary
 
@@ -281,7 +286,7 @@ class PgSink:
         return batch_rows.ignored(import_id, good, holders)
 
 
-def step_transaction() -> psycopg.Connection:
+def _step_transaction() -> psycopg.Connection:
     """The fleet executor's open transaction of the step running now; a SinkError if none."""
     try:
         db = current_step().transaction
@@ -318,7 +323,7 @@ def _skipped_rows(import_id: str, batch: int, skipped: list[Skip]) -> Iterator[t
 def open_read_only(url: str) -> psycopg.Connection:
     """A connection that reads the sink's tables and cannot write them, for tools and audits:
     its queries share one snapshot (a repeatable-read, read-only transaction) until it commits."""
-    where = location(url)
+    where = _location(url)
     try:
         db = psycopg.connect(url)
     except psycopg.OperationalError as exc:
