@@ -86,9 +86,10 @@ _NUL = "\x00"
 _NOW = "extract(epoch FROM clock_timestamp())::double precision"
 _SET_OUTCOME = f"UPDATE executions SET finished_at = {_NOW}, outcome = %s WHERE id = %s"
 # A batch's records are copied into a temporary table, then inserted from it: a record whose id
-# is taken is ignored (the first occurrence wins), then counted. Faster than one INSERT per row
-# (executemany, pipelined) by a third at 1,000 rows; created in the step's transaction each time,
-# so a connection that never had it (a new session) gets it too.
+# is taken is ignored (the first occurrence wins), then counted. A batch of 1,000 commits a fifth
+# faster so than with one INSERT per row (executemany, pipelined); one of 100 as fast, within 0.2
+# ms. The table is declared in every step's transaction: a session that lacks it (a new one, or
+# one whose creating transaction rolled back) gets it there.
 _INCOMING = """
     CREATE TEMPORARY TABLE IF NOT EXISTS sink_incoming (
         ord integer, id text, import_id text, position bigint, batch bigint,
