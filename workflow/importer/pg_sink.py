@@ -87,7 +87,7 @@ _NOW = "extract(epoch FROM clock_timestamp())::double precision"
 _SET_OUTCOME = f"UPDATE executions SET finished_at = {_NOW}, outcome = %s WHERE id = %s"
 # A batch's records are copied into a temporary table, then inserted from it: a record whose id
 # is taken is ignored (the first occurrence wins), then counted. A batch of 1,000 commits a fifth
-# faster so than with one INSERT per row (executemany, pipelined); one of 100 as fast, within 0.2
+# faster than with one INSERT per row (executemany, pipelined); one of 100 as fast, within 0.2
 # ms. The table is declared in every step's transaction: a session that lacks it (a new one, or
 # one whose creating transaction rolled back) gets it there.
 _INCOMING = """
@@ -110,7 +110,7 @@ class SinkConnectionError(Exception):
         super().__init__(f"{where}: connection lost ({cause}) while {action}; a retry connects again")
 
 
-# (fault, remedy) of what the server's disk refused, by the error's SQLSTATE class.
+# (fault, remedy) of what the server's disk refused, by the error's SQLSTATE.
 _STORAGE_FAULTS: tuple[tuple[type[psycopg.Error], tuple[str, str]], ...] = (
     (pg_errors.DiskFull, ("disk full on the database server", "free space there")),
     (pg_errors.IoError, ("I/O error on the database server", "check its disk")),
@@ -257,7 +257,7 @@ class PgSink:
                 raise SinkError(f"{self.where}: batch {batch} ({promise_id}) was committed already, "
                                 "with its promise's resolve: this execution should not have run "
                                 "(was its claim taken over?)") from exc
-            with db.cursor().copy("COPY skipped FROM STDIN") as copy:
+            with db.cursor() as cursor, cursor.copy("COPY skipped FROM STDIN") as copy:
                 for row in _skipped_rows(import_id, batch, skipped):
                     copy.write_row(row)
             db.execute(_SET_OUTCOME, ("committed", execution))
@@ -272,7 +272,7 @@ class PgSink:
         for each other in one order, never in a deadlock (the first occurrence still wins)."""
         ordered = sorted(good, key=lambda r: (r.record_id, r.position))
         db.execute(_INCOMING)
-        with db.cursor().copy("COPY sink_incoming FROM STDIN") as copy:
+        with db.cursor() as cursor, cursor.copy("COPY sink_incoming FROM STDIN") as copy:
             for n, row in enumerate(ordered):
                 copy.write_row((n, *record_row(import_id, batch, row)))
         half = len(ordered) // 2
