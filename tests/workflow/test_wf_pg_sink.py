@@ -31,7 +31,7 @@ from workflow import PermanentError
 from workflow.context import StepInfo, _current_step
 from workflow.importer import file_source, synthetic_source
 from workflow.importer.pg_sink import SCHEMA_VERSION, PgSink, SinkConnectionError, open_read_only
-from workflow.importer.sink import Sink, SinkError
+from workflow.importer.sink import Sink, SinkError, SinkStorageError
 from workflow.importer.sources import plan_batches, read_batch
 
 ROOT = "import/pg"
@@ -334,6 +334,27 @@ def test_a_step_transaction_lost_halfway_is_retried_and_leaves_nothing(pg_url: s
     finally:
         executor.close()
     assert not isinstance(raised.value, PermanentError)
+    assert count(pg_url, "SELECT COUNT(*) FROM records") == [(0,)]
+
+
+def test_a_full_disk_on_the_server_is_a_permanent_storage_error_naming_the_database(
+    pg_url: str, sink: PgSink, db: psycopg.Connection
+) -> None:
+    """The server reports a full disk as SQLSTATE 53100 (disk_full); a trigger raises it here."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                      "RAISE EXCEPTION 'could not extend file: No space left on device' "
+                      "USING ERRCODE = 'disk_full'; END $$")
+        admin.execute("CREATE TRIGGER disk_full BEFORE INSERT ON skipped "
+                      "FOR EACH ROW EXECUTE FUNCTION refuse()")
+    [descriptor] = plan_batches(synthetic_source(100), 100)
+
+    with pytest.raises(SinkStorageError) as raised:
+        commit(sink, db, 0, descriptor)
+
+    assert isinstance(raised.value, PermanentError)
+    assert str(raised.value).startswith(f"{sink.where}: disk full on the database server (could not extend")
+    assert str(raised.value).endswith("while committing batch 0; free space there, then retry")
     assert count(pg_url, "SELECT COUNT(*) FROM records") == [(0,)]
 
 
