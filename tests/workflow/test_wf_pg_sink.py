@@ -40,14 +40,25 @@ SPAWN = multiprocessing.get_context("spawn")
 
 @contextmanager
 def step(db: psycopg.Connection, promise_id: str) -> Iterator[None]:
-    """What a fleet executor does around a step: an open transaction on `db`, which the step
-    sees as its own, committed when the step returns and rolled back when it raises."""
-    with db.transaction():
-        token = _current_step.set(StepInfo(promise_id, 1, "process_batch", {}, transaction=db))
-        try:
-            yield
-        finally:
-            _current_step.reset(token)
+    """What a fleet executor does around a step: a transaction on `db`, which the step sees as
+    its own, committed when the step returns and rolled back when it raises. Opened by a
+    transaction block, or (a connection out of autocommit, as PgStore.step_transaction does)
+    begun by the step's first statement."""
+    token = _current_step.set(StepInfo(promise_id, 1, "process_batch", {}, transaction=db))
+    try:
+        if db.autocommit:
+            with db.transaction():
+                yield
+        else:
+            try:
+                yield
+                db.commit()
+            except BaseException:
+                if not db.broken:  # a lost connection's transaction died with it
+                    db.rollback()
+                raise
+    finally:
+        _current_step.reset(token)
 
 
 def commit(
@@ -74,10 +85,10 @@ def sink(pg_url: str) -> Iterator[PgSink]:
     s.close()
 
 
-@pytest.fixture
-def db(pg_url: str) -> Iterator[psycopg.Connection]:
-    """The fleet executor's connection, whose transactions the steps write in."""
-    with psycopg.connect(pg_url) as conn:
+@pytest.fixture(params=["block", "implicit"])
+def db(pg_url: str, request: pytest.FixtureRequest) -> Iterator[psycopg.Connection]:
+    """The fleet executor's connection, whose transactions the steps write in (see `step`)."""
+    with psycopg.connect(pg_url, autocommit=request.param == "block") as conn:
         yield conn
 
 
@@ -294,7 +305,7 @@ def test_commit_batch_outside_a_step_transaction_is_a_permanent_sink_error(
             sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(descriptor), execution)
         with psycopg.connect(pg_url, autocommit=True) as idle:
             _current_step.set(StepInfo(f"{ROOT}.0", 1, "process_batch", {}, transaction=idle))
-            with pytest.raises(SinkError, match=r"transaction is not open .* IDLE"):
+            with pytest.raises(SinkError, match=r"transaction is not open .* IDLE, in autocommit"):
                 sink.commit_batch(f"{ROOT}.0", ROOT, 0, read_batch(descriptor), execution)
     finally:
         _current_step.reset(token)

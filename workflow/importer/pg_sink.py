@@ -288,7 +288,8 @@ class PgSink:
 
 
 def _step_transaction() -> psycopg.Connection:
-    """The fleet executor's open transaction of the step running now; a SinkError if none."""
+    """The fleet executor's transaction of the step running now: open, or about to begin with
+    the first statement (a connection out of autocommit); a SinkError if there is none."""
     try:
         db = current_step().transaction
     except RuntimeError:  # not inside a step at all
@@ -296,10 +297,11 @@ def _step_transaction() -> psycopg.Connection:
     if db is None:
         raise SinkError("the PostgreSQL sink commits a batch only in a fleet executor's step "
                         "transaction (current_step().transaction), and this step has none")
-    if db.info.transaction_status != TransactionStatus.INTRANS:
-        raise SinkError("the step's transaction is not open (its connection is "
-                        f"{db.info.transaction_status.name}): the PostgreSQL sink writes a batch "
-                        "only inside it")
+    status = db.info.transaction_status
+    if status != TransactionStatus.INTRANS and (status != TransactionStatus.IDLE or db.autocommit):
+        raise SinkError(f"the step's transaction is not open (its connection is {status.name}"
+                        f"{', in autocommit' if db.autocommit else ''}): the PostgreSQL sink "
+                        "writes a batch only inside one")
     return db
 
 
