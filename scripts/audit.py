@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Check the invariants of DESIGN.md for one import, from its store file and its database alone.
 
-Independent of the engine's code on purpose (stdlib only): it parses the JSON lines itself,
-verifies their checksums, and queries the SQLite sink directly. Prints a JSON verdict and exits
-1 on any violation.
+Independent of the engine's code on purpose (stdlib only, and psycopg for PostgreSQL): it parses
+the JSON lines itself, verifies their checksums, and queries the SQLite sink directly. Prints a
+JSON verdict and exits 1 on any violation.
 
     python scripts/audit.py --state-dir .durable --id import/synthetic-1000-b100 --records 1000
+    python scripts/audit.py --store postgresql://host/db --id import/synthetic-1000-b100 --records 1000
+
+With `--store postgresql://...` the store and the sink are one database, where a batch's rows, its
+commit row and its promise's resolve are one transaction: every batch has one commit row and one
+`committed` execution, and no execution ever finds a commit (`found_commit`). For now the checks
+read the sink's tables only; the store's promises are checked where `_promise_checks` says.
 
 `--workers N` is the import's own: with N above 1 each worker ran its batches in a pool of
 processes, which the sink's executions name (not the worker), so the checks that follow one
@@ -144,17 +150,8 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
     skipped = db.execute("SELECT position FROM skipped WHERE import_id = ?", (root,)).fetchall()
     seen = Counter(p for (p,) in imported + skipped)
     dupes = [p for p, n in seen.items() if n > 1]
-    if dupes:
-        violations.append(f"{len(dupes)} input records are in the sink more than once (e.g. {dupes[0]})")
+    violations += _position_violations(seen, expected_records, finished)
     if finished:
-        missing = expected_records - len(set(seen) & set(range(expected_records)))
-        if missing:
-            violations.append(
-                f"{missing} of {expected_records} input records are neither imported nor skipped"
-            )
-        extra = set(seen) - set(range(expected_records))
-        if extra:
-            violations.append(f"{len(extra)} sink rows have positions outside the input")
         root_promise = promises.get(root)
         if root_promise is None or root_promise["state"] != "resolved":
             violations.append(f"root {root} is not resolved")
@@ -191,6 +188,131 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
         "duplicate_rows": len(dupes),
         "lost": max(0, expected_records - len(seen)) if finished else None,
     }
+
+
+def audit_pg(url: str, root: str, expected_records: int, finished: bool = True,
+             workers: int | None = None) -> dict[str, Any]:
+    """The invariants of an import whose store and sink are one PostgreSQL database, read in one
+    snapshot. `workers` (the fleet's executors, if known) bounds the batches that ran at once."""
+    import psycopg  # only this path needs it: the SQLite audit stays stdlib only
+
+    with psycopg.connect(url) as db:
+        db.read_only = True
+        db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        if not db.execute("SELECT to_regclass('batch_commits') IS NOT NULL").fetchone()[0]:
+            raise FileNotFoundError(f"{url}: no import tables there")
+        execs = db.execute(
+            "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
+            "WHERE starts_with(promise_id, %s) ORDER BY started_at, id", (root + ".",)).fetchall()
+        commits = db.execute("SELECT promise_id, batch, summary FROM batch_commits WHERE import_id = %s",
+                             (root,)).fetchall()
+        imported = db.execute("SELECT position, batch FROM records WHERE import_id = %s", (root,)).fetchall()
+        skipped = db.execute("SELECT position, batch FROM skipped WHERE import_id = %s", (root,)).fetchall()
+        violations = _commit_violations(execs, commits)
+        violations += _rows_match_commits(commits, imported, skipped)
+        seen = Counter(position for position, _ in imported + skipped)
+        violations += _position_violations(seen, expected_records, finished)
+        if finished:
+            violations += _totals_violations(commits, expected_records, len(imported), len(skipped))
+        violations += _promise_checks(db, root, commits)
+
+    at_once = _most_at_once([(r[4], r[5]) for r in execs if r[6] == "committed"])
+    if workers is not None and at_once > workers:
+        violations.append(f"{at_once} batch executions ran at the same time, more than {workers}")
+    return {
+        "ok": not violations,
+        "violations": violations,
+        "batches": len(commits),
+        "workers": len({r[3] for r in execs}),
+        "executions": len(execs),
+        "most_at_once": at_once,
+        "reruns_of_completed_batches": sum(1 for r in execs if r[6] == "found_commit"),
+        "imported": len(imported),
+        "skipped": len(skipped),
+        "duplicate_rows": sum(1 for n in seen.values() if n > 1),
+        "lost": max(0, expected_records - len(seen)) if finished else None,
+    }
+
+
+def _commit_violations(execs: list[tuple[Any, ...]], commits: list[tuple[Any, ...]]) -> list[str]:
+    """Each batch committed exactly once (1 and 5): one commit row per batch number, one
+    `committed` execution per commit row, and no execution that found a commit (with the store
+    in the same database, a commit and its resolve are one transaction: there is none to find)."""
+    violations = []
+    for batch, n in Counter(batch for _, batch, _ in commits).items():
+        if n > 1:
+            violations.append(f"batch {batch} committed {n} times")
+    committed_runs = Counter(r[0] for r in execs if r[6] == "committed")
+    for promise_id, _, _ in commits:
+        if committed_runs[promise_id] != 1:
+            violations.append(f"{promise_id} has {committed_runs[promise_id]} committed executions")
+    uncommitted = set(committed_runs) - {promise_id for promise_id, _, _ in commits}
+    if uncommitted:
+        violations.append(f"executions committed with no commit row: {sorted(uncommitted)[:5]}")
+    for outcome, n in Counter(r[6] for r in execs if r[6] not in (None, "committed")).items():
+        violations.append(f"{n} executions ended {outcome!r}: on PostgreSQL every batch execution "
+                          "either commits or leaves no outcome")
+    return violations
+
+
+def _rows_match_commits(commits: list[tuple[Any, ...]], imported: list[tuple[int, int]],
+                        skipped: list[tuple[int, int]]) -> list[str]:
+    """Every row belongs to a committed batch, and each batch holds the rows its summary counts."""
+    violations = []
+    summaries = {batch: summary for _, batch, summary in commits}
+    for table, rows, key in (("records", imported, "processed"), ("skipped", skipped, "skipped")):
+        per_batch = Counter(batch for _, batch in rows)
+        orphans = sorted(set(per_batch) - set(summaries))
+        if orphans:
+            violations.append(f"{table} rows of batches with no commit row: {orphans[:5]}")
+        for batch, summary in sorted(summaries.items()):
+            if per_batch[batch] != summary[key]:
+                violations.append(f"batch {batch} has {per_batch[batch]} {table} rows, "
+                                  f"its commit says {summary[key]}")
+    return violations
+
+
+def _totals_violations(commits: list[tuple[Any, ...]], expected_records: int, imported: int,
+                       skipped: int) -> list[str]:
+    """The finished import's totals (from its batches' commit rows) equal the input and the sink,
+    and its batches are numbered 0..n-1 with none missing."""
+    violations = []
+    totals = {"records": expected_records, "processed": imported, "skipped": skipped}
+    for key, want in totals.items():
+        got = sum(summary[key] for _, _, summary in commits)
+        if got != want:
+            violations.append(f"the batches' {key} add up to {got}, not {want}")
+    numbers = {batch for _, batch, _ in commits}
+    missing = sorted(set(range(max(numbers, default=-1) + 1)) - numbers)
+    if missing:
+        violations.append(f"batches not committed: {missing[:5]}")
+    return violations
+
+
+def _promise_checks(db: Any, root: str, commits: list[tuple[Any, ...]]) -> list[str]:
+    """The store's promises against the sink (the root resolved with these totals, every batch's
+    promise resolved, none run after its resolve): the store's tables are PgStore's, and its
+    checks go here. None yet."""
+    return []
+
+
+def _position_violations(seen: Counter[int], expected_records: int, finished: bool) -> list[str]:
+    """Every input position imported or skipped exactly once (`seen` counts them); while the
+    import is unfinished, only that none is there twice."""
+    violations = []
+    dupes = [p for p, n in seen.items() if n > 1]
+    if dupes:
+        violations.append(f"{len(dupes)} input records are in the sink more than once (e.g. {dupes[0]})")
+    if finished:
+        missing = expected_records - len(set(seen) & set(range(expected_records)))
+        if missing:
+            violations.append(
+                f"{missing} of {expected_records} input records are neither imported nor skipped"
+            )
+        extra = set(seen) - set(range(expected_records))
+        if extra:
+            violations.append(f"{len(extra)} sink rows have positions outside the input")
+    return violations
 
 
 def _most_at_once(spans: list[tuple[float, float]]) -> int:
@@ -235,20 +357,29 @@ def _one_process_at_a_time(execs: list[tuple[Any, ...]], batches: dict[int, dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--state-dir", type=Path, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", type=Path, help="the import's state dir (store file, SQLite sink)")
+    where.add_argument("--store", help="the PostgreSQL database of the store and the sink (postgresql://...)")
     p.add_argument("--id", required=True)
     p.add_argument("--records", type=int)
     p.add_argument("--input", type=Path)
     p.add_argument("--unfinished", action="store_true", help="the import may still be in progress")
-    p.add_argument("--workers", type=int, default=1, help="the import's --workers (default 1)")
+    p.add_argument("--workers", type=int, help="the import's --workers (default 1; on PostgreSQL, "
+                   "the fleet's executors, unchecked unless given)")
     args = p.parse_args(argv)
+    if args.store is not None and not args.store.startswith(("postgresql://", "postgres://")):
+        p.error(f"--store takes a postgresql:// URL, not {args.store!r}")
     try:
         expected = count_input(args.records, args.input)
     except InputError as exc:
         print(f"audit: {exc}", file=sys.stderr)
         return 2
-    verdict = audit(args.state_dir, args.id, expected, finished=not args.unfinished,
-                    workers=args.workers)
+    if args.store is not None:
+        verdict = audit_pg(args.store, args.id, expected, finished=not args.unfinished,
+                           workers=args.workers)
+    else:
+        verdict = audit(args.state_dir, args.id, expected, finished=not args.unfinished,
+                        workers=1 if args.workers is None else args.workers)
     print(json.dumps(verdict))
     return 0 if verdict["ok"] else 1
 

@@ -301,14 +301,8 @@ def peak_rss_mb() -> float:
 
 def plain_import(db_path: Path, source: dict[str, Any], batch_size: int) -> int:
     """The same reads, validation and inserts, with no engine: one transaction per batch."""
-    from workflow.importer.sink import (
-        CHECKPOINT_PAGES,
-        INSERT_RECORD,
-        INSERT_SKIPPED,
-        SCHEMA,
-        record_row,
-        skipped_row,
-    )
+    from workflow.importer.batch_rows import record_row, skipped_row
+    from workflow.importer.sink import CHECKPOINT_PAGES, INSERT_RECORD, INSERT_SKIPPED, SCHEMA
 
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")

@@ -23,7 +23,6 @@ import os
 import sqlite3
 import struct
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any
 import orjson
 
 from ..errors import PermanentError
-from . import records
+from . import batch_rows
+from .batch_rows import record_row, skipped_row
 from .sources import Row
 
 SCHEMA = """
@@ -95,7 +95,8 @@ _SWITCH_RETRY_S = 0.01
 
 
 class SinkError(PermanentError):
-    """The sink database cannot be used; names the file. No retry can fix it."""
+    """The sink database cannot be used; names the file (or the PostgreSQL database). No retry
+    can fix it."""
 
 
 class SinkStorageError(SinkError):
@@ -103,8 +104,8 @@ class SinkStorageError(SinkError):
     failed write or fsync). Retrying at once cannot help, so it is not retried; the transaction
     in flight was rolled back, so nothing of it is in the database."""
 
-    def __init__(self, path: Path, fault: str, remedy: str, cause: BaseException, action: str) -> None:
-        super().__init__(f"{path}: {fault} ({cause}) while {action}; {remedy}, then retry")
+    def __init__(self, where: Path | str, fault: str, remedy: str, cause: BaseException, action: str) -> None:
+        super().__init__(f"{where}: {fault} ({cause}) while {action}; {remedy}, then retry")
 
 
 _FREE_SPACE = "free space"
@@ -344,8 +345,7 @@ class Sink:
         halfway: Callable[[], None],
     ) -> dict[str, Any]:
         # Everything that needs no database is done before the write lock is taken.
-        good = [r for r in rows if r.problem is None]
-        skipped = [(r, r.problem) for r in rows if r.problem is not None]
+        good, skipped = batch_rows.split(rows)
         inserts = [record_row(import_id, batch, r) for r in good]
         half = len(inserts) // 2
         with self._write():
@@ -359,18 +359,12 @@ class Sink:
             self._db.executemany(INSERT_RECORD, inserts[half:])
             duplicates = []
             if self._db.total_changes - before != len(good):
-                duplicates = self._duplicates(import_id, good)
+                duplicates = batch_rows.ignored(import_id, good, self._holders(good))
                 skipped += duplicates
             self._db.executemany(
                 INSERT_SKIPPED, [skipped_row(import_id, batch, r, why) for r, why in skipped]
             )
-            summary = {
-                "batch": batch,
-                "records": len(rows),
-                "processed": len(good) - len(duplicates),
-                "skipped": len(skipped),
-                "reasons": dict(sorted(Counter(why for _, why in skipped).items())),
-            }
+            summary = batch_rows.summary(batch, len(rows), len(good) - len(duplicates), skipped)
             self._db.execute(
                 "INSERT INTO batch_commits VALUES (?, ?, ?, ?, ?)",
                 (promise_id, import_id, batch, orjson.dumps(summary).decode(), time.time()),
@@ -378,9 +372,8 @@ class Sink:
             self._set_outcome(execution, "committed")
         return summary
 
-    def _duplicates(self, import_id: str, good: list[Row]) -> list[tuple[Row, str]]:
-        """The rows the insert ignored: their id is held by another position, of this input
-        (`duplicate_id`) or of another import into this database (`already_imported`)."""
+    def _holders(self, good: list[Row]) -> dict[str, tuple[str, int]]:
+        """Who holds the ids of `good` now: {id: (import_id, position)}."""
         holders: dict[str, tuple[str, int]] = {}
         ids = list(dict.fromkeys(r.record_id for r in good))
         for i in range(0, len(ids), _IDS_PER_QUERY):  # SQLite caps a query's parameters
@@ -389,11 +382,7 @@ class Sink:
                 f"SELECT id, import_id, position FROM records WHERE id IN ({','.join('?' * len(chunk))})",
                 chunk,
             ))
-        ignored = [r for r in good if holders[r.record_id] != (import_id, r.position)]
-        return [
-            (r, records.DUPLICATE_ID if holders[r.record_id][0] == import_id else records.ALREADY_IMPORTED)
-            for r in ignored
-        ]
+        return holders
 
 
 def _reopen(path: Path, durable: bool) -> Sink:
@@ -428,16 +417,3 @@ def open_read_only(path: str | Path) -> sqlite3.Connection:
 # A record whose id is already taken is ignored (the first occurrence wins), then counted.
 INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)"
 INSERT_SKIPPED = "INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?)"
-
-
-def record_row(import_id: str, batch: int, row: Row) -> tuple[Any, ...]:
-    """The `records` row of an importable input row; fields beyond the required ones go to `extra`."""
-    record = row.record
-    extra = None
-    if len(record) > len(records.REQUIRED_FIELDS):  # it has all of them: it is importable
-        extra = orjson.dumps(records.extra_fields(record)).decode()
-    return (row.record_id, import_id, row.position, batch, record["name"], record["email"], extra)
-
-
-def skipped_row(import_id: str, batch: int, row: Row, reason: str) -> tuple[Any, ...]:
-    return (import_id, row.position, batch, row.line, row.record_id, reason)
