@@ -19,7 +19,7 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from store import Durability, failpoints
+from store import Durability, failpoints, parse_store_url
 
 from ..child import RunInfo
 from ..context import Context, Handle, current_step
@@ -39,7 +39,9 @@ class ImportArgumentsError(PermanentError):
 def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
     """The child's setup hook: check the arguments and the input cheaply (a file's presence,
     size and header; nothing is planned here), so that a bad input stops the run before anything
-    is written, then open the sink in the state dir (the steps' `sink`)."""
+    is written, then open the sink (the steps' `sink`): SQLite in the state dir, or, when the
+    store is in PostgreSQL, the same database, where a batch's rows and its resolve are one
+    transaction."""
     if len(run.args) != 2:
         raise ImportArgumentsError(
             f"the import takes 2 arguments (a source descriptor and a batch size), not {len(run.args)}"
@@ -48,7 +50,12 @@ def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
         check_source(*run.args)
     except ValueError as exc:
         raise ImportArgumentsError(str(exc)) from exc
-    sink = Sink(run.state_dir / SINK_FILE, durable=run.durability is Durability.FULL)
+    if run.store_url is not None and parse_store_url(run.store_url)[0] == "postgresql":
+        from .pg_sink import PgSink  # psycopg is loaded only on PostgreSQL
+
+        sink: Sink | PgSink = PgSink(run.store_url)
+    else:
+        sink = Sink(run.state_dir / SINK_FILE, durable=run.durability is Durability.FULL)
     try:
         yield {"sink": sink}
     finally:
