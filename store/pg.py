@@ -45,6 +45,7 @@ from .jsonl import Durability
 from .log import check_attempt, check_create, check_error, check_reopen, check_settle
 from .owners import is_dead_here, this_owner
 from .pg_json import to_jsonb
+from .pg_pipe import Pipe, RefusedCreation
 from .pg_schema import ensure_schema
 from .pg_tasks import TaskQueue
 from .promise import Promise, State
@@ -55,6 +56,7 @@ DEFAULT_LEASE_S = 5.0  # a dead driver's root is taken over within this (plus on
 _RENEWALS_PER_LEASE = 3
 _TAKE_POLL_S = 0.1
 _COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"
+_READ = f"SELECT {_COLUMNS} FROM promise_states"
 _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = %(root)s AND epoch = %(epoch)s "
           "AND expires_at > now() FOR SHARE)")
 _NO_FENCE = "fence AS (SELECT 1)"
@@ -97,7 +99,10 @@ class PgStore(TaskQueue, PromiseStore):
         self.lease_s = lease_s
         self._lock_timeout = lock_timeout
         durable = Durability(durability) is Durability.FULL
+        self._durable = durable
         self._closed = False
+        self._pipes = threading.local()  # `.pipe`: the thread's Pipe, for the owner's hot path
+        self._open_pipes: list[Pipe] = []
         self._mutex = threading.RLock()
         self._leases: dict[str, _Lease] = {}
         self._cache: dict[str, Promise] = {}  # the promises under owned roots
@@ -150,12 +155,12 @@ class PgStore(TaskQueue, PromiseStore):
                 promise = Promise(promise_id, param, created_at=time.time())
                 lease.held[promise_id] = promise  # written with its first attempt, or sooner
                 return promise
-        row = self._one(self._fast, "creating", promise_id, lease,
-                        f"INSERT INTO promises (id, param, created_at) SELECT %(id)s, %(param)s::jsonb, "
-                        f"%(t)s FROM fence ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}",
-                        id=promise_id, param=to_jsonb(param), t=time.time())
-        if row is not None:
-            return row
+        created = Promise(promise_id, param, created_at=time.time())
+        if self._fenced(self._fast, f"creating promise {promise_id}", None,
+                        "INSERT INTO promises (id, param, created_at) SELECT %(id)s, %(param)s::jsonb, "
+                        "%(t)s FROM fence ON CONFLICT (id) DO NOTHING RETURNING 1",
+                        {"id": promise_id, "param": to_jsonb(param), "t": created.created_at}):
+            return created
         existing = self._select(promise_id)
         check_create(_entry(existing), promise_id, param)
         return existing
@@ -165,17 +170,23 @@ class PgStore(TaskQueue, PromiseStore):
         lease = self._lease_of(promise_id)
         if lease is not None:
             with self._mutex:
+                if list(lease.held) == [promise_id]:  # the common case: a step's creation
+                    return self._send_creation(lease, lease.held.pop(promise_id))
                 if promise_id in lease.held:
                     return self._write_held(lease, first_attempt=promise_id).attempts
                 known = self._cache.get(promise_id)
                 check_attempt(None if known is None else _entry(known), promise_id)
-        row = self._one(self._fast, "starting an attempt of", promise_id, lease,
-                        f"UPDATE promises SET attempts = attempts + 1 FROM fence "
-                        f"WHERE id = %(id)s AND state = 'pending' RETURNING {_COLUMNS}", id=promise_id)
+        row = self._fenced(self._fast, f"starting an attempt of promise {promise_id}", lease,
+                           "UPDATE promises SET attempts = attempts + 1 FROM fence WHERE id = %(id)s AND "
+                           "NOT EXISTS (SELECT 1 FROM settles WHERE settles.id = %(id)s) RETURNING attempts",
+                           {"id": promise_id})
         if row is None:
             check_attempt(_entry(self._explain(promise_id, lease)), promise_id)
             raise AssertionError("unreachable: a pending promise's attempt was not written")
-        return row.attempts
+        if lease is not None:
+            with self._mutex:
+                self._cache[promise_id] = self._cache[promise_id]._replace(attempts=row[0])
+        return row[0]
 
     def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
         self._check(promise_id)
@@ -195,11 +206,7 @@ class PgStore(TaskQueue, PromiseStore):
     def reopen(self, promise_id: str, reason: str) -> Promise:
         self._check(promise_id)
         lease = self._write_held_of(promise_id)
-        row = self._one(self._safe, "reopening", promise_id, lease,
-                        "UPDATE promises SET state = 'pending', attempts_at_reopen = attempts, "
-                        "error = NULL, settled_at = NULL, reopened = reopened || jsonb_build_array("
-                        "jsonb_build_object('error', error, 'reason', %(reason)s::text, 't', %(t)s::float8)) "
-                        f"FROM fence WHERE id = %(id)s AND state = 'rejected' RETURNING {_COLUMNS}",
+        row = self._one(self._safe, "reopening", promise_id, lease, _REOPEN,
                         id=promise_id, reason=reason, t=time.time()) if type(reason) is str else None
         if row is None:
             check_reopen(_entry(self._explain(promise_id, lease)), promise_id, reason)
@@ -224,10 +231,11 @@ class PgStore(TaskQueue, PromiseStore):
     def list(self, prefix: str = "") -> list[Promise]:
         self._check_open()
         for lease in list(self._leases.values()):
+            self._wait_for_pipe(lease)
             self._write_held(lease)
         with self._errors("listing promises"), self._fast.connection() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM promises WHERE id >= %s AND id < %s ORDER BY seq",
+                f"{_READ} WHERE id >= %s AND id < %s ORDER BY seq",
                 (prefix, prefix + _LAST_CHAR),
             ).fetchall()
         return [_promise(row) for row in rows if row[0].startswith(prefix)]
@@ -237,7 +245,7 @@ class PgStore(TaskQueue, PromiseStore):
         the owner's view of them is brought up to date."""
         self._check_open()
         with self._errors("reading promises"), self._fast.connection() as conn:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM promises WHERE id = ANY(%s)",
+            rows = conn.execute(f"{_READ} WHERE id = ANY(%s)",
                                 (promise_ids,)).fetchall()
         promises = [_promise(row) for row in rows]
         for promise in promises:
@@ -259,6 +267,8 @@ class PgStore(TaskQueue, PromiseStore):
             self._renewing.set()
             if self._heartbeat is not None:
                 self._heartbeat.join()
+            for pipe in self._open_pipes:
+                pipe.close()
             self._fast.close()
             self._safe.close()
 
@@ -275,7 +285,7 @@ class PgStore(TaskQueue, PromiseStore):
         try:
             with self._errors("reading the workflow"), self._fast.connection() as conn:
                 rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM promises WHERE id = %s OR (id >= %s AND id < %s)",
+                    f"{_READ} WHERE id = %s OR (id >= %s AND id < %s)",
                     (root, f"{root}.", f"{root}.{_LAST_CHAR}"),
                 ).fetchall()
             for row in rows:
@@ -285,6 +295,7 @@ class PgStore(TaskQueue, PromiseStore):
         finally:
             try:
                 if lease.lost is None and not self._closed:
+                    self._wait_for_pipe(lease)
                     self._write_held(lease)
                     self._release(lease)
             finally:
@@ -380,21 +391,72 @@ class PgStore(TaskQueue, PromiseStore):
     # -- writing ---------------------------------------------------------------------------
 
     def _settle(self, promise_id: str, state: State, outcome: Any, defer_sync: bool) -> Promise:
+        """Insert the promise's outcome (a promise is settled once: a second insert conflicts
+        and writes nothing, and the rules say whether that was the same outcome again)."""
         lease = self._write_held_of(promise_id)
         value, error = (outcome, None) if state is State.RESOLVED else (None, outcome)
-        row = self._one(self._fast if defer_sync else self._safe, "settling", promise_id, lease,
-                        "UPDATE promises SET state = %(state)s, value = %(value)s::jsonb, "
-                        "error = %(error)s::jsonb, settled_at = %(t)s FROM fence "
-                        f"WHERE id = %(id)s AND state = 'pending' RETURNING {_COLUMNS}",
-                        id=promise_id, state=state.value, t=time.time(),
-                        value=None if value is None else to_jsonb(value),
-                        error=None if error is None else to_jsonb(error))
-        if row is not None:
-            return row
+        params = {"id": promise_id, "state": state.value, "t": time.time(),
+                  "value": None if value is None else to_jsonb(value),
+                  "error": None if error is None else to_jsonb(error)}
+        pool = self._fast if defer_sync else self._safe
+        action = f"settling promise {promise_id}"
+        if lease is None:
+            row = self._fenced(pool, action, None, _SETTLE_RETURNING_ALL, params)
+            if row is not None:
+                return _promise(row)
+        elif self._settle_in_pipe(lease, params, durable=self._durable and not defer_sync):
+            with self._mutex:
+                settled = self._cache[promise_id]._replace(
+                    state=state, value=value, error=error, settled_at=params["t"])
+                self._cache[promise_id] = settled
+            return settled
         existing = self._explain(promise_id, lease)
         if check_settle(None if existing is None else _entry(existing), promise_id, state, outcome):
             raise AssertionError("unreachable: a pending promise was not settled")
         return existing
+
+    def _send_creation(self, lease: _Lease, promise: Promise) -> int:
+        """A step's creation and first attempt, sent without waiting (see pg_pipe.py)."""
+        promise = promise._replace(attempts=1)
+        with self._in_pipe(lease, f"creating promise {promise.id}") as pipe:
+            pipe.send_creation(lease.root, lease.epoch, promise.id, to_jsonb(promise.param),
+                               promise.created_at, 1)
+        self._cache[promise.id] = promise
+        return 1
+
+    def _settle_in_pipe(self, lease: _Lease, params: dict[str, Any], *, durable: bool) -> bool:
+        with self._in_pipe(lease, f"settling promise {params['id']}") as pipe:
+            return pipe.settle(lease.root, lease.epoch, params["id"], params["state"], params["value"],
+                               params["error"], params["t"], durable=durable)
+
+    def _wait_for_pipe(self, lease: _Lease) -> None:
+        """Before a write on another connection: what this thread sent in its pipe is answered."""
+        pipe = getattr(self._pipes, "pipe", None)
+        if pipe is not None and not pipe.broken:
+            with self._in_pipe(lease, "waiting for the creations sent") as pipe:
+                pipe.wait()
+
+    @contextlib.contextmanager
+    def _in_pipe(self, lease: _Lease, action: str) -> Iterator[Pipe]:
+        """This thread's pipe (a new one if it has none, or a broken one); a creation refused
+        by the fence is a FencedError, a failed pipe is dropped."""
+        pipe = getattr(self._pipes, "pipe", None)
+        if pipe is None or pipe.broken:
+            pipe = self._pipes.pipe = Pipe(self.url, self.where)
+            with self._mutex:
+                self._open_pipes.append(pipe)
+        try:
+            yield pipe
+        except RefusedCreation as refused:
+            self._explain(refused.promise_id, lease)  # FencedError if the lease is why
+            raise StoreWriteError(f"{self.where}: {action}: the creation of {refused.promise_id} "
+                                  "was refused") from None
+        except StoreWriteError:
+            self._pipes.pipe = None
+            with self._mutex:
+                self._open_pipes.remove(pipe)
+            pipe.close()
+            raise
 
     def _write_held_of(self, promise_id: str) -> _Lease | None:
         """Before a write under an owned root, the creations held back there."""
@@ -409,17 +471,19 @@ class PgStore(TaskQueue, PromiseStore):
         with self._mutex:
             if not lease.held:
                 return None
-            held = list(lease.held.values())
-            rows = self._many(
-                lease, "INSERT INTO promises (id, param, created_at, attempts) "
-                "SELECT v.id, v.param, v.t, v.n FROM unnest(%(ids)s::text[], %(params)s::jsonb[], "
-                "%(ts)s::float8[], %(ns)s::int[]) WITH ORDINALITY AS v(id, param, t, n, o), fence "
-                f"ORDER BY v.o RETURNING {_COLUMNS}",
-                ids=[p.id for p in held], params=[to_jsonb(p.param) for p in held],
-                ts=[p.created_at for p in held], ns=[int(p.id == first_attempt) for p in held],
-            )
+            held = [p._replace(attempts=int(p.id == first_attempt)) for p in lease.held.values()]
+            params = {"ids": [p.id for p in held], "params": [to_jsonb(p.param) for p in held],
+                      "ts": [p.created_at for p in held], "ns": [p.attempts for p in held]}
+            written = self._fenced(self._fast, f"creating promise {held[0].id}", lease,
+                                   _CREATE_ONE if len(held) == 1 else _CREATE_MANY,
+                                   params)
+            if written is None or written[0] != len(held):
+                self._explain(held[0].id, lease)  # FencedError if that is why
+                raise StoreWriteError(f"{self.where}: creating {held[0].id} wrote nothing")
             lease.held.clear()
-            return next((p for p in rows if p.id == first_attempt), None)
+            for promise in held:
+                self._cache[promise.id] = promise
+            return next((p for p in held if p.id == first_attempt), None)
 
     def _one(self, pool: psycopg_pool.ConnectionPool, action: str, promise_id: str,
              lease: _Lease | None, sql: str, **params: Any) -> Promise | None:
@@ -437,22 +501,10 @@ class PgStore(TaskQueue, PromiseStore):
         given (join `fence` to write only while it is current); its first row, if any."""
         fence = _FENCE if lease is not None else _NO_FENCE
         if lease is not None:
+            self._wait_for_pipe(lease)
             params.update(root=lease.root, epoch=lease.epoch)
         with self._errors(action, write=True), pool.connection() as conn:
             return conn.execute(f"WITH {fence} {sql}", params).fetchone()
-
-    def _many(self, lease: _Lease, sql: str, **params: Any) -> list[Promise]:
-        params.update(root=lease.root, epoch=lease.epoch)
-        with self._errors("creating promises", write=True), self._fast.connection() as conn:
-            rows = conn.execute(f"WITH {_FENCE} {sql}", params).fetchall()
-        if len(rows) != len(params["ids"]):
-            self._explain(params["ids"][0], lease)  # raises FencedError if that was why
-            missing = len(params["ids"]) - len(rows)
-            raise StoreWriteError(f"{self.where}: {missing} held creations were not written")
-        promises = [_promise(row) for row in rows]
-        for promise in promises:
-            self._remember(promise)
-        return promises
 
     def _explain(self, promise_id: str, lease: _Lease | None) -> Promise | None:
         """After a write that wrote nothing: FencedError if the lease is why, else the promise
@@ -486,7 +538,7 @@ class PgStore(TaskQueue, PromiseStore):
 
     def _select(self, promise_id: str) -> Promise | None:
         with self._errors(f"reading promise {promise_id}"), self._fast.connection() as conn:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM promises WHERE id = %s", (promise_id,)).fetchone()
+            row = conn.execute(f"{_READ} WHERE id = %s", (promise_id,)).fetchone()
         return None if row is None else _promise(row)
 
     @contextlib.contextmanager
@@ -523,3 +575,40 @@ def _entry(promise: Promise | None) -> list[Any] | None:
     """A promise as log.py's rules take it."""
     return None if promise is None else list(promise[1:])
 
+
+# A creation held back, written alone or with the ones before it (in order), each with its
+# first attempt or none; they return how many rows were written.
+_CREATE_ONE = """
+INSERT INTO promises (id, param, created_at, attempts)
+SELECT (%(ids)s::text[])[1], (%(params)s::jsonb[])[1], (%(ts)s::float8[])[1], (%(ns)s::int[])[1] FROM fence
+RETURNING 1
+"""
+_CREATE_MANY = """
+, v AS (
+    INSERT INTO promises (id, param, created_at, attempts)
+    SELECT v.id, v.param, v.t, v.n
+    FROM unnest(%(ids)s::text[], %(params)s::jsonb[], %(ts)s::float8[], %(ns)s::int[])
+         WITH ORDINALITY AS v(id, param, t, n, o), fence
+    ORDER BY v.o RETURNING 1)
+SELECT count(*) FROM v
+"""
+_SETTLE = """
+INSERT INTO settles (id, state, value, error, settled_at)
+SELECT %(id)s, %(state)s, %(value)s::jsonb, %(error)s::jsonb, %(t)s FROM fence
+WHERE EXISTS (SELECT 1 FROM promises WHERE id = %(id)s)
+ON CONFLICT (id) DO NOTHING RETURNING 1
+"""
+_SETTLE_RETURNING_ALL = f"""
+, s AS ({_SETTLE.replace("RETURNING 1", "RETURNING *")})
+SELECT p.id, p.param, s.state, s.value, s.error, p.attempts, p.attempts_at_reopen, p.created_at, s.settled_at
+FROM s JOIN promises p ON p.id = s.id
+"""
+_REOPEN = """
+, s AS (DELETE FROM settles WHERE id = %(id)s AND state = 'rejected' AND EXISTS (SELECT 1 FROM fence)
+        RETURNING error)
+UPDATE promises p SET attempts_at_reopen = attempts, reopened = reopened || jsonb_build_array(
+    jsonb_build_object('error', s.error, 'reason', %(reason)s::text, 't', %(t)s::float8))
+FROM s WHERE p.id = %(id)s
+RETURNING p.id, p.param, 'pending', NULL::jsonb, NULL::jsonb, p.attempts, p.attempts_at_reopen,
+          p.created_at, NULL::float8
+"""

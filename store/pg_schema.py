@@ -1,5 +1,8 @@
 """The PostgreSQL store's tables, made on first use and versioned.
 
+A promise is a `promises` row (its creation and attempts) and, once settled, a `settles` row
+(its outcome); the view `promise_states` joins them for people and tools.
+
 `durable_schema` keeps one version per component (this store's is "store"; the import's sink
 keeps its own row). Opening a database made by a newer version is refused rather than guessed
 at; an older one is brought up to date by the steps in MIGRATIONS, in one transaction.
@@ -26,15 +29,24 @@ CREATE TABLE IF NOT EXISTS promises (
     seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,   -- creation order
     id text COLLATE "C" PRIMARY KEY,
     param jsonb NOT NULL,                              -- JSON null for a None param
-    state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'resolved', 'rejected')),
-    value jsonb,
-    error jsonb,
     attempts integer NOT NULL DEFAULT 0,
     attempts_at_reopen integer NOT NULL DEFAULT 0,
     created_at double precision NOT NULL,
-    settled_at double precision,
     reopened jsonb NOT NULL DEFAULT '[]'               -- each reopen: the error it cleared, why, when
 );
+-- A promise's outcome, once settled: a row inserted, never updated (an insert commits faster
+-- than an update), deleted only by a reopen (which keeps its error in promises.reopened).
+CREATE TABLE IF NOT EXISTS settles (
+    id text COLLATE "C" PRIMARY KEY,
+    state text NOT NULL CHECK (state IN ('resolved', 'rejected')),
+    value jsonb,
+    error jsonb,
+    settled_at double precision NOT NULL
+);
+CREATE OR REPLACE VIEW promise_states AS
+    SELECT p.id, p.param, coalesce(s.state, 'pending') AS state, s.value, s.error, p.attempts,
+           p.attempts_at_reopen, p.created_at, s.settled_at, p.seq
+    FROM promises p LEFT JOIN settles s ON s.id = p.id;
 -- The driver of each root workflow: whoever holds an unexpired lease; every takeover bumps epoch.
 CREATE TABLE IF NOT EXISTS leases (
     root text COLLATE "C" PRIMARY KEY,

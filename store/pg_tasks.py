@@ -183,7 +183,7 @@ WITH c AS (
     RETURNING tasks.promise_id, tasks.spec, tasks.claim
 ), p AS (
     UPDATE promises SET attempts = attempts + 1 FROM t
-    WHERE promises.id = t.promise_id AND promises.state = 'pending'
+    WHERE promises.id = t.promise_id AND NOT EXISTS (SELECT 1 FROM settles WHERE settles.id = t.promise_id)
     RETURNING promises.id, promises.param, promises.attempts, promises.attempts_at_reopen
 )
 SELECT t.promise_id, t.spec, t.claim, p.param, p.attempts, p.attempts_at_reopen
@@ -195,8 +195,8 @@ WITH t AS (
     UPDATE tasks SET state = 'done', claim_expires_at = NULL
     WHERE promise_id = %(id)s AND claim = %(claim)s AND state = 'claimed' RETURNING promise_id
 ), p AS (
-    UPDATE promises SET state = 'resolved', value = %(value)s::jsonb, settled_at = %(t)s FROM t
-    WHERE promises.id = t.promise_id AND promises.state = 'pending' RETURNING promises.id
+    INSERT INTO settles (id, state, value, settled_at)
+    SELECT t.promise_id, 'resolved', %(value)s::jsonb, %(t)s FROM t ON CONFLICT (id) DO NOTHING RETURNING id
 )
 SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM p)
 """
@@ -215,8 +215,8 @@ WITH t AS (
     UPDATE tasks SET state = 'done', last_error = %(error)s::jsonb, claim_expires_at = NULL
     WHERE promise_id = %(id)s AND claim = %(claim)s AND state = 'claimed' RETURNING promise_id
 ), p AS (
-    UPDATE promises SET state = 'rejected', error = %(error)s::jsonb, settled_at = %(t)s FROM t
-    WHERE promises.id = t.promise_id AND promises.state = 'pending' RETURNING 1
+    INSERT INTO settles (id, state, error, settled_at)
+    SELECT t.promise_id, 'rejected', %(error)s::jsonb, %(t)s FROM t ON CONFLICT (id) DO NOTHING RETURNING 1
 )
 SELECT count(*) FROM t
 """
