@@ -1,4 +1,4 @@
-"""Command line: `python -m supervisor exec|run|join|status|retry` (argument parsing and dispatch only).
+"""Command line: `python -m supervisor exec|run|join|list|status|retry` (argument parsing and dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -32,7 +32,7 @@ from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
 from .location import StoreLocation
 from .report import Terms
-from .status import retry_failed, show_status
+from .status import list_workflows, retry_failed, show_status
 from .supervise import Settings
 
 MAX_SYNTHETIC_RECORDS = 10**12
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _kills(join)
     _supervision(join, unit="step")
 
+    listing = commands.add_parser("list", help="list every workflow (import) of a state dir or store")
+    _location(listing, store=True)
+    listing.add_argument("--json", action="store_true", help="print the list as one JSON array")
     status = commands.add_parser("status", help="show a workflow's progress; changes nothing")
     _inspection(status)
     retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
@@ -114,7 +117,8 @@ def _location(p: argparse.ArgumentParser, *, store: bool) -> None:
                        help=f"holds store.jsonl (and the import's import.db; default ./{DEFAULT_STATE_DIR})")
     if store:
         where.add_argument("--store", type=durable_store_url, default=None, metavar="URL",
-                           help="the promise store instead of a state dir: a path or jsonl:PATH")
+                           help="the promise store instead of a state dir: a path, jsonl:PATH, or "
+                           "postgresql://... (many machines)")
 
 
 def _supervision(p: argparse.ArgumentParser, *, unit: str) -> None:
@@ -161,15 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(parser, args)
     if args.command == "join":
         return join_command(args, _terms_for)
+    if args.command == "list":
+        return list_workflows(_where(args), as_json=args.json, terms_for=_terms_for)
     if args.id is None:
-        parser.error(f"{args.command} needs --id (see `status` of a run, or its report)")
-    if args.store is not None:
-        location = StoreLocation.at_url(args.store)
-    else:
-        location = StoreLocation.in_state_dir(args.state_dir)
+        parser.error(f"{args.command} needs --id (see `list`, or the report of its run)")
     if args.command == "status":
-        return show_status(location, args.id, as_json=args.json, terms_for=_terms_for)
-    return retry_failed(location, args.id, as_json=args.json, terms_for=_terms_for)
+        return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+    return retry_failed(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+
+
+def _where(args: argparse.Namespace) -> StoreLocation:
+    if args.store is not None:
+        return StoreLocation.at_url(args.store)
+    return StoreLocation.in_state_dir(args.state_dir)
 
 
 def _terms_for(root: Promise) -> Terms:

@@ -98,6 +98,15 @@ class ImportTerms(Terms):
             return batch_count(source, batch_size)
         return _planned_batches(history)
 
+    def records_done(self, history: History) -> int | None:
+        """The records of the batches done (in the summary, once the import is)."""
+        root = history.root
+        if root.state is State.RESOLVED and _is_summary(root.value):
+            return root.value["total_records"]
+        done = self.units_of(history).in_state(State.RESOLVED)
+        return sum(p.value["records"] for p in done if isinstance(p.value, dict)
+                   and isinstance(p.value.get("records"), int))
+
 
 IMPORT_TERMS = ImportTerms()
 _SUMMARY_KEYS = frozenset({"total_records", "total_processed", "total_skipped", "skipped_reasons",

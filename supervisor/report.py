@@ -56,6 +56,10 @@ class Terms:
         """How many units the workflow has in all; None while only its run can tell."""
         return None
 
+    def records_done(self, history: History) -> int | None:
+        """How many records its finished units handled, for a workflow that counts records."""
+        return None
+
 
 @dataclass
 class ChildReport:

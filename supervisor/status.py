@@ -1,13 +1,15 @@
-"""`status` (a read-only view of a workflow) and `retry` (reopen a failed workflow so that the
-next run resumes it), for any workflow in a state dir or store.
+"""`list` (every workflow of a store), `status` (a read-only view of a workflow) and `retry`
+(reopen a failed workflow so that the next run resumes it), for any workflow in a state dir or
+store.
 
-Both read the workflow through the runtime (workflow/history.py) and retry through
+All read the workflow through the runtime (workflow/history.py) and retry through
 `Runner.retry`; the words and the step count come from `terms_for(root)`, which knows the
 import's batches.
 """
 
 from __future__ import annotations
 
+import datetime
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import orjson
 
 from store import Promise, State, StoreError, StoreLockedError, open_store
+from store.backends import redact
 from workflow import Runner
 from workflow.history import History, read_history, recorded_call, root_ids
 
@@ -73,6 +76,54 @@ def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_
         print(f"reopened {promise_id} (was: {error.get('type')}: {error.get('message')})")
     print(f"reopened {root_id}; run the same `python -m supervisor {terms.command}` command to resume it")
     return exits.OK
+
+
+def list_workflows(location: StoreLocation, *, as_json: bool, terms_for: TermsFor) -> int:
+    """Every workflow in the store (or database): its id, state, units done of all, records
+    and last activity, the newest last."""
+    try:
+        store = location.open_readonly()
+    except StoreError as exc:
+        return _error(str(exc), exits.FAILED)
+    rows = []
+    if store is not None:
+        with store:
+            for root_id in root_ids(store):
+                history = read_history(store, root_id)
+                rows.append(_listing(history, terms_for(history.root)))
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+    elif not rows:
+        print(f"no workflow has run in {redact(location.url)}")
+    else:
+        print(_table(rows))
+    return exits.OK
+
+
+def _listing(history: History, terms: Terms) -> dict[str, Any]:
+    counted = terms.units_of(history)
+    promises = [history.root, *history.calls]
+    last = max(max(p.created_at, p.settled_at or 0.0) for p in promises)
+    return {
+        "id": history.root.id,
+        "state": history.root.state.value,
+        "units": terms.units,
+        "done": len(counted.in_state(State.RESOLVED)),
+        "total": terms.step_count(history),
+        "records": terms.records_done(history),
+        "last_activity": datetime.datetime.fromtimestamp(last, datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cells = [["ID", "STATE", "DONE", "RECORDS", "LAST ACTIVITY (UTC)"]]
+    for r in rows:
+        total = "?" if r["total"] is None else r["total"]
+        cells.append([r["id"], r["state"], f"{r['done']}/{total} {r['units']}",
+                      "" if r["records"] is None else f"{r['records']:,}", r["last_activity"]])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return "\n".join(lines)
 
 
 def status_of(history: History, terms: Terms) -> dict[str, Any]:
