@@ -59,14 +59,14 @@ class TaskQueue:
     _fast: psycopg_pool.ConnectionPool
 
     def enqueue(self, promise_id: str, spec: dict[str, Any]) -> None:
-        """Make the step `promise_id` claimable (once: again is a no-op). Only the driver
-        enqueues, under its lease; the step's creation, held back until now, is written first."""
+        """Make the step `promise_id` claimable: once, and again only after its promise was
+        reopened (its task was done). Only the driver enqueues, under its lease; the step's
+        creation, held back until now, is written first."""
         lease = self._write_held_of(promise_id)
         if lease is None:
             raise StoreError(f"{self.where}: enqueue {promise_id} under its workflow's lease (own())")
         written = self._fenced(self._fast, f"enqueueing {promise_id}", lease,
-                               "INSERT INTO tasks (promise_id, root, spec) SELECT %(id)s, %(root)s, "
-                               "%(spec)s::jsonb FROM fence ON CONFLICT (promise_id) DO NOTHING RETURNING 1",
+                               _ENQUEUE,
                                {"id": promise_id, "spec": _jsonb(promise_id, spec)})
         if written is None:
             self._explain(promise_id, lease)  # FencedError if the lease is why; else enqueued before
@@ -137,6 +137,13 @@ class TaskQueue:
         if not (done and resolved):
             raise ClaimLostError(f"{claim.promise_id}: claim {claim.token} is no longer current")
 
+    def drop_claim(self, claim: Claim) -> None:
+        """A claimed task whose promise was settled already: done, with nothing to run."""
+        with self._errors(f"dropping the task of {claim.promise_id}", write=True), \
+                self._fast.connection() as conn:
+            conn.execute("UPDATE tasks SET state = 'done', claim_expires_at = NULL "
+                         "WHERE promise_id = %s AND claim = %s", (claim.promise_id, claim.token))
+
     def fail_claim(self, claim: Claim, error: dict[str, Any], retry_in: float | None) -> bool:
         """After a failed attempt: the task ready again in `retry_in` seconds, or (None) its
         promise rejected with `error`; False if the claim was no longer current."""
@@ -169,6 +176,14 @@ class TaskQueue:
 
 def _jsonb(promise_id: str, value: Any) -> str:
     return to_jsonb(storable(promise_id, "task", value))
+
+_ENQUEUE = """
+INSERT INTO tasks (promise_id, root, spec) SELECT %(id)s, %(root)s, %(spec)s::jsonb FROM fence
+ON CONFLICT (promise_id) DO UPDATE
+    SET state = 'queued', not_before = now(), claim_expires_at = NULL, spec = excluded.spec
+    WHERE tasks.state = 'done' AND NOT EXISTS (SELECT 1 FROM settles WHERE settles.id = excluded.promise_id)
+RETURNING 1
+"""
 
 _CLAIM = """
 WITH c AS (

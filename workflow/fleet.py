@@ -156,7 +156,8 @@ class Executor:
         """Run one claimed step to its settle (or to a retry later); never raises for the
         step's own failure."""
         if claim.attempt is None:
-            return  # its promise was settled already: nothing to run
+            self.store.drop_claim(claim)  # its promise was settled already: nothing to run
+            return
         entry = describe(lookup(claim.param["fn"], claim.param["v"]))
         policy = _policy(claim.spec)
         if claim.since_reopen > policy.max_attempts:

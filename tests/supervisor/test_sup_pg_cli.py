@@ -1,0 +1,85 @@
+"""The supervisor's commands against a PostgreSQL store (a fresh database per test): an import
+with kills whose invariants hold from the database alone, `list`, `status`, `retry`, and the
+refusals of `join` and `run` a user meets first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import psycopg
+from supervisor_helpers import Finished
+from test_sup_exec import ROOT, install_squares, supervisor
+
+IMPORT = "import/synthetic-2000-b100"
+
+
+def run_import(tmp_path: Path, url: str, *flags: str) -> Finished:
+    return supervisor(tmp_path, "run", "--records", "2000", "--store", url, "--state-dir", "state", *flags)
+
+
+def exec_squares(tmp_path: Path, url: str, *flags: str) -> Finished:
+    return supervisor(tmp_path, "exec", "squares:squares", "--id", ROOT, "--arg", "4", "--store", url, *flags)
+
+
+def test_an_import_killed_in_batch_3_and_at_random_commits_every_batch_once_in_one_transaction(
+    tmp_path: Path, pg_url: str, audit: ModuleType
+) -> None:
+    done = run_import(tmp_path, pg_url, "--workers", "2", "--kill-at-batch", "3",
+                      "--kill-random", "2", "--seed", "5", "--json")
+    assert done.returncode == 0, done.describe()
+    assert done.report["ok"] and done.report["total_records"] == 2000
+    assert done.report["store"] == pg_url and any(k["kind"] == "kill-at-batch" for k in done.report["kills"])
+    verdict = audit.audit_pg(pg_url, IMPORT, 2000)
+    assert verdict["ok"], verdict
+    with psycopg.connect(pg_url) as db:
+        outcomes = dict(db.execute("SELECT coalesce(outcome, 'died'), count(*) FROM executions GROUP BY 1"))
+    assert outcomes["committed"] == 20 and "found_commit" not in outcomes, outcomes
+    assert outcomes.get("died", 0) >= 1  # the kill in batch 3 left its execution unfinished
+
+
+def test_list_and_status_read_the_database(tmp_path: Path, pg_url: str) -> None:
+    assert run_import(tmp_path, pg_url).returncode == 0
+    listing = supervisor(tmp_path, "list", "--store", pg_url, "--json")
+    assert listing.returncode == 0, listing.describe()
+    [row] = json.loads(listing.stdout)
+    assert (row["id"], row["state"], row["done"], row["total"]) == (IMPORT, "resolved", 20, 20)
+    assert row["records"] == 2000
+    text = supervisor(tmp_path, "list", "--store", pg_url)
+    assert IMPORT in text.stdout and "20/20 batches" in text.stdout and "2,000" in text.stdout
+    status = supervisor(tmp_path, "status", "--id", IMPORT, "--store", pg_url)
+    assert status.returncode == 0, status.describe()
+    assert f"{IMPORT}: resolved, 20/20 batches done" in status.stdout
+
+
+def test_join_refuses_a_workflow_never_started_there_and_a_store_that_is_not_postgresql(
+    tmp_path: Path, pg_url: str
+) -> None:
+    unknown = supervisor(tmp_path, "join", "--store", pg_url, "--id", "import/nothing")
+    assert unknown.returncode == 1, unknown.describe()
+    assert "no workflow import/nothing was started there; start it with `run --store" in unknown.stderr
+    a_file = supervisor(tmp_path, "join", "--store", str(tmp_path / "store.jsonl"), "--id", "x")
+    assert a_file.returncode == 2 and "machines share a workflow only in PostgreSQL" in a_file.stderr
+
+
+def test_run_refuses_an_id_started_there_with_other_arguments(tmp_path: Path, pg_url: str) -> None:
+    assert run_import(tmp_path, pg_url, "--id", "import/mine").returncode == 0
+    other = supervisor(tmp_path, "run", "--records", "300", "--store", pg_url, "--state-dir", "state",
+                       "--id", "import/mine")
+    assert other.returncode == 1, other.describe()
+    assert "workflow import/mine was started with" in other.stderr and "give another --id" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_fail_fix_retry_resume_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    app = install_squares(tmp_path)
+    app.write_text(app.read_text().replace("BROKEN: tuple[int, ...] = ()", "BROKEN = (2,)"))
+    failed = exec_squares(tmp_path, pg_url, "--max-attempts", "2", "--retry-initial", "0")
+    assert failed.returncode == 1, failed.describe()
+    assert f"retry --id {ROOT} --store {pg_url}" in failed.last_error_line
+    app.write_text(app.read_text().replace("BROKEN = (2,)", "BROKEN: tuple[int, ...] = ()"))
+    retry = supervisor(tmp_path, "retry", "--id", ROOT, "--store", pg_url)
+    assert retry.returncode == 0 and f"reopened {ROOT}.2" in retry.stdout, retry.describe()
+    again = exec_squares(tmp_path, pg_url, "--json")
+    assert again.returncode == 0 and again.report["result"] == [0, 1, 4, 9], again.describe()
