@@ -1,0 +1,109 @@
+"""The many-machine rows of bench.py: an import on PostgreSQL run by several "machines".
+
+A machine here is `python -m supervisor run|join --store URL` in a pid namespace of its own
+(`unshare --pid --fork`, root only): its processes cannot see each other's, so nothing tells a
+machine that another one died but the expiry of its lease and its claims, as between real
+machines. Killing a machine is SIGKILL to the namespace's first process, which takes every
+process of the namespace with it (the kernel's rule for a pid namespace).
+
+- `takeover_s`: SIGKILL of the machine that holds the import's lease (the one that started it)
+  to the first batch resolved that the new driver (another machine) enqueued: the lease's
+  expiry, the standby's take-over, its replay, and one batch.
+- `fleet_speedup`: one import of N records with 3 executor processes against 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from store import open_store
+
+REPO = Path(__file__).resolve().parent.parent
+POLL_S = 0.02
+TIMEOUT_S = 300.0
+
+
+def machine(url: str, command: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+    """A supervisor in a pid namespace of its own (a machine), started in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "supervisor", *command,
+         "--store", url, "--state-dir", str(workdir / "state"), "--json"],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def _wait_for(what: str, check: Any, timeout: float = TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(POLL_S)
+    raise TimeoutError(f"no {what} within {timeout:g} s")
+
+
+def takeover_s(url: str, base: Path, records: int = 200_000) -> float:
+    """Seconds from the SIGKILL of the lease holder's machine to the first batch resolved that
+    another machine's driver enqueued."""
+    root = f"import/synthetic-{records}-b100"
+    open_store(url).close()  # the tables, so that they can be watched from the start
+    first = machine(url, ["run", "--records", str(records)], base / "a")
+    second = None
+    try:
+        with psycopg.connect(url, autocommit=True) as db:
+            _wait_for("lease", lambda: _one(db, "SELECT epoch FROM leases WHERE root = %s", root))
+            second = machine(url, ["join", "--id", root], base / "b")
+            _wait_for("batches", lambda: (_one(db, "SELECT count(*) FROM settles") or 0) >= 50)
+            epoch = _one(db, "SELECT epoch FROM leases WHERE root = %s", root)
+            killed_at = time.time()
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            last_task = _one(db, "SELECT max(seq) FROM tasks")  # the dead driver enqueued no more
+            lease = "SELECT epoch FROM leases WHERE root = %s"
+            _wait_for("new driver", lambda: _one(db, lease, root) > epoch)
+            resolved_at = _wait_for("batch of the new driver", lambda: _one(
+                db, "SELECT min(s.settled_at) FROM settles s JOIN tasks t ON t.promise_id = s.id "
+                "WHERE t.seq > %s", last_task))
+        return resolved_at - killed_at
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                _stop(proc)
+
+
+def fleet_speedup(url_of: Any, base: Path, records: int, batch_size: int) -> dict[str, Any]:
+    """Wall time of one machine importing `records` with 1, then 3, executor processes, each on
+    a fresh database (`url_of()` gives one, as a context manager)."""
+    times = {}
+    for workers in (1, 3):
+        with url_of() as url:
+            started = time.monotonic()
+            proc = machine(url, ["run", "--records", str(records), "--batch-size", str(batch_size),
+                                 "--workers", str(workers)], base / f"w{workers}")
+            out, _ = proc.communicate(timeout=TIMEOUT_S * 4)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the import with {workers} executor(s) failed: {out[-2000:]!r}")
+            times[workers] = time.monotonic() - started
+    return {"executors_1_s": times[1], "executors_3_s": times[3], "speedup": times[1] / times[3]}
+
+
+def _one(db: psycopg.Connection, sql: str, *params: Any) -> Any:
+    row = db.execute(sql, params).fetchone()
+    return None if row is None else row[0]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
