@@ -18,8 +18,11 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import psutil
 
 from store import Promise, State, WorkflowBusyError, open_store
 from store.pg import PgStore
@@ -150,11 +153,28 @@ class _Executors:
                                 preexec_fn=lambda: die_with_parent(parent))
 
     def _keep_up(self) -> None:
+        """Replace an executor that died; SIGKILL one stopped (SIGSTOP) for a claim period,
+        whose step another executor has claimed again by then, so that it is replaced too."""
+        stopped_since: dict[int, float] = {}
         while not self._stop.wait(EXECUTOR_CHECK_S):
             for i, proc in enumerate(self._running):
                 if proc.poll() not in (None, 0):
                     log.warning("executor %d ended (status %d); starting another", proc.pid, proc.returncode)
                     self._running[i] = self._start()
+                elif _is_stopped(proc.pid):
+                    since = stopped_since.setdefault(proc.pid, time.monotonic())
+                    if time.monotonic() - since > DEFAULT_CLAIM_S:
+                        log.warning("executor %d stopped for %g s: SIGKILL", proc.pid, DEFAULT_CLAIM_S)
+                        proc.kill()
+                else:
+                    stopped_since.pop(proc.pid, None)
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
 
 
 def serve(url: str, root_id: str, dependencies: Mapping[str, Any], progress: Progress,
