@@ -40,7 +40,8 @@ from workflow.importer import Sink, import_records, plan_batches, synthetic_sour
 from workflow.importer.sources import read_batch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_parallel  # noqa: E402  (beside this file)
+import bench_dbos  # noqa: E402  (beside this file)
+import bench_parallel  # noqa: E402
 
 TARGETS = {
     "durable_step_over_floor": ("<=", 1.3),
@@ -327,38 +328,11 @@ def plain_import(db_path: Path, source: dict[str, Any], batch_size: int) -> int:
 
 
 def dbos_in_child(base: Path, n: int) -> float | None:
-    try:
-        import dbos  # noqa: F401
-    except ImportError:
+    """µs per step of the same workflow on DBOS with a SQLite system database; None without DBOS."""
+    if not bench_dbos.installed():
         return None
-    out = subprocess.run([sys.executable, __file__, "--child-dbos", str(n), "--dir", str(base)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["us_per_step"]
-
-
-def child_dbos(base: Path, n: int) -> dict[str, float]:
-    from dbos import DBOS
-
     with scratch(base) as d:
-        DBOS(config={"name": "bench", "system_database_url": f"sqlite:///{d / 'dbos.sqlite'}"})
-
-        @DBOS.step()
-        def dbos_noop(i: int) -> int:
-            return i
-
-        @DBOS.workflow()
-        def dbos_steps(k: int) -> int:
-            for i in range(k):
-                dbos_noop(i)
-            return k
-
-        DBOS.launch()
-        dbos_steps(10)  # warm up
-        start = time.perf_counter()
-        dbos_steps(n)
-        seconds = time.perf_counter() - start
-        DBOS.destroy()
-    return {"us_per_step": seconds / n * 1e6}
+        return bench_dbos.us_per_step(f"sqlite:///{d / 'dbos.sqlite'}", n)
 
 
 # -- 9. syncs per batch --------------------------------------------------------------------------
@@ -558,14 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path("."), help="where scratch files go (the disk measured)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     p.add_argument("--child-import", choices=["durable", "plain"], help=argparse.SUPPRESS)
-    p.add_argument("--child-dbos", type=int, help=argparse.SUPPRESS)
     p.add_argument("--records", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_import:
         print(json.dumps(child_import(args.dir, args.records, args.child_import)))
-        return 0
-    if args.child_dbos:
-        print(json.dumps(child_dbos(args.dir, args.child_dbos)))
         return 0
     results = measure(args.dir, QUICK if args.quick else FULL)
     print(table(results))
