@@ -23,7 +23,7 @@ from store import open_store
 from workflow import Runner
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-FLOOR_ROUNDS = 5
+FLOOR_RUNS = 5
 WARM_UP_STEPS = 10  # as the DBOS peer: schemas made and code paths warm before the clock starts
 
 
@@ -53,17 +53,17 @@ def fresh_database(url: str) -> Iterator[str]:
 
 def pg_floor_ms(url: str, n: int) -> float:
     """ms per commit of a bare INSERT of a 200-byte row into a scratch table, in autocommit: one
-    round trip and one WAL flush each. The median of a few rounds of n/rounds commits."""
-    per_round = max(1, n // FLOOR_ROUNDS)
+    round trip and one WAL flush each. The median of a few runs of n/runs commits."""
+    per_run = max(1, n // FLOOR_RUNS)
     row = "x" * 200
     samples = []
     with fresh_database(url) as db, psycopg.connect(db, autocommit=True) as conn:
         conn.execute("CREATE TABLE scratch (body text NOT NULL)")
-        for _ in range(FLOOR_ROUNDS):
+        for _ in range(FLOOR_RUNS):
             start = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(per_run):
                 conn.execute("INSERT INTO scratch (body) VALUES (%s)", (row,))
-            samples.append((time.perf_counter() - start) / per_round * 1e3)
+            samples.append((time.perf_counter() - start) / per_run * 1e3)
     return statistics.median(samples)
 
 

@@ -17,7 +17,7 @@ from pgdb import ADMIN_URL
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50], "growth_total": 50,
         "restarts": 1, "csv_rows": 3000, "import": [300, 600], "dbos": 5, "sync_batches": 5,
-        "group_commit": 20, "workers_import": 2000, "pg_floor": 10, "pg_steps": 5}
+        "group_commit": 20, "workers_import": 2000, "pg_floor": 10, "pg_steps": 5, "pg_rounds": 1}
 
 
 @pytest.fixture(scope="module")
