@@ -413,9 +413,9 @@ def measure(base: Path, sizes: dict[str, Any], *, only: str | None = None,
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     groups = [g for g in GROUPS if only in (None, g)]
     r: dict[str, Any] = {"sizes": sizes, "machine": machine, "groups": groups}
-    if "engine" in r["groups"]:
+    if "engine" in groups:
         r.update(measure_engine(base, sizes))
-    if "pg" in r["groups"]:
+    if "pg" in groups:
         r.update(measure_pg(pg_url, sizes))
     return r
 
