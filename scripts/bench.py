@@ -3,10 +3,12 @@
 
     python scripts/bench.py --quick        # < 60 s
     python scripts/bench.py                # the full run, about three minutes here
+    python scripts/bench.py --only pg      # the PostgreSQL rows alone (the server: --pg URL)
     pip install -e '.[bench]' && python scripts/bench.py   # adds the DBOS peer
 
 Every figure is measured on this machine in this run, next to the physical floor (one line
-appended and fdatasync'ed on the same disk), so ratios stay meaningful on a noisy machine.
+appended and fdatasync'ed on the same disk; for the PostgreSQL rows, one bare INSERT committed
+on the same server), so ratios stay meaningful on a noisy machine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import orjson  # noqa: E402
+import psycopg  # noqa: E402
 
 from store import Durability, JsonlStore, failpoints  # noqa: E402
 from workflow import Runner, WorkflowInterrupted, register  # noqa: E402
@@ -40,7 +43,9 @@ from workflow.importer import Sink, import_records, plan_batches, synthetic_sour
 from workflow.importer.sources import read_batch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_parallel  # noqa: E402  (beside this file)
+import bench_dbos  # noqa: E402  (beside this file)
+import bench_parallel  # noqa: E402
+import bench_pg  # noqa: E402
 
 TARGETS = {
     "durable_step_over_floor": ("<=", 1.3),
@@ -56,6 +61,8 @@ TARGETS = {
     "group_commit_speedup": (">=", 5.0),
     "import_speedup_workers2": (">=", 1.5),
     "batch_syncs": ("<=", 1.1),
+    "pg_step_over_floor": ("<=", 1.5),
+    "dbos_pg_over_ours": (">=", 4.0),
 }
 
 
@@ -327,38 +334,11 @@ def plain_import(db_path: Path, source: dict[str, Any], batch_size: int) -> int:
 
 
 def dbos_in_child(base: Path, n: int) -> float | None:
-    try:
-        import dbos  # noqa: F401
-    except ImportError:
+    """µs per step of the same workflow on DBOS with a SQLite system database; None without DBOS."""
+    if not bench_dbos.installed():
         return None
-    out = subprocess.run([sys.executable, __file__, "--child-dbos", str(n), "--dir", str(base)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["us_per_step"]
-
-
-def child_dbos(base: Path, n: int) -> dict[str, float]:
-    from dbos import DBOS
-
     with scratch(base) as d:
-        DBOS(config={"name": "bench", "system_database_url": f"sqlite:///{d / 'dbos.sqlite'}"})
-
-        @DBOS.step()
-        def dbos_noop(i: int) -> int:
-            return i
-
-        @DBOS.workflow()
-        def dbos_steps(k: int) -> int:
-            for i in range(k):
-                dbos_noop(i)
-            return k
-
-        DBOS.launch()
-        dbos_steps(10)  # warm up
-        start = time.perf_counter()
-        dbos_steps(n)
-        seconds = time.perf_counter() - start
-        DBOS.destroy()
-    return {"us_per_step": seconds / n * 1e6}
+        return bench_dbos.us_per_step(f"sqlite:///{d / 'dbos.sqlite'}", n)
 
 
 # -- 9. syncs per batch --------------------------------------------------------------------------
@@ -416,16 +396,32 @@ def batch_syncs_row(r: dict[str, Any]) -> tuple[str, str, str]:
 FULL = {"floor": 3000, "durable": 3000, "cpu": 20_000, "replay": [10_000, 100_000],
         "growth": [100, 1000, 10_000, 100_000], "growth_total": 20_000, "restarts": 7,
         "csv_rows": 2_000_000, "import": [100_000, 1_000_000], "dbos": 500, "group_commit": 10_000,
-        "workers_import": 1_000_000, "sync_batches": 1000}
+        "workers_import": 1_000_000, "sync_batches": 1000, "pg_floor": 1000, "pg_steps": 500,
+        "pg_rounds": 3}
 QUICK = {"floor": 500, "durable": 500, "cpu": 5000, "replay": [10_000], "growth": [100, 1000, 10_000],
          "growth_total": 5000,
          "restarts": 3, "csv_rows": 200_000, "import": [20_000, 100_000], "dbos": 200,
-         "group_commit": 1000, "workers_import": 100_000, "sync_batches": 200}
+         "group_commit": 1000, "workers_import": 100_000, "sync_batches": 200, "pg_floor": 300,
+         "pg_steps": 100, "pg_rounds": 3}
+GROUPS = ("engine", "pg")  # the engine on this disk; the PostgreSQL rows
 
 
-def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
+def measure(base: Path, sizes: dict[str, Any], *, only: str | None = None,
+            pg_url: str = bench_pg.ADMIN_URL) -> dict[str, Any]:
+    """Every figure of both groups, or of the one `only` names (scratch files under base, the
+    PostgreSQL databases on the server of the admin URL pg_url)."""
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    r: dict[str, Any] = {"sizes": sizes, "machine": machine}
+    groups = [g for g in GROUPS if only in (None, g)]
+    r: dict[str, Any] = {"sizes": sizes, "machine": machine, "groups": groups}
+    if "engine" in groups:
+        r.update(measure_engine(base, sizes))
+    if "pg" in groups:
+        r.update(measure_pg(pg_url, sizes))
+    return r
+
+
+def measure_engine(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
+    r: dict[str, Any] = {}
     log("floor (append + fdatasync of one 200-byte line) and durable step, alternating")
     floors, steps_ = [], []  # the disk's speed drifts on a shared machine: alternate, keep the best
     for _ in range(5):
@@ -491,7 +487,47 @@ def measure(base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def measure_pg(url: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """The PostgreSQL rows, each on a fresh database; {"pg_skipped": why} without a server."""
+    try:
+        version = bench_pg.server_version(url)
+    except psycopg.OperationalError as exc:
+        log(f"PostgreSQL rows: skipped, {' '.join(str(exc).split())}")
+        return {"pg_skipped": "PostgreSQL does not answer (--pg URL)"}
+    log(f"PostgreSQL {version}: floor (INSERT + COMMIT), our step, DBOS's step (if installed), alternating")
+    samples: dict[str, list[float]] = {"pg_floor_ms": [], "pg_step_ms": [], "dbos_pg_step_ms": []}
+    for _ in range(sizes["pg_rounds"]):  # the server is shared and its speed drifts: keep the best
+        samples["pg_floor_ms"].append(bench_pg.pg_floor_ms(url, sizes["pg_floor"]))
+        samples["pg_step_ms"].append(bench_pg.ours_pg_step_ms(url, sizes["pg_steps"], steps))
+        dbos_ms = bench_pg.dbos_step_ms(url, sizes["pg_steps"])
+        if dbos_ms is not None:
+            samples["dbos_pg_step_ms"].append(dbos_ms)
+    r: dict[str, Any] = {"pg_server_version": version}
+    for key, values in samples.items():
+        if values:
+            r[key], r[f"{key}_range"] = min(values), [min(values), max(values)]
+    r["pg_step_over_floor"] = r["pg_step_ms"] / r["pg_floor_ms"]
+    if "dbos_pg_step_ms" in r:
+        r["dbos_pg_over_ours"] = r["dbos_pg_step_ms"] / r["pg_step_ms"]
+    return r
+
+
 def table(r: dict[str, Any]) -> str:
+    rows = ((engine_rows(r) if "engine" in r["groups"] else [])
+            + (pg_rows(r) if "pg" in r["groups"] else []))
+    out = [f"{'metric':44} {'measured':42} {'ratio/value':>12} {'target':>8}  ok", "-" * 116]
+    for name, shown, key in rows:
+        if key:
+            op, target = TARGETS[key]
+            value = r[key]
+            ok = value <= target if op == "<=" else value >= target
+            out.append(f"{name:44} {shown:42} {value:12.3g} {op}{target:<7g}  {'yes' if ok else 'NO'}")
+        else:
+            out.append(f"{name:44} {shown:42}")
+    return "\n".join(out)
+
+
+def engine_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     imp = r["import"]
     small, large = list(imp["durable"])
     rows = [
@@ -536,16 +572,27 @@ def table(r: dict[str, Any]) -> str:
     else:
         rows.append(("DBOS peer", "not installed (pip install -e '.[bench]')", ""))
     rows.append(batch_syncs_row(r))
-    out = [f"{'metric':44} {'measured':42} {'ratio/value':>12} {'target':>8}  ok", "-" * 116]
-    for name, shown, key in rows:
-        if key:
-            op, target = TARGETS[key]
-            value = r[key]
-            ok = value <= target if op == "<=" else value >= target
-            out.append(f"{name:44} {shown:42} {value:12.3g} {op}{target:<7g}  {'yes' if ok else 'NO'}")
-        else:
-            out.append(f"{name:44} {shown:42}")
-    return "\n".join(out)
+    return rows
+
+
+def pg_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if "pg_skipped" in r:
+        return [("PostgreSQL rows", f"skipped: {r['pg_skipped']}"[:42], "")]
+    def best(key: str) -> str:
+        low, high = r[f"{key}_range"]
+        return f"{low:.2f} ms (range {low:.2f}-{high:.2f} over {r['sizes']['pg_rounds']} rounds)"
+
+    rows = [
+        (f"PostgreSQL {r['pg_server_version'].split()[0]} floor: INSERT + COMMIT", best("pg_floor_ms"), ""),
+        ("durable step, PostgreSQL store", best("pg_step_ms"), "pg_step_over_floor"),
+    ]
+    if "dbos_pg_over_ours" in r:
+        rows.append((f"DBOS {r['sizes']['pg_steps']}-step workflow (PostgreSQL)",
+                     f"{r['dbos_pg_step_ms']:.2f} ms/step vs ours {r['pg_step_ms']:.2f}",
+                     "dbos_pg_over_ours"))
+    else:
+        rows.append(("DBOS peer on PostgreSQL", "not installed (pip install -e '.[bench]')", ""))
+    return rows
 
 
 def log(message: str) -> None:
@@ -557,17 +604,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     p.add_argument("--dir", type=Path, default=Path("."), help="where scratch files go (the disk measured)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("--only", choices=GROUPS,
+                   help="one group of rows: the engine's on this disk, or PostgreSQL's")
+    p.add_argument("--pg", default=bench_pg.ADMIN_URL, metavar="URL",
+                   help="admin URL of the PostgreSQL server: its rows create and drop databases there "
+                        "(default: %(default)s)")
     p.add_argument("--child-import", choices=["durable", "plain"], help=argparse.SUPPRESS)
-    p.add_argument("--child-dbos", type=int, help=argparse.SUPPRESS)
     p.add_argument("--records", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_import:
         print(json.dumps(child_import(args.dir, args.records, args.child_import)))
         return 0
-    if args.child_dbos:
-        print(json.dumps(child_dbos(args.dir, args.child_dbos)))
-        return 0
-    results = measure(args.dir, QUICK if args.quick else FULL)
+    results = measure(args.dir, QUICK if args.quick else FULL, only=args.only, pg_url=args.pg)
     print(table(results))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.out}")

@@ -10,6 +10,7 @@ the schemas are made by the code under test on first use, as they would be in pr
 from __future__ import annotations
 
 import os
+import sys
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -23,11 +24,21 @@ TEMPLATE = "durable_test_template"
 _TEMPLATE_LOCK = 7_240_001  # an advisory lock key: xdist workers make the template once
 
 
+def _connect() -> psycopg.Connection:
+    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+
+
+def _missing(exc: psycopg.OperationalError) -> str:
+    why = " ".join(str(exc).split())  # psycopg's message spans lines
+    return (f"PostgreSQL does not answer at {ADMIN_URL} ({why}): the tests need a PostgreSQL 15 server "
+            "on 127.0.0.1:5432 with trust auth for user postgres, or DURABLE_TEST_PG set to the URL of one")
+
+
 def _admin() -> psycopg.Connection:
     try:
-        return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+        return _connect()
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL does not answer at {ADMIN_URL} (set DURABLE_TEST_PG): {exc}", pytrace=False)
+        pytest.fail(_missing(exc), pytrace=False)
 
 
 def url_of(database: str) -> str:
@@ -67,3 +78,10 @@ def pg_url() -> Iterator[str]:
     """A fresh database for this test alone."""
     with fresh_database() as url:
         yield url
+
+
+if __name__ == "__main__":  # `python tests/pgdb.py`, as .ci/run does: one message, not one per test
+    try:
+        _connect().close()
+    except psycopg.OperationalError as exc:
+        sys.exit(f"{sys.argv[0]}: {_missing(exc)}")

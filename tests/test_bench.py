@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import psycopg
 import pytest
+from pgdb import ADMIN_URL
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50], "growth_total": 50,
         "restarts": 1, "csv_rows": 3000, "import": [300, 600], "dbos": 5, "sync_batches": 5,
-        "group_commit": 20, "workers_import": 2000}
+        "group_commit": 20, "workers_import": 2000, "pg_floor": 10, "pg_steps": 5, "pg_rounds": 1}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def bench() -> ModuleType:
 
 
 def test_measure_reports_every_metric_and_a_table(bench: ModuleType, tmp_path: Path) -> None:
-    results = bench.measure(tmp_path, TINY)
+    results = bench.measure(tmp_path, TINY, pg_url=ADMIN_URL)
     for key in ("floor_us", "durable_step_over_floor", "cpu_per_step_us", "replay_us_per_step",
                 "growth_spread", "restart_latency_s", "restart_latency_csv_100mb_s",
                 "import_durable_over_plain", "rss_1m_over_100k", "store_bytes_per_batch",
@@ -39,6 +41,29 @@ def test_measure_reports_every_metric_and_a_table(bench: ModuleType, tmp_path: P
     assert results["csv_import"]["import_one_kill_s"] > 0
     json.dumps(results)  # bench.json must be writable
     assert list(tmp_path.iterdir()) == []  # scratch directories are cleaned up
+
+
+def test_the_postgresql_rows_alone_leave_no_database_behind(bench: ModuleType, tmp_path: Path) -> None:
+    results = bench.measure(tmp_path, TINY, only="pg", pg_url=ADMIN_URL)
+    assert results["groups"] == ["pg"] and "floor_us" not in results
+    for key in ("pg_floor_ms", "pg_step_ms", "pg_step_over_floor"):
+        assert results[key] > 0, key
+    assert ("dbos_pg_over_ours" in results) == bench.bench_dbos.installed()
+    table = bench.table(results)
+    assert "floor: INSERT + COMMIT" in table and "durable step, PostgreSQL store" in table
+    assert "restart latency" not in table
+    json.dumps(results)
+    with psycopg.connect(ADMIN_URL) as admin:
+        left = admin.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                             (bench.bench_pg.database_prefix(),)).fetchall()
+    assert left == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_postgresql_rows_are_skipped_without_a_server(bench: ModuleType, tmp_path: Path) -> None:
+    results = bench.measure(tmp_path, TINY, only="pg", pg_url="postgresql://postgres@127.0.0.1:1/postgres")
+    assert results["pg_skipped"] and "pg_floor_ms" not in results
+    assert "skipped: PostgreSQL does not answer" in bench.table(results)
 
 
 def test_cli_child_import_prints_json(tmp_path: Path) -> None:
