@@ -24,7 +24,6 @@ from typing import Any
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from store import open_store
 
 REPO = Path(__file__).resolve().parent.parent
