@@ -15,6 +15,8 @@ import re
 import socket
 import uuid
 
+DEFAULT_LEASE_S = 5.0  # a lease or claim not renewed for this long is taken over
+
 
 @functools.cache
 def _machine() -> str:

@@ -43,7 +43,7 @@ from .errors import StoreError, StoreWriteError, WorkflowBusyError
 from .indexed import storable
 from .jsonl import Durability
 from .log import check_attempt, check_create, check_error, check_reopen, check_settle
-from .owners import is_dead_here, this_owner
+from .owners import DEFAULT_LEASE_S, is_dead_here, this_owner
 from .pg_json import to_jsonb
 from .pg_pipe import Pipe, RefusedCreation
 from .pg_schema import ensure_schema
@@ -52,7 +52,6 @@ from .promise import Promise, State
 
 log = logging.getLogger("store.pg")
 
-DEFAULT_LEASE_S = 5.0  # a dead driver's root is taken over within this (plus one poll)
 _RENEWALS_PER_LEASE = 3
 _TAKE_POLL_S = 0.1
 _COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"

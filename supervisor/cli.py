@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from store import Promise
+from store.owners import DEFAULT_LEASE_S
 from workflow.child import (
     DEFAULT_STATE_DIR,
     MAX_WORKERS,
@@ -142,6 +143,9 @@ def _supervision(p: argparse.ArgumentParser, *, unit: str) -> None:
                    f"(a step that never returns; default {Settings.step_timeout:g})")
     p.add_argument("--durability", choices=["full", "none"], default="full",
                    help="'none' skips fdatasync: survives kills, not power loss (benchmarks)")
+    p.add_argument("--lease", type=positive_float, default=DEFAULT_LEASE_S, metavar="S",
+                   help="on PostgreSQL: the driver's lease and each executor's claim, in seconds; "
+                   f"a dead machine's work is taken over after it (default {DEFAULT_LEASE_S:g})")
     p.add_argument("--workers", type=worker_count, default=1, metavar="N",
                    help=f"run up to N {unit} attempts at once, each in a process of the worker's "
                    f"pool (default 1; beyond the cores rarely helps; at most {MAX_WORKERS})")

@@ -97,6 +97,7 @@ def common_settings(args: argparse.Namespace) -> dict[str, Any]:
         "step_timeout": args.step_timeout,
         "durability": args.durability,
         "workers": args.workers,
+        "lease": args.lease,
     }
 
 

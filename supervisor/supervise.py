@@ -31,6 +31,7 @@ from typing import Any
 
 from store import Promise, State, failpoints
 from store.locking import LockHeldError, OwnedLock
+from store.owners import DEFAULT_LEASE_S
 from workflow import exitcodes, progress
 from workflow.child import LOCK_TIMEOUT_S, STEP_TIMEOUT_S
 from workflow.history import History, read_history
@@ -91,6 +92,7 @@ class Settings:
     lock_timeout: float = LOCK_TIMEOUT_S
     durability: str = "full"
     workers: int = 1  # steps run at once, in a pool of processes under the worker
+    lease: float = DEFAULT_LEASE_S  # on PostgreSQL: the driver's lease and the executors' claims
     terms: Terms = field(default_factory=Terms)
 
 
@@ -113,6 +115,7 @@ def worker_args(s: Settings) -> list[str]:
         "--step-timeout", str(s.step_timeout),
         "--durability", s.durability,
         "--workers", str(s.workers),
+        "--lease", str(s.lease),
         "--heartbeat", str(min(HEARTBEAT_S, s.stall_timeout / 4)),
         "--quiet",
     ]

@@ -42,10 +42,12 @@ from store import (
     parse_store_url,
 )
 from store.fsutil import make_dirs
+from store.owners import DEFAULT_LEASE_S
 
 from . import exitcodes
 from .errors import EngineError, PermanentError, StepError, WorkflowInterrupted
 from .ids import check_root_id
+from .pool import die_with_parent
 from .progress import ENDED, FINISHED, STARTED, Progress
 from .retry import RetryPolicy
 from .runner import Runner
@@ -119,6 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "run the workflow's steps until it is settled")
     execute.add_argument("--store", type=pg_store_url, required=True, metavar="URL")
     execute.add_argument("--id", type=root_id, required=True)
+    execute.add_argument("--parent", type=int, default=None, help="die with this process (its participant)")
+    for p in (run, join, execute):
+        p.add_argument("--lease", type=positive_float, default=DEFAULT_LEASE_S, metavar="S",
+                       help="on PostgreSQL: the driver's lease and each executor's claim, in seconds "
+                       "(renewed 3 times per period; a dead machine's work is taken over after it)")
     for p in (join, execute):
         p.add_argument("--state-dir", type=Path, default=None,
                        help=f"for the application's local files (default {DEFAULT_STATE_DIR})")
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = _stop_on_signals()
     progress = Progress(args.progress_fd, args.id)
     if args.command == "execute":
+        if args.parent is not None:
+            die_with_parent(args.parent)
         return _execute(args, progress, stop)
     progress.send(STARTED, pid=os.getpid())
     progress.start_heartbeat(args.heartbeat)
@@ -301,7 +310,7 @@ def _take_part(args: argparse.Namespace, progress: Progress, should_stop: Callab
     process of a participant): both run the workflow as its first participant recorded it."""
     from . import fleet_child  # psycopg is loaded only on PostgreSQL
 
-    with open_store(args.store) as store:
+    with open_store(args.store, lease_s=args.lease) as store:
         description = fleet_child.recorded(store, args.id)
     fn = load(description["target"])
     state_dir = args.state_dir or DEFAULT_STATE_DIR
@@ -311,7 +320,7 @@ def _take_part(args: argparse.Namespace, progress: Progress, should_stop: Callab
     setup = load(description["setup"]) if description["setup"] else None
     with _dependencies(setup, info) as dependencies:  # refuses an input this machine cannot read
         if args.command == "execute":
-            return fleet_child.serve(args.store, args.id, dependencies, progress, should_stop)
+            return fleet_child.serve(args.store, args.id, dependencies, progress, should_stop, args.lease)
     return _participant(args, progress, should_stop).run(fn, info.args)
 
 
@@ -319,7 +328,7 @@ def _participant(args: argparse.Namespace, progress: Progress, should_stop: Call
     """This machine's part in a workflow on PostgreSQL: `--workers` executor processes (each
     `python -m workflow execute`), and a driver standing by for the lease."""
     command = [sys.executable, "-m", "workflow", "execute", "--store", args.store, "--id", args.id,
-               "--durability", args.durability]
+               "--durability", args.durability, "--lease", str(args.lease)]
     if args.state_dir is not None:
         command += ["--state-dir", str(args.state_dir)]
     fds: tuple[int, ...] = ()
@@ -330,7 +339,8 @@ def _participant(args: argparse.Namespace, progress: Progress, should_stop: Call
     from . import fleet_child
 
     return fleet_child.Participant(args.store, args.id, workers=args.workers, executor_command=command,
-                                   progress=progress, retry=retry, should_stop=should_stop, pass_fds=fds)
+                                   progress=progress, retry=retry, should_stop=should_stop,
+                                   lease_s=args.lease, pass_fds=fds)
 
 
 def load(name: str) -> Callable[..., Any]:
@@ -382,9 +392,10 @@ def _dependencies(setup: Setup | None, info: RunInfo) -> AbstractContextManager[
 
 def _open_store(args: argparse.Namespace, state_dir: Path) -> AbstractContextManager[Any]:
     url = args.store or state_dir / STORE_FILE
+    options = {"lease_s": args.lease} if parse_store_url(url)[0] == "postgresql" else {}
     try:
         return open_store(url, exclusive=True, lock_timeout=args.lock_timeout,
-                          durability=args.durability)
+                          durability=args.durability, **options)
     except ValueError as exc:  # open_store's word for a URL it cannot use
         raise StoreError(str(exc)) from exc
 

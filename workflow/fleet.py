@@ -33,7 +33,6 @@ from .retry import RetryPolicy
 
 log = logging.getLogger("workflow.fleet")
 
-DEFAULT_CLAIM_S = 5.0  # a dead executor's step is claimed again within this
 POLL_S = 0.02  # how often an idle executor looks for a task, and the driver for outcomes
 REAP_EVERY_S = 1.0  # how often an executor looks for claims of dead executors of its machine
 
@@ -122,14 +121,14 @@ class Executor:
         roots: list[str],
         dependencies: Mapping[str, Any],
         *,
-        claim_s: float = DEFAULT_CLAIM_S,
+        claim_s: float | None = None,
         poll_s: float = POLL_S,
         on_step: Callable[[str, Claim], None] | None = None,
     ) -> None:
         self.store = store
         self.roots = roots
         self.dependencies = dependencies
-        self.claim_s = claim_s
+        self.claim_s = store.lease_s if claim_s is None else claim_s  # as long as a driver's lease
         self.poll_s = poll_s
         self.name = this_owner()
         self._on_step = on_step or (lambda kind, claim: None)

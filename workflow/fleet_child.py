@@ -29,8 +29,7 @@ from store.pg import PgStore
 from store.pg_tasks import Claim
 
 from .errors import PermanentError, StepError, WorkflowInterrupted
-from .fleet import DEFAULT_CLAIM_S, Executor, Fleet
-from .pool import die_with_parent
+from .fleet import Executor, Fleet
 from .progress import Progress
 from .retry import RetryPolicy
 from .runner import Runner, StepEvent
@@ -84,6 +83,7 @@ class Participant:
         progress: Progress,
         retry: RetryPolicy,
         should_stop: Callable[[], bool],
+        lease_s: float,
         pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.url = url
@@ -91,11 +91,13 @@ class Participant:
         self._progress = progress
         self._retry = retry
         self._should_stop = should_stop
-        self._executors = _Executors(workers, executor_command, pass_fds)
+        self._lease_s = lease_s
+        self._executors = _Executors(workers, executor_command, pass_fds, lease_s)
 
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """Start the executors, then drive or stand by until the workflow is settled."""
-        with self._executors, open_store(self.url, lock_timeout=STANDBY_POLL_S) as store:
+        standby = open_store(self.url, lock_timeout=STANDBY_POLL_S, lease_s=self._lease_s)
+        with self._executors, standby as store:
             settled = self._drive_or_stand_by(store, fn, args)
         if settled.state is State.REJECTED:
             raise StepError(self.root_id, settled.param["fn"], settled.error)
@@ -123,8 +125,9 @@ class Participant:
 class _Executors:
     """This participant's executor processes, kept at `size`: one that dies is replaced."""
 
-    def __init__(self, size: int, command: list[str], pass_fds: tuple[int, ...]) -> None:
+    def __init__(self, size: int, command: list[str], pass_fds: tuple[int, ...], lease_s: float) -> None:
         self.size = size
+        self._lease_s = lease_s
         self._command = command
         self._pass_fds = pass_fds
         self._running: list[subprocess.Popen[bytes]] = []
@@ -148,9 +151,9 @@ class _Executors:
             proc.wait()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        parent = os.getpid()
-        return subprocess.Popen(self._command, pass_fds=self._pass_fds,
-                                preexec_fn=lambda: die_with_parent(parent))
+        """An executor that dies with this process (it asks the kernel itself, first thing:
+        a preexec_fn is not safe in a process with threads)."""
+        return subprocess.Popen([*self._command, "--parent", str(os.getpid())], pass_fds=self._pass_fds)
 
     def _keep_up(self) -> None:
         """Replace an executor that died; SIGKILL one stopped (SIGSTOP) for a claim period,
@@ -163,8 +166,8 @@ class _Executors:
                     self._running[i] = self._start()
                 elif _is_stopped(proc.pid):
                     since = stopped_since.setdefault(proc.pid, time.monotonic())
-                    if time.monotonic() - since > DEFAULT_CLAIM_S:
-                        log.warning("executor %d stopped for %g s: SIGKILL", proc.pid, DEFAULT_CLAIM_S)
+                    if time.monotonic() - since > self._lease_s:
+                        log.warning("executor %d stopped for %g s: SIGKILL", proc.pid, self._lease_s)
                         proc.kill()
                 else:
                     stopped_since.pop(proc.pid, None)
@@ -178,10 +181,10 @@ def _is_stopped(pid: int) -> bool:
 
 
 def serve(url: str, root_id: str, dependencies: Mapping[str, Any], progress: Progress,
-          should_stop: Callable[[], bool], claim_s: float = DEFAULT_CLAIM_S) -> int:
-    """An executor process's life: claim the workflow's steps until it is settled (or a stop
-    is asked for); the number of steps run."""
-    with open_store(url) as store:
+          should_stop: Callable[[], bool], lease_s: float) -> int:
+    """An executor process's life: claim the workflow's steps (each for `lease_s`) until it is
+    settled (or a stop is asked for); the number of steps run."""
+    with open_store(url, lease_s=lease_s) as store:
         def done() -> bool:
             root = store.get(root_id)
             return should_stop() or (root is not None and root.settled)
@@ -189,4 +192,4 @@ def serve(url: str, root_id: str, dependencies: Mapping[str, Any], progress: Pro
         def report(kind: str, claim: Claim) -> None:
             progress.step(StepEvent(kind, claim.promise_id, claim.param["fn"], attempt=claim.attempt))
 
-        return Executor(store, [root_id], dependencies, claim_s=claim_s, on_step=report).run_until(done)
+        return Executor(store, [root_id], dependencies, on_step=report).run_until(done)
