@@ -318,7 +318,7 @@ def _take_part(args: argparse.Namespace, progress: Progress, should_stop: Callab
         _make_state_dir(state_dir)
     info = RunInfo(args.id, tuple(description["args"]), state_dir, Durability(args.durability), args.store)
     setup = load(description["setup"]) if description["setup"] else None
-    with _dependencies(setup, info) as dependencies:  # refuses an input this machine cannot read
+    with fleet_child.taking_part(args.id), _dependencies(setup, info) as dependencies:
         if args.command == "execute":
             return fleet_child.serve(args.store, args.id, dependencies, progress, should_stop, args.lease)
     return _participant(args, progress, should_stop).run(fn, info.args)

@@ -13,13 +13,14 @@ in the database by the first one (`describe_workflow`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import psutil
@@ -68,6 +69,18 @@ def recorded(store: PgStore, root_id: str) -> dict[str, Any]:
     if description is None:
         raise JoinError(f"{store.where}: no workflow {root_id} was started there; start it with run")
     return description
+
+
+@contextlib.contextmanager
+def taking_part(root_id: str) -> Iterator[None]:
+    """A setup hook's refusal (an input this machine cannot read), said as what it means here."""
+    try:
+        yield
+    except JoinError:
+        raise
+    except PermanentError as exc:
+        raise JoinError(f"this machine cannot take part in workflow {root_id}: {exc} (every "
+                        "participant needs the same code, and the input at the same path)") from exc
 
 
 class Participant:

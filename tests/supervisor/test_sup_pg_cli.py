@@ -83,3 +83,18 @@ def test_fail_fix_retry_resume_on_postgresql(tmp_path: Path, pg_url: str) -> Non
     assert retry.returncode == 0 and f"reopened {ROOT}.2" in retry.stdout, retry.describe()
     again = exec_squares(tmp_path, pg_url, "--json")
     assert again.returncode == 0 and again.report["result"] == [0, 1, 4, 9], again.describe()
+
+
+def test_a_machine_that_cannot_read_the_input_is_refused_with_one_line(tmp_path: Path, pg_url: str) -> None:
+    people = tmp_path / "people.csv"
+    people.write_text("id,name,email\n" + "".join(f"{i},n{i},u{i}@example.com\n" for i in range(300)))
+    started = supervisor(tmp_path, "run", "--input", str(people), "--store", pg_url, "--state-dir", "a",
+                         "--json")
+    assert started.returncode == 0, started.describe()
+    people.rename(tmp_path / "elsewhere.csv")  # the joining machine has no file at that path
+    joined = supervisor(tmp_path, "join", "--id", started.report["id"], "--store", pg_url, "--state-dir", "b")
+    assert joined.returncode == 1, joined.describe()
+    assert joined.last_error_line == (
+        f"error: this machine cannot take part in workflow {started.report['id']}: {people}: cannot read "
+        "(No such file or directory) (every participant needs the same code, and the input at the same path)"
+    )
