@@ -26,7 +26,7 @@ from store.pg import PgStore
 from store.pg_tasks import Claim, ClaimLostError
 
 from .context import StepInfo
-from .errors import PermanentError
+from .errors import PermanentError, WorkflowInterrupted
 from .executor import StepExecutor, call_as_step
 from .registry import describe, lookup
 from .retry import RetryPolicy
@@ -34,6 +34,7 @@ from .retry import RetryPolicy
 log = logging.getLogger("workflow.fleet")
 
 POLL_S = 0.02  # how often an idle executor looks for a task, and the driver for outcomes
+STOP_POLL_S = 0.25  # how often a driver waiting for a step asks whether to stop
 REAP_EVERY_S = 1.0  # how often an executor looks for claims of dead executors of its machine
 
 
@@ -56,9 +57,11 @@ class Fleet(StepExecutor):
 
     settles = True
 
-    def __init__(self, store: PgStore, capacity: int, *, poll_s: float = POLL_S) -> None:
+    def __init__(self, store: PgStore, capacity: int, *, poll_s: float = POLL_S,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
         self.store = store
         self.capacity = capacity
+        self._should_stop = should_stop
         self._poll_s = poll_s
         self._waiting: dict[str, threading.Event] = {}
         self._settled: dict[str, Promise] = {}
@@ -81,11 +84,17 @@ class Fleet(StepExecutor):
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch, name="fleet-watch", daemon=True)
                 self._watcher.start()
-        while not event.wait(1.0):
-            if self._failure is not None:
-                raise self._failure
-            if self._closed.is_set():
-                raise StoreError(f"the fleet closed while {promise_id} waited")
+        try:
+            while not event.wait(STOP_POLL_S):
+                if self._failure is not None:
+                    raise self._failure
+                if self._closed.is_set():
+                    raise StoreError(f"the fleet closed while {promise_id} waited")
+                if self._should_stop():  # its executors stop too; whoever drives next waits for it
+                    raise WorkflowInterrupted(f"stopped while {promise_id} ran on the fleet; run again")
+        finally:
+            with self._lock:
+                self._waiting.pop(promise_id, None)
         with self._lock:
             return self._settled.pop(promise_id)
 
@@ -103,8 +112,9 @@ class Fleet(StepExecutor):
                 return
             with self._lock:
                 for promise in settled:
-                    self._settled[promise.id] = promise
-                    self._waiting.pop(promise.id).set()
+                    if promise.id in self._waiting:
+                        self._settled[promise.id] = promise
+                        self._waiting.pop(promise.id).set()
 
     def close(self) -> None:
         self._closed.set()

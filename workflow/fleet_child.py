@@ -123,7 +123,8 @@ class Participant:
             if root is not None and root.settled:
                 return root
             runner = Runner(store, retry=self._retry, on_event=self._progress.step,
-                            should_stop=self._should_stop, fleet=Fleet(store, window))
+                            should_stop=self._should_stop,
+                            fleet=Fleet(store, window, should_stop=self._should_stop))
             try:
                 runner.run(self.root_id, fn, *args)
             except WorkflowBusyError:  # another participant drives: its steps run here too
