@@ -21,16 +21,18 @@ from psycopg import pq
 
 from .errors import StoreWriteError
 
-_FENCE = ("WITH fence AS (SELECT 1 FROM leases WHERE root = $1 AND epoch = $2 "
-          "AND expires_at > now() FOR SHARE) ")
+_FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = $1 AND epoch = $2 "
+          "AND expires_at > now() FOR SHARE)")
+_ASYNC = "asynchronously AS (SELECT set_config('synchronous_commit', 'off', true)), "  # this commit only
+_CREATE = ("INSERT INTO promises (id, param, created_at, attempts) "
+           "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence, asynchronously")
+_SETTLE = ("INSERT INTO settles (id, state, value, error, settled_at) "
+           "SELECT $3, $4, $5::jsonb, $6::jsonb, $7::float8 FROM fence{} "
+           "WHERE EXISTS (SELECT 1 FROM promises WHERE id = $3) ON CONFLICT (id) DO NOTHING RETURNING 1")
 _STATEMENTS = {
-    b"async": "SELECT set_config('synchronous_commit', 'off', true)",
-    b"create": _FENCE + "INSERT INTO promises (id, param, created_at, attempts) "
-                        "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence",
-    b"settle": _FENCE + "INSERT INTO settles (id, state, value, error, settled_at) "
-                        "SELECT $3, $4, $5::jsonb, $6::jsonb, $7::float8 FROM fence "
-                        "WHERE EXISTS (SELECT 1 FROM promises WHERE id = $3) "
-                        "ON CONFLICT (id) DO NOTHING RETURNING 1",
+    b"create": f"WITH {_ASYNC}{_FENCE} {_CREATE}",
+    b"settle": f"WITH {_FENCE} {_SETTLE.format('')}",
+    b"settle_later": f"WITH {_ASYNC}{_FENCE} {_SETTLE.format(', asynchronously')}",
 }
 
 
@@ -66,17 +68,14 @@ class Pipe:
     def send_creation(self, root: str, epoch: int, promise_id: str, param: str, created_at: float,
                       attempts: int) -> None:
         """Send a creation (asynchronous commit) without waiting for its answer."""
-        self._conn.send_query_prepared(b"async", None)
         self._conn.send_query_prepared(b"create", _text(root, epoch, promise_id, param, created_at, attempts))
         self._sync("create", promise_id)
 
     def settle(self, root: str, epoch: int, promise_id: str, state: str, value: str | None,
                error: str | None, settled_at: float, *, durable: bool) -> bool:
         """Send a settle and wait for it (and what was sent before it); whether it was written."""
-        if not durable:
-            self._conn.send_query_prepared(b"async", None)
-        self._conn.send_query_prepared(
-            b"settle", _text(root, epoch, promise_id, state, value, error, settled_at))
+        self._conn.send_query_prepared(b"settle" if durable else b"settle_later",
+                                       _text(root, epoch, promise_id, state, value, error, settled_at))
         self._sync("settle", promise_id)
         return self.wait()
 
