@@ -3,8 +3,10 @@
 The runner decides *what* runs (which attempt, when to retry, what to settle) and alone writes
 the store; an executor only runs one function call and hands back its value or its exception.
 Without one, the runner calls `call_as_step` in the driver; `pool.ProcessPool` runs the call in a
-pool of step processes; a many-machine executor (step tasks claimed from PostgreSQL) implements
-the same three members.
+pool of step processes. The exception is a PostgreSQL fleet (fleet.py, `settles = True`): there
+the runner hands over the whole step, because its executors, on any machine, count its attempts,
+retry it and resolve it in the same transaction as the step's own writes; the runner enqueues
+it and replays the promise they settle.
 """
 
 from __future__ import annotations
