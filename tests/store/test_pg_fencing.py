@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -127,12 +128,10 @@ def test_a_writing_owner_stopped_past_its_lease_writes_nothing_after_a_takeover(
             new.start_attempt(f"{ROOT}.new")
             new.resolve(f"{ROOT}.new", "by the new owner")
             before = snapshot(pg_url)
-            wrote = max(e["n"] for e in child.events if e["event"] == "wrote")
             child.signal(signal.SIGCONT)
             assert child.finish() == 3, child.describe()
             assert snapshot(pg_url) == before
         assert child.events[-1]["type"] == "FencedError", child.describe()
-        assert max(e["n"] for e in child.events if e["event"] == "wrote") == wrote
         assert new.get(f"{ROOT}.new").value == "by the new owner"
 
 
@@ -416,6 +415,50 @@ def test_many_threads_owning_and_writing_through_one_store(pg_url: str) -> None:
             assert reader.get(f"t{t}").value == t
             assert reader.get(f"loose{t}").state is State.REJECTED
     assert query(pg_url, "SELECT count(*) FROM leases WHERE expires_at > now()") == [(0,)]  # released
+
+
+@pytest.mark.xfail(strict=True, reason="_lease_of and _remember iterate self._leases while another "
+                   "thread's own() adds or removes a root: RuntimeError 'dictionary changed size during "
+                   "iteration' (store/pg.py)")
+def test_threads_owning_other_roots_meanwhile_do_not_break_an_owner(pg_url: str) -> None:
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def owner(i: int) -> None:
+        with store.own(f"r{i}"):
+            store.create(f"r{i}", None)
+            while not stop.is_set():
+                try:
+                    store.get(f"r{i}")  # the owner's view: under which owned root is it?
+                except BaseException as exc:
+                    errors.append(exc)
+                    stop.set()
+
+    def churn(j: int) -> None:
+        k = 0
+        try:
+            while not stop.is_set():
+                with store.own(f"c{j}-{k}"):
+                    k += 1
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: the race shows within a second
+    try:
+        with pg(pg_url, lease_s=5) as store:
+            threads = [threading.Thread(target=owner, args=(i,)) for i in range(3)]
+            threads += [threading.Thread(target=churn, args=(j,)) for j in range(2)]
+            for t in threads:
+                t.start()
+            stop.wait(3)
+            stop.set()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert errors == []
 
 
 def test_an_unowned_store_cannot_enqueue(pg_url: str) -> None:

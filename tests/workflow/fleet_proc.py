@@ -32,21 +32,25 @@ def say(event: str, **fields: Any) -> None:
 
 
 def announce() -> dict[str, Any]:
-    """This attempt, on stdout and in the run's log (if it has one)."""
+    """This attempt, in the run's log (if it has one), then on stdout."""
     info = current_step()
     attempt = {"id": info.promise_id, "attempt": info.attempt, "pid": os.getpid(), "t": time.time()}
-    say("in_step", **attempt)
     log = info.dependencies.get("log")
-    if log is not None:
+    if log is not None:  # first: the test may kill it as soon as it has said where it is
         with open(log, "a") as f:
             f.write(json.dumps(attempt) + "\n")
+    say("in_step", **attempt)
     return attempt
 
 
 @register(name="fleet_t.tick")
 def tick(i: int, sleep: float) -> int:
+    """Busy for `sleep` seconds: a driver stopped in it goes on at once with its settle when
+    continued (a sleeping one could let its lease's heartbeat run first)."""
     announce()
-    time.sleep(sleep)
+    end = time.monotonic() + sleep
+    while time.monotonic() < end:
+        pass
     return i * i
 
 
