@@ -84,6 +84,22 @@ def test_a_driver_stopped_past_its_lease_with_no_one_else_writes_nothing_and_fai
                                              f"WHERE id = '{ROOT}.2'")] == [2]
 
 
+def test_a_driver_whose_sessions_the_server_ended_fails_with_a_store_error_and_another_finishes(
+    pg_url: str,
+) -> None:
+    with children() as start:
+        first = drive(start, pg_url, sleep=0.3)
+        first.wait_for(lambda e: e.get("id") == f"{ROOT}.2")
+        ended = query(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert len(ended) >= 2
+        assert first.finish() == 3, first.describe()  # a StoreError, not a psycopg traceback
+        assert first.events[-1]["type"] in ("StoreError", "StoreWriteError"), first.describe()
+        second = drive(start, pg_url, sleep=0.3)
+        assert second.finish() == 0, second.describe()
+        assert second.events[-1] == {"event": "result", "value": sum(i * i for i in range(6))}
+
+
 # -- executors, killed, stopped, failing -------------------------------------------------------
 
 
@@ -214,6 +230,25 @@ def test_an_executor_stopped_in_its_step_transaction_commits_nothing_of_it(
         assert second.finish() == 0, second.describe()
     assert query(pg_url, "SELECT attempt, pid FROM scratch") == [(2, second.pid)]
     assert step_row(pg_url) == ("resolved", {"pid": second.pid, "attempt": 2}, 2, "done", 2)
+
+
+def test_a_step_whose_transaction_the_server_ended_is_retried_and_commits_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    scratch_table(pg_url)
+    policy = {"max_attempts": 3, "initial": 0.05}
+    with children() as start, driving(pg_url, "scratch", [[1], 1.0], policy) as driver:
+        executor = execute(start, pg_url, tmp_path, claim_s=5)
+        executor.wait_for("in_step")
+        ended = query(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND state = 'idle in transaction'")
+        assert len(ended) == 1  # the step's transaction, its row in it
+        assert driver.result() == {"pid": executor.pid, "attempt": 2}
+        assert executor.finish() == 0, executor.describe()
+    assert query(pg_url, "SELECT attempt FROM scratch") == [(2,)]
+    assert step_row(pg_url) == ("resolved", {"pid": executor.pid, "attempt": 2}, 2, "done", 2)
+    (error,), = query(pg_url, "SELECT last_error FROM tasks")
+    assert error["attempts"] == 1 and "terminat" in error["message"], error
 
 
 def test_a_failing_step_is_retried_after_its_backoff_by_any_executor(pg_url: str, tmp_path: Path) -> None:
