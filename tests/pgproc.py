@@ -127,12 +127,9 @@ def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the store's tables, every column, in a stable order."""
-    return {
-        "promises": query(url, "SELECT * FROM promises ORDER BY seq"),
-        "leases": query(url, "SELECT * FROM leases ORDER BY root"),
-        "tasks": query(url, "SELECT * FROM tasks ORDER BY seq"),
-    }
+    """Every row of every table in the database, every column, in a stable order."""
+    tables = [t for (t,) in query(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    return {t: sorted(query(url, f'SELECT * FROM "{t}"'), key=repr) for t in sorted(tables)}
 
 
 def lease(url: str, root: str) -> tuple[str, int, float] | None:

@@ -80,7 +80,7 @@ def test_a_driver_stopped_past_its_lease_with_no_one_else_writes_nothing_and_fai
         assert snapshot(pg_url) == before
         second = drive(start, pg_url)
         assert second.finish() == 0, second.describe()
-    assert [row[2] for row in query(pg_url, "SELECT id, state, attempts FROM promises "
+    assert [row[2] for row in query(pg_url, "SELECT id, state, attempts FROM promise_states "
                                              f"WHERE id = '{ROOT}.2'")] == [2]
 
 
@@ -159,7 +159,7 @@ def scratch_table(url: str, unique: bool = False) -> None:
 
 
 def step_row(url: str) -> tuple[Any, ...]:
-    return query(url, "SELECT p.state, p.value, p.attempts, t.state, t.claim FROM promises p "
+    return query(url, "SELECT p.state, p.value, p.attempts, t.state, t.claim FROM promise_states p "
                       "JOIN tasks t ON t.promise_id = p.id WHERE p.id = %s", STEP)[0]
 
 
@@ -273,7 +273,7 @@ def test_a_step_failing_every_time_is_rejected_with_its_own_error(pg_url: str, t
         with pytest.raises(StepError, match="attempt 2 fails"):
             driver.result()
     assert [a["attempt"] for a in logged(tmp_path)] == [1, 2]
-    state, error, attempts = query(pg_url, "SELECT state, error, attempts FROM promises WHERE id = %s",
+    state, error, attempts = query(pg_url, "SELECT state, error, attempts FROM promise_states WHERE id = %s",
                                    STEP)[0]
     assert (state, error["type"], attempts) == ("rejected", "RuntimeError", 2)
 
@@ -294,7 +294,7 @@ def test_a_step_whose_attempts_all_died_with_their_executors_is_rejected_clearly
         assert last.finish() == 0, last.describe()
         assert not any(e["event"] == "in_step" for e in last.events)  # a third attempt never ran
     assert query(pg_url, "SELECT count(*) FROM scratch") == [(0,)]
-    state, error = query(pg_url, "SELECT state, error FROM promises WHERE id = %s", STEP)[0]
+    state, error = query(pg_url, "SELECT state, error FROM promise_states WHERE id = %s", STEP)[0]
     assert (state, error["type"]) == ("rejected", "AttemptsExhaustedError")
 
 
@@ -310,9 +310,6 @@ def test_a_live_executor_keeps_its_transaction_through_a_slow_step(pg_url: str, 
     assert query(pg_url, "SELECT attempt FROM scratch") == [(1,)]
 
 
-@pytest.mark.xfail(strict=True, reason="after retry() reopens a step rejected on the fleet, enqueue finds "
-                   "its task done and leaves it so: no executor claims it again and the driver waits "
-                   "for ever (store/pg_tasks.py, enqueue)")
 def test_a_step_rejected_on_the_fleet_runs_again_after_a_retry(pg_url: str, tmp_path: Path) -> None:
     policy = {"max_attempts": 1}
     with children() as start:
@@ -324,5 +321,5 @@ def test_a_step_rejected_on_the_fleet_runs_again_after_a_retry(pg_url: str, tmp_
             assert Runner(store).retry(ROOT) == [STEP, ROOT]
         with driving(pg_url, "flaky", [2], policy) as driver:
             execute(start, pg_url, tmp_path, claim_s=5)
-            assert driver.result(timeout=4) == 2
-    assert query(pg_url, "SELECT state FROM promises WHERE id = %s", STEP) == [("resolved",)]
+            assert driver.result() == 2
+    assert query(pg_url, "SELECT state FROM promise_states WHERE id = %s", STEP) == [("resolved",)]
