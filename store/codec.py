@@ -67,16 +67,21 @@ def normalize(value: Any) -> Any:
     a dict key that is not a str, an int beyond 64 bits, nesting deeper than 254 levels), or
     a str with a NUL character (which no PostgreSQL text or jsonb can hold, so that a value is
     storable in every backend or in none) raises TypeError; `unstorable_part` says where it is.
+    For the same reason -0.0 comes back 0.0: PostgreSQL's numbers have no negative zero.
     """
     raw = orjson.dumps(value)
     if b"\\u0000" in raw and _NUL.search(raw):
         raise TypeError("a str with a NUL character")
+    if b"-0.0" in raw:
+        raw = _NEGATIVE_ZERO.sub(lambda m: b"0.0" if m.group(0) == b"-0.0" else m.group(0), raw)
     return orjson.loads(raw)
 
 
 # An escaped NUL in orjson's output: \u0000 after an even number of backslashes (an odd
 # number would make it the text "\u0000", an escaped backslash and "u0000").
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# A string (kept as it is), or the number -0.0 (as orjson writes it) outside of one.
+_NEGATIVE_ZERO = re.compile(rb'"(?:[^"\\]|\\.)*"|-0\.0(?![0-9])')
 
 
 def unstorable_part(value: Any) -> str:

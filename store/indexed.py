@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from .base import PromiseStore
 from .codec import normalize, unstorable_part
 from .errors import StoreError, UnstorableValueError
-from .log import Entry, check_attempt, check_create, check_reopen, check_settle, snapshot
+from .log import Entry, check_attempt, check_create, check_id, check_reopen, check_settle, snapshot
 from .promise import Promise, State
 
 T = TypeVar("T")
@@ -90,8 +90,7 @@ class IndexedStore(PromiseStore):
     def _check(self, promise_id: Any) -> None:
         """The store is open and `promise_id` can be an id."""
         self._check_open()
-        if type(promise_id) is not str or not promise_id:
-            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
+        check_id(promise_id)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -37,6 +37,22 @@ class InvalidRecordError(ValueError):
 # -- the rules, for a call and for a record alike ----------------------------------------------
 
 
+def check_id(promise_id: Any) -> None:
+    """A promise id is a non-empty str that every backend can keep: valid UTF-8 (no lone
+    surrogate) without a NUL character (no PostgreSQL text holds one)."""
+    if (type(promise_id) is not str or not promise_id or "\x00" in promise_id
+            or (not promise_id.isascii() and not _is_utf8(promise_id))):
+        raise TypeError(f"a promise id is a non-empty str (no NUL, no lone surrogate), not {promise_id!r}")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_create(entry: Entry, promise_id: str, param: Any) -> None:
     """Creating an existing id is idempotent only with the same (normalised) param."""
     if not same_json(entry[PARAM], param):

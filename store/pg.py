@@ -42,7 +42,7 @@ from .base import PromiseStore
 from .errors import StoreError, StoreWriteError, WorkflowBusyError
 from .indexed import storable
 from .jsonl import Durability
-from .log import check_attempt, check_create, check_error, check_reopen, check_settle
+from .log import check_attempt, check_create, check_error, check_id, check_reopen, check_settle
 from .owners import DEFAULT_LEASE_S, is_dead_here, this_owner
 from .pg_json import to_jsonb
 from .pg_pipe import Pipe, RefusedCreation
@@ -53,13 +53,13 @@ from .promise import Promise, State
 log = logging.getLogger("store.pg")
 
 _RENEWALS_PER_LEASE = 3
+_SURELY_OURS_SHARE = 0.5  # of a lease period since its last renewal: sending without waiting is safe
 _TAKE_POLL_S = 0.1
 _COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"
 _READ = f"SELECT {_COLUMNS} FROM promise_states"
 _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = %(root)s AND epoch = %(epoch)s "
           "AND expires_at > now() FOR SHARE)")
 _NO_FENCE = "fence AS (SELECT 1)"
-_LAST_CHAR = "\U0010ffff"  # above every other character in the ids' byte order (COLLATE "C")
 
 
 class FencedError(StoreError):
@@ -76,8 +76,15 @@ class _Lease:
     root: str
     owner: str
     epoch: int
+    renewed_at: float  # time.monotonic() when its last renewal (or its taking) was sent
     lost: str | None = None  # why, once the lease is lost
+    released: bool = False  # given up by own()'s end: no longer renewed
     held: dict[str, Promise] = field(default_factory=dict)  # creations not written yet, in order
+
+    def surely_ours(self, lease_s: float) -> bool:
+        """Whether the lease cannot have expired yet, by this process's own clock: renewed less
+        than half a lease period ago (the server set its expiry at least that long after)."""
+        return time.monotonic() - self.renewed_at < lease_s * _SURELY_OURS_SHARE
 
 
 class PgStore(TaskQueue, PromiseStore):
@@ -233,11 +240,11 @@ class PgStore(TaskQueue, PromiseStore):
             self._wait_for_pipe(lease)
             self._write_held(lease)
         with self._errors("listing promises"), self._fast.connection() as conn:
-            rows = conn.execute(
-                f"{_READ} WHERE id >= %s AND id < %s ORDER BY seq",
-                (prefix, prefix + _LAST_CHAR),
-            ).fetchall()
-        return [_promise(row) for row in rows if row[0].startswith(prefix)]
+            end = after(prefix)
+            below = "" if end is None else " AND id < %s"
+            rows = conn.execute(f"{_READ} WHERE id >= %s{below} ORDER BY seq",
+                                (prefix,) if end is None else (prefix, end)).fetchall()
+        return [_promise(row) for row in rows]
 
     def refresh(self, promise_ids: list[str]) -> list[Promise]:
         """The promises as the database has them now (settled by others meanwhile, perhaps);
@@ -285,7 +292,7 @@ class PgStore(TaskQueue, PromiseStore):
             with self._errors("reading the workflow"), self._fast.connection() as conn:
                 rows = conn.execute(
                     f"{_READ} WHERE id = %s OR (id >= %s AND id < %s)",
-                    (root, f"{root}.", f"{root}.{_LAST_CHAR}"),
+                    (root, f"{root}.", after(f"{root}.")),
                 ).fetchall()
             for row in rows:
                 self._cache[row[0]] = _promise(row)
@@ -296,6 +303,7 @@ class PgStore(TaskQueue, PromiseStore):
                 if lease.lost is None and not self._closed:
                     self._wait_for_pipe(lease)
                     self._write_held(lease)
+                    lease.released = True
                     self._release(lease)
             finally:
                 with self._mutex:
@@ -311,6 +319,7 @@ class PgStore(TaskQueue, PromiseStore):
         params = {"root": root, "owner": owner, "s": self.lease_s, "dead": None}
         while True:
             with self._errors("taking the workflow's lease", write=True), self._safe.connection() as conn:
+                asked_at = time.monotonic()
                 taken = conn.execute(
                     "INSERT INTO leases AS l "
                     "VALUES (%(root)s, %(owner)s, 1, now() + %(s)s * interval '1 second') "
@@ -320,7 +329,7 @@ class PgStore(TaskQueue, PromiseStore):
                     params,
                 ).fetchone()
                 if taken is not None:
-                    return _Lease(root, owner, taken[0])
+                    return _Lease(root, owner, taken[0], renewed_at=asked_at)
                 holder = conn.execute(
                     "SELECT owner, extract(epoch FROM expires_at - now()) FROM leases WHERE root = %s",
                     (root,),
@@ -350,8 +359,9 @@ class PgStore(TaskQueue, PromiseStore):
         (expired while this process was stopped, or taken over) is lost for good."""
         while not self._renewing.wait(self.lease_s / _RENEWALS_PER_LEASE):
             for lease in list(self._leases.values()):
-                if lease.lost is not None:
+                if lease.lost is not None or lease.released:
                     continue
+                asked_at = time.monotonic()
                 try:
                     with self._safe.connection() as conn:
                         renewed = conn.execute(
@@ -359,11 +369,12 @@ class PgStore(TaskQueue, PromiseStore):
                             "WHERE root = %s AND epoch = %s AND expires_at > now() RETURNING 1",
                             (self.lease_s, lease.root, lease.epoch),
                         ).fetchone()
-                except psycopg.Error as exc:  # the next renewal may get through; writes are fenced anyway
+                    if renewed is None:
+                        self._lose(lease)
+                    else:
+                        lease.renewed_at = asked_at
+                except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:  # the next may get through
                     log.warning("%s: could not renew the lease of %s (%s)", self.where, lease.root, exc)
-                    continue
-                if renewed is None:
-                    self._lose(lease)
 
     def _lose(self, lease: _Lease) -> str:
         """Why the lease is no longer ours, as the database tells; it is lost from now on."""
@@ -375,12 +386,12 @@ class PgStore(TaskQueue, PromiseStore):
         else:
             why = f"{row[0]} took it over (epoch {row[1]})"
         lease.lost = lease.lost or why
-        log.warning("%s: %s", self.where, FencedError(self.where, lease.root, lease.lost))
+        log.warning("%s", FencedError(self.where, lease.root, lease.lost))
         return lease.lost
 
     def _lease_of(self, promise_id: str) -> _Lease | None:
         """The owned lease `promise_id` falls under, if any (refused at once if lost)."""
-        for root, lease in self._leases.items():
+        for root, lease in list(self._leases.items()):  # another thread's own() may change them
             if _under(promise_id, root):
                 if lease.lost is not None:
                     raise FencedError(self.where, root, lease.lost)
@@ -415,11 +426,15 @@ class PgStore(TaskQueue, PromiseStore):
         return existing
 
     def _send_creation(self, lease: _Lease, promise: Promise) -> int:
-        """A step's creation and first attempt, sent without waiting (see pg_pipe.py)."""
+        """A step's creation and first attempt, sent without waiting (see pg_pipe.py) while the
+        lease is surely ours; else waited for, so that a driver that lost its lease learns it
+        (FencedError) before it runs the step."""
         promise = promise._replace(attempts=1)
         with self._in_pipe(lease, f"creating promise {promise.id}") as pipe:
             pipe.send_creation(lease.root, lease.epoch, promise.id, to_jsonb(promise.param),
                                promise.created_at, 1)
+            if not lease.surely_ours(self.lease_s):
+                pipe.wait()
         self._cache[promise.id] = promise
         return 1
 
@@ -530,7 +545,7 @@ class PgStore(TaskQueue, PromiseStore):
 
     def _remember(self, promise: Promise) -> None:
         """Keep the owner's view of its own roots up to date."""
-        for root in self._leases:
+        for root in list(self._leases):
             if _under(promise.id, root):
                 self._cache[promise.id] = promise
                 return
@@ -551,12 +566,25 @@ class PgStore(TaskQueue, PromiseStore):
 
     def _check(self, promise_id: Any) -> None:
         self._check_open()
-        if type(promise_id) is not str or not promise_id:
-            raise TypeError(f"a promise id is a non-empty str, not {promise_id!r}")
+        check_id(promise_id)
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"{self!r} is closed")
+
+
+def after(prefix: str) -> str | None:
+    """The least id above every id that starts with `prefix`, in the ids' byte order (COLLATE
+    "C": code point order), so that `prefix <= id < after(prefix)` is a range of the index;
+    None when no string is above them all (nothing but U+10FFFF, or no prefix)."""
+    while prefix:
+        last = ord(prefix[-1]) + 1
+        if last == 0xD800:  # surrogates are not characters
+            last = 0xE000
+        if last <= 0x10FFFF:
+            return prefix[:-1] + chr(last)
+        prefix = prefix[:-1]
+    return None
 
 
 def _under(promise_id: str, root: str) -> bool:

@@ -260,7 +260,14 @@ def test_a_nul_character_is_refused_by_every_backend(store: PromiseStore, value:
     assert store.get("a").state is State.PENDING
 
 
-@pytest.mark.parametrize("bad", [None, 7, b"a", ""])
+def test_negative_zero_comes_back_zero_in_every_backend(store: PromiseStore) -> None:
+    store.create("a", {"x": -0.0})
+    assert store.create("a", {"x": 0.0}).param == {"x": 0.0}  # the same param
+    store.resolve("a", [-0.0, -0.05])
+    assert store.list()[0].value == [0.0, -0.05]
+
+
+@pytest.mark.parametrize("bad", [None, 7, b"a", "", "a\x00b", "a\ud800"])
 def test_an_id_that_is_not_a_non_empty_str_is_refused(store: PromiseStore, bad: object) -> None:
     with pytest.raises(TypeError, match="non-empty str"):
         store.create(bad, None)  # type: ignore[arg-type]
