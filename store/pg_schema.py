@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     claim bigint NOT NULL DEFAULT 0,
     claimed_by text,
     claim_expires_at timestamptz,
+    claim_backend integer,                -- the server process of the claim's step transaction,
+    claim_backend_start timestamptz,      -- ended by the next claimer if the claim expires
     last_error jsonb
 );
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks (root, seq) WHERE state <> 'done';

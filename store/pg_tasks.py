@@ -29,9 +29,10 @@ from .owners import is_dead_here
 from .pg_json import to_jsonb
 from .promise import Promise
 
-# A step transaction left idle this many claim periods (its executor stopped) is ended by the
-# server, so the rows it locked do not hold up the executor that claims the step next.
-IDLE_CLAIMS_BEFORE_ABORT = 2
+# A step transaction whose claim expired is ended by its next claimer (its server process
+# terminated), so the rows it locked do not hold up the step. In case no claimer comes (a row
+# it locked holds up another step), the server also ends a step transaction left idle this long.
+IDLE_IN_STEP_TRANSACTION_S = 60.0
 
 
 class ClaimLostError(Exception):
@@ -78,7 +79,7 @@ class TaskQueue:
             row = conn.execute(_CLAIM, {"roots": roots, "owner": owner, "s": claim_s}).fetchone()
         if row is None:
             return None
-        promise_id, spec, token, param, attempts, reopened = row
+        promise_id, spec, token, param, attempts, reopened, _ended = row
         return Claim(promise_id, param, spec, token, attempts, (attempts or 0) - (reopened or 0))
 
     def release_claims_of_the_dead(self, roots: list[str]) -> int:
@@ -106,14 +107,14 @@ class TaskQueue:
         return row is not None
 
     @contextlib.contextmanager
-    def step_transaction(self, claim_s: float) -> Iterator[psycopg.Connection]:
+    def step_transaction(self, claim: Claim) -> Iterator[psycopg.Connection]:
         """A connection whose transaction begins with the step's first statement and commits
-        (durably) when the block ends, or rolls back if it raises. A failure of the database
-        inside the block is the step's failure (retried like any), not the store's."""
+        (durably) when the block ends, or rolls back if it raises; its server process is
+        recorded with the claim, for a next claimer to end. A failure of the database inside
+        the block is the step's failure (retried like any), not the store's."""
         with self._safe.connection() as conn:
-            idle_ms = int(claim_s * IDLE_CLAIMS_BEFORE_ABORT * 1000)
-            conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
-                         (str(idle_ms),))
+            conn.execute(_STEP_SESSION, {"id": claim.promise_id, "claim": claim.token,
+                                         "idle": str(int(IDLE_IN_STEP_TRANSACTION_S * 1000))})
             conn.autocommit = False
             try:
                 yield conn
@@ -185,15 +186,30 @@ ON CONFLICT (promise_id) DO UPDATE
 RETURNING 1
 """
 
+_STEP_SESSION = """
+WITH mine AS (
+    UPDATE tasks SET claim_backend = pg_backend_pid(), claim_backend_start = (
+        SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())
+    WHERE promise_id = %(id)s AND claim = %(claim)s RETURNING 1
+)
+SELECT set_config('idle_in_transaction_session_timeout', %(idle)s, false), (SELECT count(*) FROM mine)
+"""
+
+# The oldest ready task, claimed; a claim that expired has its step transaction ended (its
+# server process, if it is still the one the claim recorded), and the attempt is counted.
 _CLAIM = """
 WITH c AS (
-    SELECT promise_id FROM tasks
+    SELECT promise_id, claim_backend, claim_backend_start, state = 'claimed' AS expired FROM tasks
     WHERE root = ANY(%(roots)s) AND state <> 'done'
       AND ((state = 'queued' AND not_before <= now()) OR (state = 'claimed' AND claim_expires_at <= now()))
     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
+), ended AS (
+    SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a, c
+    WHERE c.expired AND a.pid = c.claim_backend AND a.backend_start = c.claim_backend_start
 ), t AS (
     UPDATE tasks SET state = 'claimed', claim = tasks.claim + 1, claimed_by = %(owner)s,
-                     claim_expires_at = now() + %(s)s * interval '1 second'
+                     claim_expires_at = now() + %(s)s * interval '1 second',
+                     claim_backend = NULL, claim_backend_start = NULL
     FROM c WHERE tasks.promise_id = c.promise_id
     RETURNING tasks.promise_id, tasks.spec, tasks.claim
 ), p AS (
@@ -201,7 +217,7 @@ WITH c AS (
     WHERE promises.id = t.promise_id AND NOT EXISTS (SELECT 1 FROM settles WHERE settles.id = t.promise_id)
     RETURNING promises.id, promises.param, promises.attempts, promises.attempts_at_reopen
 )
-SELECT t.promise_id, t.spec, t.claim, p.param, p.attempts, p.attempts_at_reopen
+SELECT t.promise_id, t.spec, t.claim, p.param, p.attempts, p.attempts_at_reopen, (SELECT count(*) FROM ended)
 FROM t LEFT JOIN p ON p.id = t.promise_id
 """
 

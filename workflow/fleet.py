@@ -177,7 +177,7 @@ class Executor:
         self._on_step("started", claim)
         renewing = _Renewal(self.store, claim, self.claim_s)
         try:
-            with self.store.step_transaction(self.claim_s) as conn:
+            with self.store.step_transaction(claim) as conn:
                 info = StepInfo(claim.promise_id, claim.attempt, entry.name, self.dependencies,
                                 entry.version, transaction=conn)
                 value = call_as_step(info, entry.fn, tuple(claim.param["args"]),

@@ -201,7 +201,7 @@ def test_a_claim_held_elsewhere_is_claimed_again_only_once_it_expired_and_its_la
         assert time.monotonic() - claimed >= 1.5 - 0.05, "claimed before the claim elsewhere expired"
         assert ran["attempt"] == 2
         wait_until(lambda: store.refresh([STEP])[0].settled)
-        with pytest.raises(ClaimLostError), store.step_transaction(5) as conn:  # the one elsewhere, late
+        with pytest.raises(ClaimLostError), store.step_transaction(stale) as conn:  # the one elsewhere, late
             conn.execute("INSERT INTO scratch VALUES (%s, 1, 1)", (STEP,))
             store.finish_claim(conn, stale, {"pid": 1, "attempt": 1})
         store.resolve(ROOT, "done")
@@ -214,9 +214,9 @@ def test_a_claim_held_elsewhere_is_claimed_again_only_once_it_expired_and_its_la
 def test_an_executor_stopped_in_its_step_transaction_commits_nothing_of_it(
     pg_url: str, tmp_path: Path, unique: bool
 ) -> None:
-    """With a unique key, the next executor's row waits for the stopped one's lock until the
-    server ends its idle transaction (2 claim periods); without, the stopped one resumes while
-    its transaction is open and finds its claim lost."""
+    """With a unique key, the next executor's row would wait for the stopped one's lock: the next
+    claimer ends the stopped one's transaction; without, the stopped one resumes while its
+    transaction is open (or was ended) and finds its claim lost."""
     scratch_table(pg_url, unique)
     claim_s = 1.0 if unique else 2.0
     with children() as start, driving(pg_url, "scratch", [[1], 1.0], {"max_attempts": 3}) as driver:
@@ -298,9 +298,6 @@ def test_a_step_whose_attempts_all_died_with_their_executors_is_rejected_clearly
     assert (state, error["type"]) == ("rejected", "AttemptsExhaustedError")
 
 
-@pytest.mark.xfail(strict=True, reason="idle_in_transaction_session_timeout (2 claim periods) also ends "
-                   "the transaction of a live executor whose step writes first and then works longer "
-                   "(store/pg_tasks.py, step_transaction)")
 def test_a_live_executor_keeps_its_transaction_through_a_slow_step(pg_url: str, tmp_path: Path) -> None:
     scratch_table(pg_url)
     # Claims of 0.5 s, renewed all along; the step holds its open transaction 1.5 s after its row.
