@@ -32,6 +32,13 @@ class StoreWriteError(StoreError):
     """An append or a sync failed; the caller was told nothing succeeded."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store cannot be used from this process now, though nothing is wrong with it: its
+    database is down or the connection was lost (a write in flight may or may not have been
+    committed), or this process lost its lease to another driver. Running again, which reads
+    the store anew, may go on."""
+
+
 class UnstorableValueError(TypeError):
     """A param, value or error JSON cannot hold; nothing was written. The caller's mistake, not
     the store's, so a TypeError."""

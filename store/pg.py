@@ -39,7 +39,7 @@ import psycopg_pool
 
 from .backends import redact
 from .base import PromiseStore
-from .errors import StoreError, StoreWriteError, WorkflowBusyError
+from .errors import StoreError, StoreUnavailableError, StoreWriteError, WorkflowBusyError
 from .indexed import storable
 from .jsonl import Durability
 from .log import check_attempt, check_create, check_error, check_id, check_reopen, check_settle
@@ -62,7 +62,7 @@ _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = %(root)s AND epoch = %(ep
 _NO_FENCE = "fence AS (SELECT 1)"
 
 
-class FencedError(StoreError):
+class FencedError(StoreUnavailableError):
     """This process no longer holds the lease of a root workflow (it expired, or another driver
     took it over): it must not write anything under it. Run again to take the lease anew."""
 
@@ -139,7 +139,7 @@ class PgStore(TaskQueue, PromiseStore):
             pool.open(wait=True, timeout=timeout)
         except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
             pool.close()
-            raise StoreError(f"{self.where}: cannot connect to PostgreSQL ({exc})") from None
+            raise StoreUnavailableError(f"{self.where}: cannot connect to PostgreSQL ({exc})") from None
         return pool
 
     def __repr__(self) -> str:
@@ -465,7 +465,7 @@ class PgStore(TaskQueue, PromiseStore):
             self._explain(refused.promise_id, lease)  # FencedError if the lease is why
             raise StoreWriteError(f"{self.where}: {action}: the creation of {refused.promise_id} "
                                   "was refused") from None
-        except StoreWriteError:
+        except (StoreWriteError, StoreUnavailableError):
             self._pipes.pipe = None
             with self._mutex:
                 self._open_pipes.remove(pipe)
@@ -562,6 +562,8 @@ class PgStore(TaskQueue, PromiseStore):
             yield
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             kind = StoreWriteError if write else StoreError
+            if isinstance(exc, _UNAVAILABLE):
+                kind = StoreUnavailableError
             raise kind(f"{self.where}: {action} failed ({type(exc).__name__}: {exc})") from exc
 
     def _check(self, promise_id: Any) -> None:
@@ -585,6 +587,10 @@ def after(prefix: str) -> str | None:
             return prefix[:-1] + chr(last)
         prefix = prefix[:-1]
     return None
+
+
+# The server could not be reached, or the connection was lost: nothing wrong with the store.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 
 
 def _under(promise_id: str, root: str) -> bool:

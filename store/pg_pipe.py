@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from .errors import StoreWriteError
+from .errors import StoreUnavailableError, StoreWriteError
 
 _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = $1 AND epoch = $2 "
           "AND expires_at > now() FOR SHARE)")
@@ -54,7 +54,7 @@ class Pipe:
         if self._conn.status != pq.ConnStatus.OK:
             message = self._conn.get_error_message()
             self._conn.finish()
-            raise StoreWriteError(f"{where}: cannot connect to PostgreSQL ({message})")
+            raise StoreUnavailableError(f"{where}: cannot connect to PostgreSQL ({message})")
         self._conn.enter_pipeline_mode()
         for name, sql in _STATEMENTS.items():
             self._conn.send_prepare(name, sql.encode())
@@ -107,7 +107,7 @@ class Pipe:
         self._conn.pipeline_sync()
         self._unanswered.append((what, promise_id))
         if self._conn.flush():  # blocking mode: everything is sent when it returns
-            raise StoreWriteError(f"{self._where}: could not send {what} of {promise_id}")
+            raise StoreUnavailableError(f"{self._where}: could not send {what} of {promise_id}")
 
     def _answer_to(self, what: str, promise_id: str) -> bool:
         """Read one sync group's results: whether its last statement wrote (or returned) a row."""
@@ -117,7 +117,7 @@ class Pipe:
             result = self._conn.get_result()
             if result is None:
                 if self.broken:
-                    raise StoreWriteError(f"{self._where}: the connection was lost while {what} of "
+                    raise StoreUnavailableError(f"{self._where}: the connection was lost while {what} of "
                                           f"{promise_id} was in flight ({self._conn.get_error_message()})")
                 continue
             status = result.status

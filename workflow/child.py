@@ -37,6 +37,7 @@ from store import (
     Durability,
     StoreError,
     StoreLockedError,
+    StoreUnavailableError,
     WorkflowBusyError,
     open_store,
     parse_store_url,
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         return _end(progress, exitcodes.FAILED, str(exc))
     except (StoreLockedError, WorkflowBusyError) as exc:
         return _end(progress, exitcodes.BUSY, str(exc))
+    except StoreUnavailableError as exc:  # a database away, a lease lost: a restart may go on
+        return _end(progress, exitcodes.CRASHED, str(exc))
     except (TargetError, PermanentError, EngineError, StoreError) as exc:
         return _end(progress, exitcodes.FATAL, str(exc))
     if not args.quiet:
@@ -265,7 +268,7 @@ def _execute(args: argparse.Namespace, progress: Progress, should_stop: Callable
         run(args, progress, should_stop)
     except (TargetError, PermanentError, EngineError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exitcodes.FATAL
+        return exitcodes.CRASHED if isinstance(exc, StoreUnavailableError) else exitcodes.FATAL
     return exitcodes.OK
 
 

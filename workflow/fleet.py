@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from store import Promise, StoreError
+from store import Promise, StoreError, StoreUnavailableError
 from store.owners import this_owner
 from store.pg import PgStore
 from store.pg_tasks import Claim, ClaimLostError
@@ -36,6 +36,7 @@ log = logging.getLogger("workflow.fleet")
 POLL_S = 0.02  # how often an idle executor looks for a task, and the driver for outcomes
 STOP_POLL_S = 0.25  # how often a driver waiting for a step asks whether to stop
 REAP_EVERY_S = 1.0  # how often an executor looks for claims of dead executors of its machine
+UNAVAILABLE_PAUSE_S = 1.0  # an executor's pause when the database cannot be reached
 
 
 class AttemptsExhaustedError(PermanentError):
@@ -149,16 +150,21 @@ class Executor:
         ran = 0
         next_reaping = 0.0
         while True:
-            if time.monotonic() >= next_reaping:
-                self.store.release_claims_of_the_dead(self.roots)
-                next_reaping = time.monotonic() + REAP_EVERY_S
-            claim = self.store.claim(self.roots, self.name, self.claim_s)
-            if claim is None:
-                if done():
-                    return ran
-                time.sleep(self.poll_s)
+            try:
+                if time.monotonic() >= next_reaping:
+                    self.store.release_claims_of_the_dead(self.roots)
+                    next_reaping = time.monotonic() + REAP_EVERY_S
+                claim = self.store.claim(self.roots, self.name, self.claim_s)
+                if claim is None:
+                    if done():
+                        return ran
+                    time.sleep(self.poll_s)
+                    continue
+                self.execute(claim)
+            except StoreUnavailableError as exc:  # the database away: its claims expire meanwhile
+                log.warning("%s: %s; trying again in %g s", self.name, exc, UNAVAILABLE_PAUSE_S)
+                time.sleep(UNAVAILABLE_PAUSE_S)
                 continue
-            self.execute(claim)
             ran += 1
 
     def execute(self, claim: Claim) -> None:

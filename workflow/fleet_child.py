@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from store import Promise, State, WorkflowBusyError, open_store
-from store.pg import PgStore
+from store.pg import FencedError, PgStore
 from store.pg_tasks import Claim
 
 from .errors import PermanentError, StepError, WorkflowInterrupted
@@ -131,6 +131,9 @@ class Participant:
                 if self._should_stop():
                     raise WorkflowInterrupted("stopped while standing by; run again to rejoin") from None
                 continue  # (taking the lease waited STANDBY_POLL_S)
+            except FencedError as exc:  # paused past its lease: another drives now; stand by
+                log.warning("%s; standing by", exc)
+                continue
             except StepError:
                 pass  # settled as rejected: read back below like any outcome
             return store.get(self.root_id)
