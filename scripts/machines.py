@@ -147,6 +147,7 @@ class Life:
         report = self.report() or {}
         return {"pid": self.process.pid, "exit": self.process.returncode, "killed": self.killed,
                 "ok": report.get("ok"), "error": report.get("error"),
+                "totals": {k: report.get(k) for k in ("total_records", "total_processed", "total_skipped")},
                 "supervisor_kills": [k.get("kind") for k in report.get("kills", [])]}
 
 
@@ -427,7 +428,7 @@ class ChaosRun:
             db.close()
         kills_by_supervisors = sum(len(s["supervisor_kills"]) for m in machines for s in m["starts"])
         return {"ok": not self.problems, "id": self.root, "isolated": self.isolated,
-                "kills": self.delivered, "undelivered": self.undelivered,
+                "executors": sum(self.workers()), "kills": self.delivered, "undelivered": self.undelivered,
                 "kills_by_supervisors": kills_by_supervisors, "lease_epochs": epoch,
                 "machines": machines, "problems": self.problems,
                 "elapsed_s": round(time.monotonic() - started, 2)}
