@@ -49,8 +49,9 @@ from typing import Any
 import psutil
 import psycopg
 
+from store import failpoints
+
 REPO = Path(__file__).resolve().parents[1]
-LEASE_S = 5.0  # the driver's lease and an executor's claim (store/pg.py, workflow/fleet.py)
 GONE_WITHIN_S = 5.0  # what is left of a dead machine must be gone by then (PR_SET_PDEATHSIG)
 POLL_S = 0.05
 KINDS = ("machine", "supervisor", "executor", "driver")
@@ -75,12 +76,11 @@ _UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 _INIT = ["sh", "-c", '"$@" & wait $!', "sh"]
 
 
-def machine_env(failpoints: list[dict[str, Any]] | None = None) -> dict[str, str]:
-    """A machine's environment: this checkout importable, no failpoints but `failpoints`."""
+def machine_env(points: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """A machine's environment: this checkout importable, no failpoints armed but `points`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if failpoints:
-        env["DURABLE_FAILPOINTS"] = json.dumps(failpoints)
+    env.update(failpoints.environment(points or []))
     return env
 
 
@@ -89,8 +89,9 @@ def slow_batches(batches: int, seconds: float) -> list[dict[str, Any]]:
     transaction: the import lasts long enough for kills to land in it, mostly mid-batch."""
     if seconds <= 0:
         return []
-    return [{"name": "batch.mid", "key": str(b), "action": "delay", "seconds": seconds}
-            for b in range(batches)]
+    linger = [failpoints.entry(failpoints.BATCH_MID, failpoints.batch_mid_key(b), "delay")
+              for b in range(batches)]
+    return [{**entry, "seconds": seconds} for entry in linger]
 
 
 def pace(batches: int, executors: int, seconds: float) -> float:
