@@ -50,6 +50,7 @@ import psutil
 import psycopg
 
 from store import failpoints
+from workflow.pool import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 5.0  # what is left of a dead machine must be gone by then (PR_SET_PDEATHSIG)
@@ -177,9 +178,11 @@ class Machine:
         n = len(self.lives) + 1
         out, err = self.home / f"start-{n}.stdout", self.home / f"start-{n}.stderr"
         wrapped = [*_UNSHARE, *_INIT, *self.command] if self.isolated else self.command
-        with out.open("wb") as stdout, err.open("wb") as stderr:
+        parent = os.getpid()
+        with out.open("wb") as stdout, err.open("wb") as stderr:  # a machine dies with its operator
             process = subprocess.Popen(wrapped, cwd=self.home, env=self.env, stdin=subprocess.DEVNULL,
-                                       stdout=stdout, stderr=stderr, start_new_session=True)
+                                       stdout=stdout, stderr=stderr, start_new_session=True,
+                                       preexec_fn=lambda: die_with_parent(parent))
         self.lives.append(Life(process, out, err))
 
     def processes(self, life: Life | None = None) -> list[psutil.Process]:
