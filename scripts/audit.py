@@ -10,8 +10,10 @@ JSON verdict and exits 1 on any violation.
 
 With `--store postgresql://...` the store and the sink are one database, where a batch's rows, its
 commit row and its promise's resolve are one transaction: every batch has one commit row and one
-`committed` execution, and no execution ever finds a commit (`found_commit`). For now the checks
-read the sink's tables only; the store's promises are checked where `_promise_checks` says.
+`committed` execution, and no execution ever finds a commit (`found_commit`); the store's
+promises are checked against them too, when the store's tables are there (`_promise_checks`): a
+batch's promise is resolved exactly when it has a commit row, with its summary, no batch runs
+after its resolve, and the root's result is the sink's totals.
 
 `--workers N` is the import's own: with N above 1 each worker ran its batches in a pool of
 processes, which the sink's executions name (not the worker), so the checks that follow one
@@ -133,10 +135,7 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
 
     # 1. Nothing done twice: no execution of a batch starts after its promise was resolved,
     #    and each batch commits once.
-    for _id, batch, _a, pid, started, _f, _o in execs:
-        settled = batches.get(batch, {}).get("settled_at")
-        if settled is not None and started > settled:
-            violations.append(f"batch {batch} ran again (pid {pid}) after it was resolved")
+    violations += _ran_after_resolve(execs, batches)
     for promise_id, n in commits.items():
         if n != 1:
             violations.append(f"{promise_id} committed {n} times")
@@ -214,7 +213,11 @@ def audit_pg(url: str, root: str, expected_records: int, finished: bool = True,
         violations += _position_violations(seen, expected_records, finished)
         if finished:
             violations += _totals_violations(commits, expected_records, len(imported), len(skipped))
-        violations += _promise_checks(db, root, commits)
+        promises = _read_promises(db, root)
+        ran_again = [] if promises is None else _ran_after_resolve(execs, batch_promises(promises, root))
+        violations += ran_again
+        if promises is not None:
+            violations += _promise_checks(promises, root, commits, finished)
 
     at_once = _most_at_once([(r[4], r[5]) for r in execs if r[6] == "committed"])
     if workers is not None and at_once > workers:
@@ -226,7 +229,8 @@ def audit_pg(url: str, root: str, expected_records: int, finished: bool = True,
         "workers": len({r[3] for r in execs}),
         "executions": len(execs),
         "most_at_once": at_once,
-        "reruns_of_completed_batches": sum(1 for r in execs if r[6] == "found_commit"),
+        "promises_checked": promises is not None,
+        "reruns_of_completed_batches": len(ran_again) + sum(1 for r in execs if r[6] == "found_commit"),
         "imported": len(imported),
         "skipped": len(skipped),
         "duplicate_rows": sum(1 for n in seen.values() if n > 1),
@@ -289,11 +293,62 @@ def _totals_violations(commits: list[tuple[Any, ...]], expected_records: int, im
     return violations
 
 
-def _promise_checks(db: Any, root: str, commits: list[tuple[Any, ...]]) -> list[str]:
-    """The store's promises against the sink (the root resolved with these totals, every batch's
-    promise resolved, none run after its resolve): the store's tables are PgStore's, and its
-    checks go here. None yet."""
-    return []
+def _read_promises(db: Any, root: str) -> dict[str, dict[str, Any]] | None:
+    """The store's promises of the import, {id: {state, param, value, settled_at}}; None when
+    the database holds the sink's tables alone (no store there to check)."""
+    if not db.execute("SELECT to_regclass('promises') IS NOT NULL").fetchone()[0]:
+        return None
+    rows = db.execute("SELECT id, param, state, value, settled_at FROM promises "
+                      "WHERE id = %s OR starts_with(id, %s)", (root, root + ".")).fetchall()
+    return {pid: {"state": state, "param": param, "value": value, "settled_at": settled}
+            for pid, param, state, value, settled in rows}
+
+
+def _ran_after_resolve(execs: list[tuple[Any, ...]], batches: dict[int, dict[str, Any]]) -> list[str]:
+    """Nothing done twice (1): no execution of a batch starts after its promise was resolved."""
+    violations = []
+    for _id, batch, _a, pid, started, _f, _o in execs:
+        settled = batches.get(batch, {}).get("settled_at")
+        if settled is not None and started > settled:
+            violations.append(f"batch {batch} ran again (pid {pid}) after it was resolved")
+    return violations
+
+
+def _promise_checks(promises: dict[str, dict[str, Any]], root: str, commits: list[tuple[Any, ...]],
+                    finished: bool) -> list[str]:
+    """The store's promises against the sink. A batch's resolve commits with its commit row, so
+    at any moment a batch's promise is resolved, with the commit's summary, exactly when the batch
+    has a commit row; once finished, the root is resolved with the sink's totals."""
+    violations = []
+    batches = batch_promises(promises, root)
+    summaries = {promise_id: summary for promise_id, _, summary in commits}
+    resolved = {p["id"]: p["value"] for p in batches.values() if p["state"] == "resolved"}
+    for promise_id in sorted(set(summaries) - set(resolved))[:5]:
+        violations.append(f"{promise_id} has a commit row but its promise is not resolved")
+    for promise_id in sorted(set(resolved) - set(summaries))[:5]:
+        violations.append(f"{promise_id} is resolved but has no commit row")
+    for promise_id in sorted(set(resolved) & set(summaries)):
+        if resolved[promise_id] != summaries[promise_id]:
+            violations.append(f"{promise_id} is resolved with {resolved[promise_id]}, "
+                              f"its commit row says {summaries[promise_id]}")
+    if not finished:
+        return violations
+    unresolved = sorted(b for b, p in batches.items() if p["state"] != "resolved")
+    if unresolved:
+        violations.append(f"batches not resolved: {unresolved[:5]}")
+    root_promise = promises.get(root)
+    if root_promise is None or root_promise["state"] != "resolved":
+        violations.append(f"root {root} is not resolved")
+        return violations
+    result = root_promise["value"] if isinstance(root_promise["value"], dict) else {}
+    expect = {"total_records": sum(s["records"] for s in summaries.values()),
+              "total_processed": sum(s["processed"] for s in summaries.values()),
+              "total_skipped": sum(s["skipped"] for s in summaries.values()),
+              "batch_count": len(batches)}
+    for key, want in expect.items():
+        if result.get(key) != want:
+            violations.append(f"summary {key} is {result.get(key)}, the sink says {want}")
+    return violations
 
 
 def _position_violations(seen: Counter[int], expected_records: int, finished: bool) -> list[str]:

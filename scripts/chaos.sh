@@ -40,20 +40,47 @@
 # mismatches, orphaned workers, stopped workers and other processes left behind, a full disk
 # handled otherwise than above, a resolved promise or commit row changed after the disk filled,
 # and leftover `.compact` files.
+#
+#   scripts/chaos.sh --store postgresql://USER@HOST:PORT/DB [RUNS] [SEED]
+#
+# runs the import on several machines sharing a PostgreSQL server instead: each run creates a
+# database of its own on that server (through the URL's database, as its user) and drops it
+# after. It draws a record count (500-5000), a batch size (10-200), 2 or 3 machines, 0-6 kills
+# and their seed, and up to 0-2 random kills each machine's supervisor makes of its own; then
+# scripts/machines.py runs the machines (one `python -m supervisor run --store URL`, the others
+# `join`, 1 or 2 executors each; as root, each in a pid namespace of its own) and SIGKILLs, at
+# seeded moments, a whole machine, a machine's supervisor alone (everything under it must die
+# with it within 5 s), one executor, or the driver (the worker holding the workflow's lease),
+# starting each dead machine again with the same command; every participant must end 0 with
+# the import's result, and nothing of a dead machine may outlive it. Then
+#   python scripts/audit.py --store URL --id ID --records N --workers EXECUTORS
+# checks the invariants from the database alone. The verdict line has the same fields, and two
+# more in its parentheses: machine= and driver= (the whole machines and the drivers killed);
+# supervisor= counts the supervisors killed alone, pool= the executors killed (by this script or
+# by a supervisor's own random kills); a PostgreSQL store has no store line to tear, and no
+# stall or full disk is made: store-write, stall and disk-full stay 0. violations = the
+# machines' problems (a participant that did not end 0 with the import's result, a process
+# left behind, a run that did not finish in time) plus the audit's violations and report/sink
+# mismatches. With CHAOS_KEEP_FAILED=1 a failed run keeps its directory and its database.
 # Exit status: 0 when the verdict is PASS, 1 on any violation, 2 on a usage error.
 
 set -u -o pipefail
 
 usage() {
     echo "usage: scripts/chaos.sh [--workers N] [RUNS] [SEED]   (N from 1 to 64, RUNS >= 1, SEED an integer)" >&2
+    echo "       scripts/chaos.sh --store postgresql://... [RUNS] [SEED]   (machines sharing that server)" >&2
     exit 2
 }
 WORKERS=1
+STORE=""
+workers_given=0
 positional=()
 while (($#)); do
     case $1 in
-        --workers) [[ $# -ge 2 ]] || usage; WORKERS=$2; shift 2 ;;
-        --workers=*) WORKERS=${1#*=}; shift ;;
+        --workers) [[ $# -ge 2 ]] || usage; WORKERS=$2; workers_given=1; shift 2 ;;
+        --workers=*) WORKERS=${1#*=}; workers_given=1; shift ;;
+        --store) [[ $# -ge 2 ]] || usage; STORE=$2; shift 2 ;;
+        --store=*) STORE=${1#*=}; shift ;;
         -[0-9]*) positional+=("$1"); shift ;;  # a negative seed
         -*) usage ;;
         *) positional+=("$1"); shift ;;
@@ -64,6 +91,7 @@ RUNS=${positional[0]:-50}
 SEED=${positional[1]:-1}
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -ge 1 && $SEED =~ ^-?[0-9]+$ ]] || usage
 [[ $WORKERS =~ ^[0-9]+$ ]] && ((WORKERS >= 1 && WORKERS <= 64)) || usage
+[[ -z $STORE || ($STORE =~ ^postgres(ql)?:// && $workers_given == 0) ]] || usage
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-python}
@@ -80,6 +108,7 @@ DISK_FULL_DEADLINE_S=120
 WAL_START_BYTES=40000
 WAL_CHECKPOINT_BYTES=3900000
 work=""
+run_database=""  # with --store: the current run's database, dropped at the end
 background=""
 stopped=""  # "pid:start-time" of the workers this script SIGSTOPped in the current run
 
@@ -87,6 +116,7 @@ cleanup() {
     [[ -n $background ]] && kill -KILL "$background" 2>/dev/null
     kill_stopped_left >/dev/null
     [[ -n $work && -d $work ]] && rm -rf "$work"
+    [[ -n $run_database ]] && database "$STORE" "$run_database" drop >/dev/null
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -346,6 +376,157 @@ run_with_a_stall() {
         extra_violations=$((extra_violations + left))
     fi
 }
+
+# With --store: create (`create`, printing its URL) or drop (`drop`, its sessions ended first)
+# the database $2 on the server of URL $1.
+database() {
+    "$PY" - "$@" <<'EOF'
+import sys
+import urllib.parse
+
+import psycopg
+
+url, name, action = sys.argv[1:4]
+with psycopg.connect(url, autocommit=True, connect_timeout=10) as admin:
+    if action == "create":
+        admin.execute(f'CREATE DATABASE "{name}"')
+        print(urllib.parse.urlsplit(url)._replace(path=f"/{name}").geturl())
+    else:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+EOF
+}
+
+# Fold one --store run's result (scripts/machines.py's JSON line) and audit into
+# "kills supervisor pool machine driver lost reruns duplicates violations" and print the
+# problems (one per line, prefixed "! ") on stderr.
+summarize_machines() {
+    "$PY" - "$@" <<'EOF'
+import json, sys
+
+result_path, audit_path, returncode = sys.argv[1:4]
+problems = []
+try:
+    result = json.loads(open(result_path).read())
+except (OSError, ValueError):
+    result = {}
+    problems.append(f"no JSON result from scripts/machines.py (exit {returncode})")
+try:
+    verdict = json.loads(open(audit_path).read())
+except (OSError, ValueError):
+    verdict = {"ok": False, "violations": ["the audit did not produce a verdict"]}
+problems += result.get("problems", [])
+if result and returncode != "0" and not result.get("problems"):
+    problems.append(f"scripts/machines.py exited {returncode}")
+if verdict.get("imported") is not None:
+    for m in result.get("machines", []):
+        totals = m["starts"][-1]["totals"] if m["starts"] else {}
+        for key, want in [("total_processed", verdict["imported"]), ("total_skipped", verdict["skipped"])]:
+            if totals.get(key) is not None and totals[key] != want:
+                problems.append(f"{m['name']} reports {key} {totals[key]}, the sink says {want}")
+problems += verdict.get("violations", [])
+for p in problems:
+    print(f"! {p}", file=sys.stderr)
+ours = result.get("kills", {})
+theirs = [kind for m in result.get("machines", []) for start in m["starts"] for kind in start["supervisor_kills"]]
+print(sum(ours.values()) + len(theirs), ours.get("supervisor", 0),
+      ours.get("executor", 0) + theirs.count("pool"), ours.get("machine", 0), ours.get("driver", 0),
+      verdict.get("lost") or 0, verdict.get("reruns_of_completed_batches", 0),
+      verdict.get("duplicate_rows", 0), len(problems))
+EOF
+}
+
+# With --store: RUNS runs on machines sharing the server, each in a database of its own (see
+# the header), then the verdict line.
+store_runs() {
+    local records batch_size machine_count kills kill_random kill_seed url root executors status
+    local t leftovers pid state supervisor pool machine driver lost reruns dupes violations
+    local total_kills=0 total_supervisor=0 total_pool=0 total_machine=0 total_driver=0 total_lost=0
+    local total_reruns=0 total_dupes=0 total_violations=0 done_runs=0
+    RANDOM=$SEED
+    for ((run = 1; run <= RUNS; run++)); do
+        records=$((500 + RANDOM % 4501))
+        batch_size=$((10 + RANDOM % 191))
+        machine_count=$((2 + RANDOM % 2))
+        kills=$((RANDOM % 7))
+        kill_random=$((RANDOM % 3))
+        kill_seed=$RANDOM
+        work=$(mktemp -d "${TMPDIR:-/tmp}/chaos.XXXXXX")
+        what="records=$records batch-size=$batch_size machines=$machine_count kills=$kills"
+        what+=" kill-random=$kill_random seed=$kill_seed"
+        if ! url=$(database "$STORE" "chaos_$$_${run}_$kill_seed" create 2>"$work/database.err"); then
+            echo "chaos: cannot create a database on $STORE: $(tail -n 1 "$work/database.err")" >&2
+            exit 2
+        fi
+        run_database="chaos_$$_${run}_$kill_seed"
+        root="import/synthetic-$records-b$batch_size"
+        timeout -k 5 300 "$PY" scripts/machines.py --store "$url" --records "$records" \
+            --batch-size "$batch_size" --seed "$kill_seed" --machines "$machine_count" --kills "$kills" \
+            --kill-random "$kill_random" --work "$work/machines" >"$work/machines.json" 2>"$work/machines.err"
+        status=$?
+        executors=$("$PY" -c 'import json, sys; print(json.load(sys.stdin)["executors"])' \
+            <"$work/machines.json" 2>/dev/null)
+        "$PY" scripts/audit.py --store "$url" --id "$root" --records "$records" \
+            ${executors:+--workers "$executors"} >"$work/audit.json" 2>"$work/audit.err"
+        extra_violations=0
+        for state in "$work"/machines/machine-*/state; do
+            for ((t = 0; t < ORPHAN_DEADLINE_TENTHS; t++)); do
+                leftovers=$(running_on "$state")
+                [[ -z $leftovers ]] && break
+                sleep 0.1
+            done
+            for pid in $leftovers; do
+                echo "! process $pid still runs on $state after the run" >>"$work/problems"
+                kill -KILL "$pid" 2>/dev/null
+                extra_violations=$((extra_violations + 1))
+            done
+        done
+
+        read -r kills supervisor pool machine driver lost reruns dupes violations < <(
+            summarize_machines "$work/machines.json" "$work/audit.json" "$status" 2>>"$work/problems"
+        )
+        # A summary that could not be made counts as a violation (and contributes no figures).
+        violations=$((${violations:-1} + extra_violations)) kills=${kills:-0} lost=${lost:-0}
+        reruns=${reruns:-0} dupes=${dupes:-0}
+        total_kills=$((total_kills + kills))
+        total_supervisor=$((total_supervisor + ${supervisor:-0}))
+        total_pool=$((total_pool + ${pool:-0}))
+        total_machine=$((total_machine + ${machine:-0}))
+        total_driver=$((total_driver + ${driver:-0}))
+        total_lost=$((total_lost + lost))
+        total_reruns=$((total_reruns + reruns))
+        total_dupes=$((total_dupes + dupes))
+        total_violations=$((total_violations + violations))
+        done_runs=$run
+
+        if ((violations)); then
+            echo "chaos: run $run/$RUNS $what -> $violations VIOLATION(S)" >&2
+            cat "$work/problems" >&2
+            sed 's/^/    /' "$work/machines.err" "$work/audit.err" | tail -20 >&2
+            if [[ ${CHAOS_KEEP_FAILED:-0} == 1 ]]; then
+                echo "    kept: $work and the database $url" >&2
+                work="" run_database=""
+            fi
+        else
+            echo "chaos: run $run/$RUNS $what -> kills=$kills ok" >&2
+        fi
+        [[ -n $work ]] && rm -rf "$work"
+        [[ -n $run_database ]] && database "$STORE" "$run_database" drop >/dev/null
+        work="" run_database=""
+    done
+
+    local verdict=PASS
+    ((total_violations + total_lost + total_reruns + total_dupes == 0)) || verdict=FAIL
+    echo "chaos: runs=$done_runs kills=$total_kills (store-write=0 supervisor=$total_supervisor" \
+         "pool=$total_pool stall=0 disk-full=0 machine=$total_machine driver=$total_driver) lost=$total_lost" \
+         "reruns_of_completed_batches=$total_reruns duplicate_rows=$total_dupes" \
+         "violations=$total_violations -> $verdict"
+    [[ $verdict == PASS ]]
+}
+
+if [[ -n $STORE ]]; then
+    store_runs
+    exit
+fi
 
 RANDOM=$SEED
 total_kills=0 total_store_write=0 total_supervisor=0 total_pool=0 total_stall=0 total_disk_full=0 total_lost=0 total_reruns=0 total_dupes=0 total_violations=0 done_runs=0

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
+from pgdb import ADMIN_URL
 from supervisor_helpers import REPO, child_env
 
 VERDICT = re.compile(
@@ -16,6 +18,15 @@ VERDICT = re.compile(
     r"reruns_of_completed_batches=0 duplicate_rows=0 "
     r"violations=0 -> PASS$"
 )
+# With --store: the same fields, the whole machines and drivers killed in the parentheses too.
+STORE_VERDICT = re.compile(
+    r"^chaos: runs=(\d+) kills=(\d+) \(store-write=0 supervisor=(\d+) pool=(\d+) stall=0 disk-full=0 "
+    r"machine=(\d+) driver=(\d+)\) lost=0 reruns_of_completed_batches=0 duplicate_rows=0 "
+    r"violations=0 -> PASS$"
+)
+# Its two runs: 2 then 3 machines, our kills (a whole machine, supervisors, executors) and the
+# supervisors' own random kills.
+STORE_SEED = "6"
 STALL_SEED = "13"  # its one run draws a stall: the first worker is SIGSTOPped in its start-up
 # Its one run (1029 records in 19 batches, no kills) draws a file size limit that SQLite's log
 # reaches after 14 batches.
@@ -47,7 +58,8 @@ def test_chaos_run_with_a_stopped_worker_passes_and_counts_the_stall(tmp_path: P
 
 
 @pytest.mark.parametrize("args", [("zero",), ("1", "2", "3"), ("--workers", "0"), ("--workers", "65"),
-                                  ("--workers",), ("--bogus", "1")])
+                                  ("--workers",), ("--bogus", "1"), ("--store", "import.db"), ("--store",),
+                                  ("--store", ADMIN_URL, "--workers", "2")])
 def test_chaos_rejects_bad_arguments(tmp_path: Path, args: tuple[str, ...]) -> None:
     result = _chaos(tmp_path, *args)
     assert result.returncode == 2
@@ -63,3 +75,22 @@ def test_chaos_run_into_a_full_disk_passes_and_counts_it(tmp_path: Path) -> None
     verdict = VERDICT.match(result.stdout.strip())
     assert verdict and verdict.group(5) == "1", result.stdout + result.stderr[-4000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def _chaos_databases() -> set[str]:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        rows = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'chaos_%'").fetchall()
+    return {name for (name,) in rows}
+
+
+def test_chaos_on_machines_sharing_postgresql_passes_and_drops_its_databases(tmp_path: Path) -> None:
+    before = _chaos_databases()
+    result = _chaos(tmp_path, "--store", ADMIN_URL, "2", STORE_SEED)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    verdict = STORE_VERDICT.match(result.stdout.strip())
+    assert verdict, result.stdout + result.stderr[-4000:]
+    runs, kills, supervisor, pool, machine, _driver = map(int, verdict.groups())
+    assert runs == 2 and kills >= 3 and supervisor + pool + machine >= 2, result.stdout
+    assert re.search(r"machines=2 .* machines=3 ", result.stderr.replace("\n", " ")), result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert _chaos_databases() <= before  # each run's database was dropped
