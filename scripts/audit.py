@@ -298,7 +298,7 @@ def _read_promises(db: Any, root: str) -> dict[str, dict[str, Any]] | None:
     the database holds the sink's tables alone (no store there to check)."""
     if not db.execute("SELECT to_regclass('promises') IS NOT NULL").fetchone()[0]:
         return None
-    rows = db.execute("SELECT id, param, state, value, settled_at FROM promises "
+    rows = db.execute("SELECT id, param, state, value, settled_at FROM promise_states "
                       "WHERE id = %s OR starts_with(id, %s)", (root, root + ".")).fetchall()
     return {pid: {"state": state, "param": param, "value": value, "settled_at": settled}
             for pid, param, state, value, settled in rows}

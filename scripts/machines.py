@@ -333,7 +333,7 @@ class Database:
         return self.one("SELECT 1 FROM workflows WHERE root = %s", root) is not None
 
     def settled(self, root: str) -> bool:
-        row = self.one("SELECT state FROM promises WHERE id = %s", root)
+        row = self.one("SELECT state FROM promise_states WHERE id = %s", root)
         return row is not None and row[0] != "pending"
 
 

@@ -33,13 +33,12 @@ def _tamper(url: str, sql: str) -> None:
 
 
 def _set_in_value(url: str, promise_id: str, key: str, value: int) -> None:
-    _tamper(url, f"UPDATE promises SET value = jsonb_set(value, '{{{key}}}', '{value}') "
+    _tamper(url, f"UPDATE settles SET value = jsonb_set(value, '{{{key}}}', '{value}') "
                  f"WHERE id = '{promise_id}'")
 
 
 def test_a_committed_batch_whose_promise_is_pending_is_a_violation(imported: str, audit: ModuleType) -> None:
-    _tamper(imported, f"UPDATE promises SET state = 'pending', value = NULL, settled_at = NULL "
-                      f"WHERE id = '{ROOT}.2'")  # batch 1 (step 0 plans)
+    _tamper(imported, f"DELETE FROM settles WHERE id = '{ROOT}.2'")  # batch 1 (step 0 plans)
     verdict = audit.audit_pg(imported, ROOT, RECORDS)
     assert f"{ROOT}.2 has a commit row but its promise is not resolved" in verdict["violations"]
     assert "batches not resolved: [1]" in verdict["violations"]
@@ -59,7 +58,7 @@ def test_a_batch_resolved_with_another_summary_is_a_violation(imported: str, aud
 
 def test_a_batch_run_after_its_resolve_is_a_rerun(imported: str, audit: ModuleType) -> None:
     _tamper(imported, "INSERT INTO executions (promise_id, batch, attempt, pid, started_at) "
-                      f"SELECT id, 0, 2, 1, settled_at + 1 FROM promises WHERE id = '{ROOT}.1'")
+                      f"SELECT id, 0, 2, 1, settled_at + 1 FROM settles WHERE id = '{ROOT}.1'")
     verdict = audit.audit_pg(imported, ROOT, RECORDS)
     assert "batch 0 ran again (pid 1) after it was resolved" in verdict["violations"]
     assert verdict["reruns_of_completed_batches"] == 1

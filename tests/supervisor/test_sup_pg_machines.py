@@ -131,7 +131,7 @@ def _claimers_of_new_batches(url: str, t: float) -> list[str]:
     driver holding the lease creates them)."""
     with psycopg.connect(url, autocommit=True) as db:
         rows = db.execute(
-            "SELECT t.claimed_by FROM promises p JOIN tasks t ON t.promise_id = p.id "
+            "SELECT t.claimed_by FROM promise_states p JOIN tasks t ON t.promise_id = p.id "
             "WHERE p.created_at > %s AND p.param->>'fn' = 'process_batch' AND p.state = 'resolved'",
             (t,)).fetchall()
     return [owner for (owner,) in rows]
@@ -146,9 +146,6 @@ def _two_machines(machines: ModuleType, url: str, tmp_path: Path) -> list[Any]:
     return [machines.Machine(f"m{n}", c, tmp_path / f"m{n}", env, False) for n, c in enumerate(commands)]
 
 
-@pytest.mark.xfail(strict=True, reason="a driver that finds its lease lost (FencedError, a StoreError) ends "
-                   "its worker with FATAL (3), so its supervisor gives up and exits 1; "
-                   "workflow/fleet_child.py Participant._drive_or_stand_by could stand by again instead")
 def test_a_driver_paused_past_its_lease_stands_by_again_when_it_resumes(
     pg_url: str, tmp_path: Path, audit: ModuleType, machines: ModuleType
 ) -> None:
@@ -175,10 +172,6 @@ def test_a_driver_paused_past_its_lease_stands_by_again_when_it_resumes(
     _assert_audit_ok(audit, pg_url, root, executors=2)
 
 
-@pytest.mark.xfail(strict=True, reason="a pooled connection the server closed fails the next statement as a "
-                   "StoreError, which ends the worker and the executors with FATAL (3) on every machine: "
-                   "store/pg.py's pools do not check a connection before handing it out, and "
-                   "workflow/child.py takes every StoreError for one no restart can help")
 def test_every_participant_carries_on_when_the_server_drops_every_connection(
     pg_url: str, tmp_path: Path, audit: ModuleType, machines: ModuleType
 ) -> None:
