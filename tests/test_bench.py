@@ -17,7 +17,8 @@ from pgdb import ADMIN_URL
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"floor": 10, "durable": 10, "cpu": 50, "replay": [50], "growth": [10, 50], "growth_total": 50,
         "restarts": 1, "csv_rows": 3000, "import": [300, 600], "dbos": 5, "sync_batches": 5,
-        "group_commit": 20, "workers_import": 2000, "pg_floor": 10, "pg_steps": 5, "pg_rounds": 1}
+        "group_commit": 20, "workers_import": 2000, "pg_floor": 10, "pg_steps": 5, "pg_rounds": 1,
+        "pg_fleet_import": 2000, "pg_takeover_import": 20_000}
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +47,13 @@ def test_measure_reports_every_metric_and_a_table(bench: ModuleType, tmp_path: P
 def test_the_postgresql_rows_alone_leave_no_database_behind(bench: ModuleType, tmp_path: Path) -> None:
     results = bench.measure(tmp_path, TINY, only="pg", pg_url=ADMIN_URL)
     assert results["groups"] == ["pg"] and "floor_us" not in results
-    for key in ("pg_floor_ms", "pg_step_ms", "pg_step_over_floor"):
+    for key in ("pg_floor_ms", "pg_step_ms", "pg_step_over_floor", "pg_takeover_s",
+                "pg_import_speedup_3_executors"):
         assert results[key] > 0, key
     assert ("dbos_pg_over_ours" in results) == bench.bench_dbos.installed()
     table = bench.table(results)
     assert "floor: INSERT + COMMIT" in table and "durable step, PostgreSQL store" in table
+    assert "lease holder SIGKILLed" in table and "3 executors vs 1" in table
     assert "restart latency" not in table
     json.dumps(results)
     with psycopg.connect(ADMIN_URL) as admin:
