@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import psycopg
@@ -308,7 +308,7 @@ class PgStore(TaskQueue, PromiseStore):
             finally:
                 with self._mutex:
                     del self._leases[root]
-                    for pid in [p for p in self._cache if _under(p, root)]:
+                    for pid in [p for p in self._cache if _root_of(p) == root]:
                         del self._cache[pid]
 
     def _take(self, root: str) -> _Lease:
@@ -391,12 +391,10 @@ class PgStore(TaskQueue, PromiseStore):
 
     def _lease_of(self, promise_id: str) -> _Lease | None:
         """The owned lease `promise_id` falls under, if any (refused at once if lost)."""
-        for root, lease in list(self._leases.items()):  # another thread's own() may change them
-            if _under(promise_id, root):
-                if lease.lost is not None:
-                    raise FencedError(self.where, root, lease.lost)
-                return lease
-        return None
+        lease = self._leases.get(_root_of(promise_id)) if self._leases else None
+        if lease is not None and lease.lost is not None:
+            raise FencedError(self.where, lease.root, lease.lost)
+        return lease
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -430,47 +428,53 @@ class PgStore(TaskQueue, PromiseStore):
         lease is surely ours; else waited for, so that a driver that lost its lease learns it
         (FencedError) before it runs the step."""
         promise = promise._replace(attempts=1)
-        with self._in_pipe(lease, f"creating promise {promise.id}") as pipe:
+        pipe = self._pipe()
+        try:
             pipe.send_creation(lease.root, lease.epoch, promise.id, to_jsonb(promise.param),
                                promise.created_at, 1)
             if not lease.surely_ours(self.lease_s):
                 pipe.wait()
+        except _PIPE_FAILURES as exc:
+            self._pipe_failed(pipe, lease, exc)
         self._cache[promise.id] = promise
         return 1
 
     def _settle_in_pipe(self, lease: _Lease, params: dict[str, Any], *, durable: bool) -> bool:
-        with self._in_pipe(lease, f"settling promise {params['id']}") as pipe:
+        pipe = self._pipe()
+        try:
             return pipe.settle(lease.root, lease.epoch, params["id"], params["state"], params["value"],
                                params["error"], params["t"], durable=durable)
+        except _PIPE_FAILURES as exc:
+            self._pipe_failed(pipe, lease, exc)
 
     def _wait_for_pipe(self, lease: _Lease) -> None:
         """Before a write on another connection: what this thread sent in its pipe is answered."""
         pipe = getattr(self._pipes, "pipe", None)
         if pipe is not None and not pipe.broken:
-            with self._in_pipe(lease, "waiting for the creations sent") as pipe:
+            try:
                 pipe.wait()
+            except _PIPE_FAILURES as exc:
+                self._pipe_failed(pipe, lease, exc)
 
-    @contextlib.contextmanager
-    def _in_pipe(self, lease: _Lease, action: str) -> Iterator[Pipe]:
-        """This thread's pipe (a new one if it has none, or a broken one); a creation refused
-        by the fence is a FencedError, a failed pipe is dropped."""
+    def _pipe(self) -> Pipe:
+        """This thread's pipe (a new one if it has none, or a broken one)."""
         pipe = getattr(self._pipes, "pipe", None)
         if pipe is None or pipe.broken:
             pipe = self._pipes.pipe = Pipe(self.url, self.where)
             with self._mutex:
                 self._open_pipes.append(pipe)
-        try:
-            yield pipe
-        except RefusedCreation as refused:
-            self._explain(refused.promise_id, lease)  # FencedError if the lease is why
-            raise StoreWriteError(f"{self.where}: {action}: the creation of {refused.promise_id} "
-                                  "was refused") from None
-        except (StoreWriteError, StoreUnavailableError):
-            self._pipes.pipe = None
-            with self._mutex:
-                self._open_pipes.remove(pipe)
-            pipe.close()
-            raise
+        return pipe
+
+    def _pipe_failed(self, pipe: Pipe, lease: _Lease, exc: Exception) -> NoReturn:
+        """A creation refused by the fence is a FencedError; a failed pipe is dropped."""
+        if isinstance(exc, RefusedCreation):
+            self._explain(exc.promise_id, lease)  # FencedError if the lease is why
+            raise StoreWriteError(f"{self.where}: the creation of {exc.promise_id} was refused") from None
+        self._pipes.pipe = None
+        with self._mutex:
+            self._open_pipes.remove(pipe)
+        pipe.close()
+        raise exc
 
     def _write_held_of(self, promise_id: str) -> _Lease | None:
         """Before a write under an owned root, the creations held back there."""
@@ -545,10 +549,8 @@ class PgStore(TaskQueue, PromiseStore):
 
     def _remember(self, promise: Promise) -> None:
         """Keep the owner's view of its own roots up to date."""
-        for root in list(self._leases):
-            if _under(promise.id, root):
-                self._cache[promise.id] = promise
-                return
+        if _root_of(promise.id) in self._leases:
+            self._cache[promise.id] = promise
 
     def _select(self, promise_id: str) -> Promise | None:
         with self._errors(f"reading promise {promise_id}"), self._fast.connection() as conn:
@@ -593,10 +595,12 @@ def after(prefix: str) -> str | None:
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 
 
-def _under(promise_id: str, root: str) -> bool:
-    """Whether `promise_id` is the root workflow `root` or one of its calls (ids are
-    `<parent>.<n>`, and a root id has no dot)."""
-    return promise_id == root or (promise_id.startswith(root) and promise_id[len(root)] == ".")
+_PIPE_FAILURES = (RefusedCreation, StoreWriteError, StoreUnavailableError)
+
+
+def _root_of(promise_id: str) -> str:
+    """The root workflow of a promise: a root id has no dot, and a call's id is `<parent>.<n>`."""
+    return promise_id.partition(".")[0]
 
 
 def _promise(row: tuple[Any, ...]) -> Promise:

@@ -134,7 +134,9 @@ class Pipe:
 
 
 def _text(*params: Any) -> list[bytes | None]:
-    return [None if p is None else (repr(p) if isinstance(p, float) else str(p)).encode() for p in params]
+    """Parameters in the text format: a float by its repr (exact), None as SQL NULL."""
+    return [p.encode() if type(p) is str else None if p is None
+            else (repr(p) if type(p) is float else str(p)).encode() for p in params]
 
 
 def _message(result: pq.abc.PGresult) -> str:

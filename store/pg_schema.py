@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS durable_schema (
     version integer NOT NULL
 );
 CREATE TABLE IF NOT EXISTS promises (
-    seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,   -- creation order
+    seq bigint GENERATED ALWAYS AS IDENTITY,          -- creation order (sorted, not indexed)
     id text COLLATE "C" PRIMARY KEY,
     param jsonb NOT NULL,                              -- JSON null for a None param
     attempts integer NOT NULL DEFAULT 0,
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 -- Steps a fleet of executors claims (FOR UPDATE SKIP LOCKED); `claim` fences the claimer.
 CREATE TABLE IF NOT EXISTS tasks (
-    seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+    seq bigint GENERATED ALWAYS AS IDENTITY,
     promise_id text COLLATE "C" PRIMARY KEY REFERENCES promises (id),
     root text COLLATE "C" NOT NULL,
     spec jsonb NOT NULL,
