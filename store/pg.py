@@ -176,7 +176,7 @@ class PgStore(TaskQueue, PromiseStore):
         lease = self._lease_of(promise_id)
         if lease is not None:
             with self._mutex:
-                if list(lease.held) == [promise_id]:  # the common case: a step's creation
+                if len(lease.held) == 1 and promise_id in lease.held:  # the common case: a step's
                     return self._send_creation(lease, lease.held.pop(promise_id))
                 if promise_id in lease.held:
                     return self._write_held(lease, first_attempt=promise_id).attempts
@@ -408,14 +408,21 @@ class PgStore(TaskQueue, PromiseStore):
                   "error": None if error is None else to_jsonb(error)}
         pool = self._fast if defer_sync else self._safe
         action = f"settling promise {promise_id}"
+        if lease is not None:
+            known = self._cache.get(promise_id)
+            if known is None or known.settled:  # the owner's view says what the rules say
+                if check_settle(None if known is None else _entry(known), promise_id, state, outcome):
+                    raise AssertionError("unreachable: a settled promise may be settled again")
+                return known
         if lease is None:
             row = self._fenced(pool, action, None, _SETTLE_RETURNING_ALL, params)
             if row is not None:
                 return _promise(row)
         elif self._settle_in_pipe(lease, params, durable=self._durable and not defer_sync):
             with self._mutex:
-                settled = self._cache[promise_id]._replace(
-                    state=state, value=value, error=error, settled_at=params["t"])
+                p = self._cache[promise_id]
+                settled = Promise(promise_id, p.param, state, value, error, p.attempts,
+                                  p.attempts_at_reopen, p.created_at, params["t"])
                 self._cache[promise_id] = settled
             return settled
         existing = self._explain(promise_id, lease)
@@ -427,7 +434,7 @@ class PgStore(TaskQueue, PromiseStore):
         """A step's creation and first attempt, sent without waiting (see pg_pipe.py) while the
         lease is surely ours; else waited for, so that a driver that lost its lease learns it
         (FencedError) before it runs the step."""
-        promise = promise._replace(attempts=1)
+        promise = Promise(promise.id, promise.param, State.PENDING, None, None, 1, 0, promise.created_at)
         pipe = self._pipe()
         try:
             pipe.send_creation(lease.root, lease.epoch, promise.id, to_jsonb(promise.param),

@@ -14,8 +14,6 @@ Statements are prepared once per connection (libpq's pipeline mode, through psyc
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg
 from psycopg import pq
 
@@ -26,9 +24,11 @@ _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = $1 AND epoch = $2 "
 _ASYNC = "asynchronously AS (SELECT set_config('synchronous_commit', 'off', true)), "  # this commit only
 _CREATE = ("INSERT INTO promises (id, param, created_at, attempts) "
            "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence, asynchronously")
+# The owner settles only what it created and saw pending (its creation answered before this
+# answer is read): a plain insert, and a second one is a unique violation that writes nothing.
 _SETTLE = ("INSERT INTO settles (id, state, value, error, settled_at) "
-           "SELECT $3, $4, $5::jsonb, $6::jsonb, $7::float8 FROM fence{} "
-           "WHERE EXISTS (SELECT 1 FROM promises WHERE id = $3) ON CONFLICT (id) DO NOTHING RETURNING 1")
+           "SELECT $3, $4, $5::jsonb, $6::jsonb, $7::float8 FROM fence{}")
+_UNIQUE_VIOLATION = "23505"
 _STATEMENTS = {
     b"create": f"WITH {_ASYNC}{_FENCE} {_CREATE}",
     b"settle": f"WITH {_FENCE} {_SETTLE.format('')}",
@@ -68,14 +68,18 @@ class Pipe:
     def send_creation(self, root: str, epoch: int, promise_id: str, param: str, created_at: float,
                       attempts: int) -> None:
         """Send a creation (asynchronous commit) without waiting for its answer."""
-        self._conn.send_query_prepared(b"create", _text(root, epoch, promise_id, param, created_at, attempts))
+        self._conn.send_query_prepared(b"create", [
+            root.encode(), b"%d" % epoch, promise_id.encode(), param.encode(), repr(created_at).encode(),
+            b"%d" % attempts])
         self._sync("create", promise_id)
 
     def settle(self, root: str, epoch: int, promise_id: str, state: str, value: str | None,
                error: str | None, settled_at: float, *, durable: bool) -> bool:
         """Send a settle and wait for it (and what was sent before it); whether it was written."""
-        self._conn.send_query_prepared(b"settle" if durable else b"settle_later",
-                                       _text(root, epoch, promise_id, state, value, error, settled_at))
+        self._conn.send_query_prepared(b"settle" if durable else b"settle_later", [
+            root.encode(), b"%d" % epoch, promise_id.encode(), state.encode(),
+            None if value is None else value.encode(), None if error is None else error.encode(),
+            repr(settled_at).encode()])
         self._sync("settle", promise_id)
         return self.wait()
 
@@ -125,18 +129,15 @@ class Pipe:
                 break
             if status == pq.ExecStatus.FATAL_ERROR and failure is None:
                 code = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
+                if code == _UNIQUE_VIOLATION:  # written before: the caller asks what is there
+                    wrote = False
+                    continue
                 failure = f"{psycopg.errors.lookup(code).__name__}: {_message(result)}"
             elif status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
                 wrote = result.ntuples > 0 or (result.command_tuples or 0) > 0
         if failure is not None:
             raise StoreWriteError(f"{self._where}: {what} of promise {promise_id} failed ({failure})")
         return wrote
-
-
-def _text(*params: Any) -> list[bytes | None]:
-    """Parameters in the text format: a float by its repr (exact), None as SQL NULL."""
-    return [p.encode() if type(p) is str else None if p is None
-            else (repr(p) if type(p) is float else str(p)).encode() for p in params]
 
 
 def _message(result: pq.abc.PGresult) -> str:
