@@ -49,8 +49,10 @@ class Claim:
     param: dict[str, Any]
     spec: dict[str, Any]
     token: int
-    attempt: int | None  # None: the promise was settled already (the task is stale)
+    attempt: int | None  # None: no attempt was counted (its budget is used up, or it is settled)
     since_reopen: int
+    settled: bool = False  # the promise was settled already: the task is stale
+    attempts: int = 0  # the attempts the promise has counted in all, this one included
 
 
 class TaskQueue:
@@ -74,13 +76,15 @@ class TaskQueue:
 
     def claim(self, roots: list[str], owner: str, claim_s: float) -> Claim | None:
         """The oldest ready step of these root workflows, claimed for `claim_s` seconds with
-        its attempt counted; None when none is ready."""
+        its attempt counted (unless its budget, the spec's `max_attempts`, is used up); None
+        when none is ready."""
         with self._errors("claiming a step", write=True), self._fast.connection() as conn:
             row = conn.execute(_CLAIM, {"roots": roots, "owner": owner, "s": claim_s}).fetchone()
         if row is None:
             return None
-        promise_id, spec, token, param, attempts, reopened, _ended = row
-        return Claim(promise_id, param, spec, token, attempts, (attempts or 0) - (reopened or 0))
+        promise_id, spec, token, param, attempts, reopened, settled, used, _ended = row
+        return Claim(promise_id, param, spec, token, attempts, (attempts or 0) - (reopened or 0), settled,
+                     attempts or used)
 
     def release_claims_of_the_dead(self, roots: list[str]) -> int:
         """Let the steps claimed by executors of this machine that died be claimed at once,
@@ -212,13 +216,19 @@ WITH c AS (
                      claim_backend = NULL, claim_backend_start = NULL
     FROM c WHERE tasks.promise_id = c.promise_id
     RETURNING tasks.promise_id, tasks.spec, tasks.claim
+), before AS (
+    SELECT id, param, attempts, attempts - attempts_at_reopen AS used,
+           EXISTS (SELECT 1 FROM settles WHERE settles.id = promises.id) AS settled
+    FROM promises WHERE id = (SELECT promise_id FROM t)
 ), p AS (
-    UPDATE promises SET attempts = attempts + 1 FROM t
-    WHERE promises.id = t.promise_id AND NOT EXISTS (SELECT 1 FROM settles WHERE settles.id = t.promise_id)
-    RETURNING promises.id, promises.param, promises.attempts, promises.attempts_at_reopen
+    UPDATE promises SET attempts = promises.attempts + 1 FROM t, before
+    WHERE promises.id = t.promise_id AND NOT before.settled
+      AND before.used < (t.spec->>'max_attempts')::int
+    RETURNING promises.attempts, promises.attempts_at_reopen
 )
-SELECT t.promise_id, t.spec, t.claim, p.param, p.attempts, p.attempts_at_reopen, (SELECT count(*) FROM ended)
-FROM t LEFT JOIN p ON p.id = t.promise_id
+SELECT t.promise_id, t.spec, t.claim, before.param, p.attempts, p.attempts_at_reopen, before.settled,
+       before.attempts, (SELECT count(*) FROM ended)
+FROM t JOIN before ON before.id = t.promise_id LEFT JOIN p ON true
 """
 
 _FINISH = """

@@ -170,16 +170,16 @@ class Executor:
     def execute(self, claim: Claim) -> None:
         """Run one claimed step to its settle (or to a retry later); never raises for the
         step's own failure."""
-        if claim.attempt is None:
+        if claim.settled:
             self.store.drop_claim(claim)  # its promise was settled already: nothing to run
             return
-        entry = describe(lookup(claim.param["fn"], claim.param["v"]))
         policy = _policy(claim.spec)
-        if claim.since_reopen > policy.max_attempts:
+        if claim.attempt is None:  # every attempt was used, the last ones cut short
             self.store.fail_claim(claim, _error(AttemptsExhaustedError(
                 f"all {policy.max_attempts} attempts were used; the last ones were cut short"
             ), claim), None)
             return
+        entry = describe(lookup(claim.param["fn"], claim.param["v"]))
         self._on_step("started", claim)
         renewing = _Renewal(self.store, claim, self.claim_s)
         try:
@@ -257,4 +257,4 @@ def _delay(policy: RetryPolicy, attempt: int) -> float:
 
 def _error(exc: BaseException, claim: Claim) -> dict[str, Any]:
     message = str(exc).replace("\x00", "\\x00")
-    return {"type": type(exc).__name__, "message": message, "attempts": claim.attempt}
+    return {"type": type(exc).__name__, "message": message, "attempts": claim.attempts}

@@ -29,6 +29,7 @@ from store import Promise, State, WorkflowBusyError, open_store
 from store.pg import FencedError, PgStore
 from store.pg_tasks import Claim
 
+from . import exitcodes
 from .errors import PermanentError, StepError, WorkflowInterrupted
 from .fleet import Executor, Fleet
 from .progress import Progress
@@ -116,21 +117,28 @@ class Participant:
             raise StepError(self.root_id, settled.param["fn"], settled.error)
         return settled.value
 
+    def _should_stop_or_fail(self) -> bool:
+        return self._should_stop() or self._executors.fatal is not None
+
     def _drive_or_stand_by(self, store: PgStore, fn: Callable[..., Any], args: tuple[Any, ...]) -> Promise:
         window = max(MIN_WINDOW, WINDOW_PER_EXECUTOR * self._executors.size)
         while True:
             root = store.get(self.root_id)
             if root is not None and root.settled:
                 return root
-            runner = Runner(store, retry=self._retry, on_event=self._progress.step,
-                            should_stop=self._should_stop,
-                            fleet=Fleet(store, window, should_stop=self._should_stop))
+            stop = self._should_stop_or_fail
+            runner = Runner(store, retry=self._retry, on_event=self._progress.step, should_stop=stop,
+                            fleet=Fleet(store, window, should_stop=stop))
             try:
                 runner.run(self.root_id, fn, *args)
             except WorkflowBusyError:  # another participant drives: its steps run here too
-                if self._should_stop():
+                self._executors.raise_if_failed()
+                if stop():
                     raise WorkflowInterrupted("stopped while standing by; run again to rejoin") from None
                 continue  # (taking the lease waited STANDBY_POLL_S)
+            except WorkflowInterrupted:
+                self._executors.raise_if_failed()
+                raise
             except FencedError as exc:  # paused past its lease: another drives now; stand by
                 log.warning("%s; standing by", exc)
                 continue
@@ -150,6 +158,7 @@ class _Executors:
         self._running: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._keep_up, name="executors", daemon=True)
+        self.fatal: str | None = None  # why an executor ended for good (its error is on stderr)
 
     def __enter__(self) -> _Executors:
         self._running = [self._start() for _ in range(self.size)]
@@ -178,6 +187,9 @@ class _Executors:
         stopped_since: dict[int, float] = {}
         while not self._stop.wait(EXECUTOR_CHECK_S):
             for i, proc in enumerate(self._running):
+                if proc.poll() == exitcodes.FATAL:  # no restart can help: this participant ends
+                    self.fatal = f"executor {proc.pid} ended with an error no restart can help (above)"
+                    return
                 if proc.poll() not in (None, 0):
                     log.warning("executor %d ended (status %d); starting another", proc.pid, proc.returncode)
                     self._running[i] = self._start()
@@ -188,6 +200,15 @@ class _Executors:
                         proc.kill()
                 else:
                     stopped_since.pop(proc.pid, None)
+
+
+    def raise_if_failed(self) -> None:
+        if self.fatal is not None:
+            raise ExecutorError(self.fatal)
+
+
+class ExecutorError(PermanentError):
+    """An executor of this participant ended with an error that no restart can help."""
 
 
 def _is_stopped(pid: int) -> bool:

@@ -98,3 +98,15 @@ def test_a_machine_that_cannot_read_the_input_is_refused_with_one_line(tmp_path:
         f"error: this machine cannot take part in workflow {started.report['id']}: {people}: cannot read "
         "(No such file or directory) (every participant needs the same code, and the input at the same path)"
     )
+
+
+def test_executors_that_cannot_start_end_the_run_with_their_error_instead_of_looping(
+    tmp_path: Path, pg_url: str
+) -> None:
+    app = install_squares(tmp_path)  # its executor processes cannot import it; its driver can
+    app.write_text(app.read_text() + "\nif 'execute' in __import__('sys').argv:\n"
+                   "    raise RuntimeError('no executor here')\n")
+    done = exec_squares(tmp_path, pg_url, "--max-restarts", "0")
+    assert done.returncode == 1, done.describe()
+    assert "RuntimeError: no executor here" in done.stderr
+    assert "ended with an error no restart can help" in done.last_error_line
