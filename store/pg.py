@@ -1,8 +1,9 @@
 """The PostgreSQL promise store: many machines share one import through one database.
 
-One row per promise (`promises`, values as jsonb), a lease per root workflow (`leases`), and
-the steps a fleet claims (`tasks`, see pg_tasks.py); the tables are made on first use
-(pg_schema.py). Every call is one statement, in autocommit mode, on a pooled connection:
+A promise is a row of `promises` (its creation and attempts) and, once settled, a row of
+`settles` (its outcome; the view `promise_states` joins them); values are jsonb. A lease per root
+workflow (`leases`), the steps a fleet claims (`tasks`, see pg_tasks.py); the tables are made on
+first use (pg_schema.py). Every call is one statement, in autocommit mode:
 
 - **Fencing.** `own(root)` takes the root's lease (owner, epoch, expires_at) and a heartbeat
   thread renews it. Every write under an owned root joins the lease row `FOR SHARE` in the same
@@ -17,9 +18,9 @@ the steps a fleet claims (`tasks`, see pg_tasks.py); the tables are made on firs
   flushed the WAL past them, as the contract allows.
 - **The owner's view.** Only the owner of a root creates promises under it, so the owner reads
   them from memory (loaded when it takes the lease) and holds a new creation back until its
-  next write under the root, which writes both in one statement: a step's creation and first
-  attempt cost one round trip. Settles made by others (a fleet's executors) are read again when
-  waited for (`refresh`).
+  next write under the root. A step's creation and first attempt, and its settle, go through a
+  pipelined connection of the thread (pg_pipe.py): one round trip per step. Settles made by
+  others (a fleet's executors) are read again when waited for (`refresh`).
 """
 
 from __future__ import annotations
@@ -636,14 +637,12 @@ _CREATE_MANY = """
     ORDER BY v.o RETURNING 1)
 SELECT count(*) FROM v
 """
-_SETTLE = """
-INSERT INTO settles (id, state, value, error, settled_at)
-SELECT %(id)s, %(state)s, %(value)s::jsonb, %(error)s::jsonb, %(t)s FROM fence
-WHERE EXISTS (SELECT 1 FROM promises WHERE id = %(id)s)
-ON CONFLICT (id) DO NOTHING RETURNING 1
-"""
-_SETTLE_RETURNING_ALL = f"""
-, s AS ({_SETTLE.replace("RETURNING 1", "RETURNING *")})
+_SETTLE_RETURNING_ALL = """
+, s AS (
+    INSERT INTO settles (id, state, value, error, settled_at)
+    SELECT %(id)s, %(state)s, %(value)s::jsonb, %(error)s::jsonb, %(t)s FROM fence
+    WHERE EXISTS (SELECT 1 FROM promises WHERE id = %(id)s)
+    ON CONFLICT (id) DO NOTHING RETURNING *)
 SELECT p.id, p.param, s.state, s.value, s.error, p.attempts, p.attempts_at_reopen, p.created_at, s.settled_at
 FROM s JOIN promises p ON p.id = s.id
 """
