@@ -1,8 +1,9 @@
 """The child on PostgreSQL: executors for the fleet, and a driver standing by for the lease.
 
 Every participant of a workflow kept in PostgreSQL (the one that started it, and each that
-joined) runs the same way: it forks `--workers` executor processes, which claim the
-workflow's steps from the database, and then tries to take the workflow's lease. Whoever holds
+joined) runs the same way: it starts `--workers` executor processes (`python -m workflow
+execute`), which claim the workflow's steps from the database, and tries to take the
+workflow's lease. Whoever holds
 the lease drives (replays the workflow and enqueues its steps); the others stand by, their
 executors working, and take over within a lease period if the driver's machine dies. Every
 participant returns the workflow's result once it is settled, whoever settled it.
