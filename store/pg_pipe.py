@@ -21,18 +21,20 @@ from .errors import StoreUnavailableError, StoreWriteError
 
 _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = $1 AND epoch = $2 "
           "AND expires_at > now() FOR SHARE)")
-_ASYNC = "asynchronously AS (SELECT set_config('synchronous_commit', 'off', true)), "  # this commit only
+# The pipe's session commits asynchronously; a settle that must be durable says so for its own
+# commit, so that a creation (the most frequent statement) carries nothing but its fence.
+_SYNC = "durably AS (SELECT set_config('synchronous_commit', 'on', true)), "
 _CREATE = ("INSERT INTO promises (id, param, created_at, attempts) "
-           "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence, asynchronously")
+           "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence")
 # The owner settles only what it created and saw pending (its creation answered before this
 # answer is read): a plain insert, and a second one is a unique violation that writes nothing.
 _SETTLE = ("INSERT INTO settles (id, state, value, error, settled_at) "
            "SELECT $3, $4, $5::jsonb, $6::jsonb, $7::float8 FROM fence{}")
 _UNIQUE_VIOLATION = "23505"
 _STATEMENTS = {
-    b"create": f"WITH {_ASYNC}{_FENCE} {_CREATE}",
-    b"settle": f"WITH {_FENCE} {_SETTLE.format('')}",
-    b"settle_later": f"WITH {_ASYNC}{_FENCE} {_SETTLE.format(', asynchronously')}",
+    b"create": f"WITH {_FENCE} {_CREATE}",
+    b"settle": f"WITH {_SYNC}{_FENCE} {_SETTLE.format(', durably')}",
+    b"settle_later": f"WITH {_FENCE} {_SETTLE.format('')}",
 }
 
 
@@ -56,6 +58,7 @@ class Pipe:
             self._conn.finish()
             raise StoreUnavailableError(f"{where}: cannot connect to PostgreSQL ({message})")
         self._conn.enter_pipeline_mode()
+        self._conn.send_query_params(b"SET synchronous_commit = off", None)
         for name, sql in _STATEMENTS.items():
             self._conn.send_prepare(name, sql.encode())
         self._sync("prepare", "")
