@@ -18,8 +18,9 @@ def parse_store_url(url: str | os.PathLike[str]) -> tuple[str, str]:
     scheme, colon, rest = text.partition(":")
     if not colon or scheme not in _SCHEMES:
         if colon and scheme.isalpha() and len(scheme) > 1 and "/" not in text.split(":", 1)[0]:
-            raise ValueError(f"{text}: unknown store URL scheme {scheme!r} (use a path, jsonl:PATH "
-                             "or memory:; a file name with a ':' can be given as jsonl:NAME)")
+            raise ValueError(f"{text}: unknown store URL scheme {scheme!r} (use a path, jsonl:PATH, "
+                             "postgresql://... or memory:; a file name with a ':' can be given as "
+                             "jsonl:NAME)")
         return "jsonl", text  # a plain path
     if scheme in ("postgresql", "postgres"):
         if not rest.startswith("//"):

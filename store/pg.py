@@ -115,6 +115,7 @@ class PgStore(TaskQueue, PromiseStore):
         self._cache: dict[str, Promise] = {}  # the promises under owned roots
         self._renewing = threading.Event()  # set: stop the heartbeat
         self._heartbeat: threading.Thread | None = None
+        self._check_connection(connect_timeout)
         self._safe = self._pool(pool_size, connect_timeout, synchronous=durable)
         try:
             self._fast = self._pool(pool_size, connect_timeout, synchronous=False)
@@ -125,6 +126,18 @@ class PgStore(TaskQueue, PromiseStore):
             if hasattr(self, "_fast"):
                 self._fast.close()
             raise
+
+    def _check_connection(self, timeout: float) -> None:
+        """One connection first, so that a URL that cannot work (no such database, role or
+        host, a bad option) is refused at once with the server's reason, and a server that does
+        not answer (now) is told apart: StoreUnavailableError, worth another try."""
+        try:
+            psycopg.connect(self.url, connect_timeout=max(1, int(timeout))).close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())
+            refused = exc.sqlstate is not None or any(w in reason for w in _URL_FAULTS)
+            kind = StoreError if refused else StoreUnavailableError
+            raise kind(f"{self.where}: cannot connect to PostgreSQL ({reason})") from None
 
     def _pool(self, size: int, timeout: float, *, synchronous: bool) -> psycopg_pool.ConnectionPool:
         def configure(conn: psycopg.Connection) -> None:
@@ -258,6 +271,12 @@ class PgStore(TaskQueue, PromiseStore):
         for promise in promises:
             self._remember(promise)
         return promises
+
+    def connections_left(self) -> int:
+        """How many more sessions the server takes now (of max_connections, less those open)."""
+        with self._errors("counting connections"), self._fast.connection() as conn:
+            return conn.execute("SELECT current_setting('max_connections')::int - count(*) "
+                                "FROM pg_stat_activity WHERE backend_type = 'client backend'").fetchone()[0]
 
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         return self._owning(root_id)
@@ -604,6 +623,10 @@ _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.P
 
 
 _PIPE_FAILURES = (RefusedCreation, StoreWriteError, StoreUnavailableError)
+# What libpq says of a URL no retry can make work (the server's own refusals carry a SQLSTATE).
+_URL_FAULTS = ("does not exist", "authentication failed", "no pg_hba.conf entry", "invalid URI",
+               "invalid connection option", "failed to resolve host", "could not translate host name",
+               "SSL", "missing")
 
 
 def _root_of(promise_id: str) -> str:

@@ -72,6 +72,7 @@ class RunInfo:
     state_dir: Path
     durability: Durability
     store_url: str | None = None  # a PostgreSQL store's URL (its database may hold the sink too)
+    joining: bool = False  # another process started it (join, or an executor): check all it needs
 
 
 Setup = Callable[[RunInfo], AbstractContextManager[Mapping[str, Any]]]
@@ -319,7 +320,8 @@ def _take_part(args: argparse.Namespace, progress: Progress, should_stop: Callab
     state_dir = args.state_dir or DEFAULT_STATE_DIR
     if args.state_dir is not None:
         _make_state_dir(state_dir)
-    info = RunInfo(args.id, tuple(description["args"]), state_dir, Durability(args.durability), args.store)
+    info = RunInfo(args.id, tuple(description["args"]), state_dir, Durability(args.durability), args.store,
+                   joining=True)
     setup = load(description["setup"]) if description["setup"] else None
     with fleet_child.taking_part(args.id), _dependencies(setup, info) as dependencies:
         if args.command == "execute":

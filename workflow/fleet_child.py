@@ -43,6 +43,7 @@ STANDBY_POLL_S = 0.25  # how often a standing-by participant asks for the lease
 EXECUTOR_CHECK_S = 0.5  # how often a participant looks for executors that died
 WINDOW_PER_EXECUTOR = 2  # steps in flight per executor of this participant: one runs, one waits
 MIN_WINDOW = 8  # other machines' executors claim from the same window
+CONNECTIONS_PER_EXECUTOR = 4  # its store's two pools, its sink, its step transaction
 
 
 class JoinError(PermanentError):
@@ -112,11 +113,20 @@ class Participant:
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """Start the executors, then drive or stand by until the workflow is settled."""
         standby = open_store(self.url, lock_timeout=STANDBY_POLL_S, lease_s=self._lease_s)
+        self._warn_if_too_few_connections(standby)
         with self._executors, standby as store:
             settled = self._drive_or_stand_by(store, fn, args)
         if settled.state is State.REJECTED:
             raise StepError(self.root_id, settled.param["fn"], settled.error)
         return settled.value
+
+    def _warn_if_too_few_connections(self, store: PgStore) -> None:
+        needed = CONNECTIONS_PER_EXECUTOR * self._executors.size
+        left = store.connections_left()
+        if needed > left:
+            log.warning("--workers %d needs about %d connections, and the server takes %d more now: "
+                        "lower --workers (on every machine) or raise the server's max_connections",
+                        self._executors.size, needed, left)
 
     def _should_stop_or_fail(self) -> bool:
         return self._should_stop() or self._executors.fatal is not None

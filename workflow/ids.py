@@ -14,6 +14,9 @@ class InvalidRootIdError(ValueError):
     """A root id that is empty or has a `.`; the message says which and why."""
 
 
+MAX_ROOT_ID_BYTES = 512  # the ids of its calls must fit a database index key (2.7 KB) with room
+
+
 def check_root_id(root_id: str) -> str:
     """Return `root_id` if it can name a root workflow; else InvalidRootIdError."""
     if not isinstance(root_id, str) or not root_id or SEPARATOR in root_id:
@@ -21,6 +24,11 @@ def check_root_id(root_id: str) -> str:
             f"a root id is non-empty and has no '{SEPARATOR}', which separates the ids of calls "
             f"(use an id without '{SEPARATOR}'): "
             f"{root_id!r}"
+        )
+    if len(root_id.encode(errors="surrogatepass")) > MAX_ROOT_ID_BYTES:  # an index key has a limit
+        raise InvalidRootIdError(
+            f"a root id is at most {MAX_ROOT_ID_BYTES} bytes (UTF-8), not "
+            f"{len(root_id.encode(errors='surrogatepass'))}: {root_id[:40]!r}..."
         )
     return root_id
 

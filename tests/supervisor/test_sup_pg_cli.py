@@ -5,6 +5,7 @@ refusals of `join` and `run` a user meets first."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -110,3 +111,36 @@ def test_executors_that_cannot_start_end_the_run_with_their_error_instead_of_loo
     assert done.returncode == 1, done.describe()
     assert "RuntimeError: no executor here" in done.stderr
     assert "ended with an error no restart can help" in done.last_error_line
+
+
+def test_a_url_that_cannot_work_is_refused_at_once_with_the_servers_reason(
+    tmp_path: Path, pg_url: str
+) -> None:
+    nowhere = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    started = time.monotonic()
+    done = supervisor(tmp_path, "run", "--records", "100", "--store", nowhere, "--state-dir", "state")
+    assert done.returncode == 1, done.describe()
+    assert 'database "no_such_database" does not exist' in done.last_error_line
+    assert time.monotonic() - started < 10  # not retried until a pool gives up
+
+
+def test_a_root_id_too_long_for_an_index_is_a_usage_error(tmp_path: Path, pg_url: str) -> None:
+    done = supervisor(tmp_path, "run", "--records", "100", "--store", pg_url, "--id", "x" * 600)
+    assert done.returncode == 2 and "a root id is at most 512 bytes" in done.stderr, done.describe()
+
+
+def test_a_joining_machine_with_another_file_of_the_same_size_is_refused_and_harms_nothing(
+    tmp_path: Path, pg_url: str, audit: ModuleType
+) -> None:
+    people = tmp_path / "people.csv"
+    rows = "".join(f"{i},n{i},u{i}@example.com\n" for i in range(300))
+    people.write_text("id,name,email\n" + rows)
+    started = supervisor(tmp_path, "run", "--input", str(people), "--store", pg_url, "--state-dir", "a",
+                         "--json")
+    assert started.returncode == 0, started.describe()
+    people.write_text("id,name,email\n" + rows.replace("n7,", "m7,"))  # same size, another content
+    joined = supervisor(tmp_path, "join", "--id", started.report["id"], "--store", pg_url, "--state-dir", "b")
+    assert joined.returncode == 1, joined.describe()
+    assert "this machine cannot take part" in joined.last_error_line
+    assert "input changed since the import started" in joined.last_error_line
+    assert audit.audit_pg(pg_url, started.report["id"], 300)["ok"]

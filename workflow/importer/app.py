@@ -26,7 +26,7 @@ from ..context import Context, Handle, current_step
 from ..errors import PermanentError
 from ..registry import register
 from .sink import Sink
-from .sources import check_source, plan_batches, plan_segment, read_batch
+from .sources import check_source, plan_batches, plan_segment, read_batch, verify_source
 
 SINK_FILE = "import.db"  # the SQLite sink's file in a state dir
 
@@ -48,6 +48,8 @@ def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
         )
     try:
         check_source(*run.args)
+        if run.joining:  # another machine planned it: this machine's copy must be the same
+            verify_source(run.args[0])
     except ValueError as exc:
         raise ImportArgumentsError(str(exc)) from exc
     if run.store_url is not None and parse_store_url(run.store_url)[0] == "postgresql":

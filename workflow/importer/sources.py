@@ -139,6 +139,14 @@ def check_source(source: Any, batch_size: Any) -> None:
             _csv_header(f, source)
 
 
+def verify_source(source: dict[str, Any]) -> None:
+    """What a machine joining an import checks before it runs any batch: that its copy of the
+    input is the content the import was planned on (the whole file hashed, unless this process
+    verified it already). One machine with another file would otherwise reject batches for all."""
+    if source["kind"] != "synthetic":
+        _check_unchanged(source)
+
+
 def batch_count(source: dict[str, Any], batch_size: int) -> int | None:
     """How many batches `source` makes, if known without reading it (a synthetic source)."""
     return -(-source["records"] // batch_size) if source["kind"] == "synthetic" else None
