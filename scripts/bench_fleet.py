@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 
 from store import open_store
@@ -56,29 +57,39 @@ def takeover_s(url: str, base: Path, records: int = 200_000) -> float:
     """Seconds from the SIGKILL of the lease holder's machine to the first batch resolved that
     another machine's driver enqueued."""
     root = f"import/synthetic-{records}-b100"
+    lease = "SELECT epoch, owner FROM leases WHERE root = %s"
     open_store(url).close()  # the tables, so that they can be watched from the start
-    first = machine(url, ["run", "--records", str(records)], base / "a")
-    second = None
+    machines = [machine(url, ["run", "--records", str(records)], base / "a")]
     try:
         with psycopg.connect(url, autocommit=True) as db:
-            _wait_for("lease", lambda: _one(db, "SELECT epoch FROM leases WHERE root = %s", root))
-            second = machine(url, ["join", "--id", root], base / "b")
+            _wait_for("lease", lambda: db.execute(lease, (root,)).fetchone())
+            machines.append(machine(url, ["join", "--id", root], base / "b"))
             _wait_for("batches", lambda: (_one(db, "SELECT count(*) FROM settles") or 0) >= 50)
-            epoch = _one(db, "SELECT epoch FROM leases WHERE root = %s", root)
+            epoch, owner = db.execute(lease, (root,)).fetchone()
+            holder = next(m for m in machines if f"({_namespace(m)})" in owner.replace(_boot(), ""))
             killed_at = time.time()
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
             last_task = _one(db, "SELECT max(seq) FROM tasks")  # the dead driver enqueued no more
-            lease = "SELECT epoch FROM leases WHERE root = %s"
-            _wait_for("new driver", lambda: _one(db, lease, root) > epoch)
+            _wait_for("new driver", lambda: db.execute(lease, (root,)).fetchone()[0] > epoch)
             resolved_at = _wait_for("batch of the new driver", lambda: _one(
                 db, "SELECT min(s.settled_at) FROM settles s JOIN tasks t ON t.promise_id = s.id "
                 "WHERE t.seq > %s", last_task))
         return resolved_at - killed_at
     finally:
-        for proc in (first, second):
-            if proc is not None:
-                _stop(proc)
+        for proc in machines:
+            _stop(proc)
+
+
+def _namespace(proc: subprocess.Popen[bytes]) -> str:
+    """`:INODE` of the pid namespace of a machine (its `unshare`'s child), as owners name it."""
+    child = psutil.Process(proc.pid).children()[0]
+    return ":" + os.readlink(f"/proc/{child.pid}/ns/pid").split("[")[1].rstrip("]")
+
+
+def _boot() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()[:8]
 
 
 def fleet_speedup(url_of: Any, base: Path, records: int, batch_size: int) -> dict[str, Any]:
