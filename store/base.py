@@ -51,6 +51,8 @@ import abc
 import contextlib
 from typing import Any
 
+from .errors import StoreError
+from .log import check_id
 from .promise import Promise
 
 
@@ -101,6 +103,19 @@ class PromiseStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the store's resources (files, locks, connections); idempotent."""
+
+    # -- what every backend checks first ---------------------------------------------------------
+
+    _closed = False  # a closed store refuses every call, whatever the backend
+
+    def _check(self, promise_id: Any) -> None:
+        """The store is open and `promise_id` can be an id."""
+        self._check_open()
+        check_id(promise_id)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
 
     def __enter__(self) -> PromiseStore:
         return self

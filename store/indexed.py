@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from .base import PromiseStore
 from .codec import normalize, unstorable_part
-from .errors import StoreError, UnstorableValueError
-from .log import Entry, check_attempt, check_create, check_id, check_reopen, check_settle, snapshot
+from .errors import UnstorableValueError
+from .log import Entry, check_attempt, check_create, check_error, check_reopen, check_settle, snapshot
 from .promise import Promise, State
 
 T = TypeVar("T")
@@ -28,7 +28,6 @@ class IndexedStore(PromiseStore):
 
     _index: dict[str, Entry]
     _mutex: threading.RLock  # guards the index against the process's other threads
-    _closed = False  # a closed store refuses every call, whatever the backend
     _deferred = False  # a deferred settle may still wait for a sync
 
     # -- the contract ----------------------------------------------------------------------
@@ -58,9 +57,7 @@ class IndexedStore(PromiseStore):
         self, promise_id: str, error: dict[str, Any] | BaseException, *, defer_sync: bool = False
     ) -> Promise:
         self._check(promise_id)
-        if isinstance(error, BaseException):
-            error = {"type": type(error).__name__, "message": str(error)}
-        error = storable(promise_id, "error", error)
+        error = storable_error(promise_id, error)
         promise = self._locked(self._settle, promise_id, State.REJECTED, error)
         self._durable(defer_sync)
         return promise
@@ -86,15 +83,6 @@ class IndexedStore(PromiseStore):
         with self._mutex:
             self._refresh()
             return [snapshot(pid, e) for pid, e in self._index.items() if pid.startswith(prefix)]
-
-    def _check(self, promise_id: Any) -> None:
-        """The store is open and `promise_id` can be an id."""
-        self._check_open()
-        check_id(promise_id)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"{self!r} is closed")
 
     # -- under the backend's lock, with the index caught up ----------------------------------
 
@@ -156,6 +144,16 @@ class IndexedStore(PromiseStore):
 
     def _append_attempt(self, record: dict[str, Any]) -> None:
         self._append(record)
+
+
+def storable_error(promise_id: str, error: dict[str, Any] | BaseException) -> dict[str, Any]:
+    """A rejection's error as the store keeps it: an exception as its type and message; else a
+    JSON object (TypeError for anything else, UnstorableValueError for what JSON cannot hold)."""
+    if isinstance(error, BaseException):
+        error = {"type": type(error).__name__, "message": str(error)}
+    error = storable(promise_id, "error", error)
+    check_error(promise_id, error)
+    return error
 
 
 def storable(promise_id: str, what: str, value: Any) -> Any:

@@ -41,9 +41,9 @@ import psycopg_pool
 from .backends import redact
 from .base import PromiseStore
 from .errors import StoreError, StoreUnavailableError, StoreWriteError, WorkflowBusyError
-from .indexed import storable
+from .indexed import storable, storable_error
 from .jsonl import Durability
-from .log import check_attempt, check_create, check_error, check_id, check_reopen, check_settle
+from .log import check_attempt, check_create, check_reopen, check_settle
 from .owners import DEFAULT_LEASE_S, is_dead_here, this_owner
 from .pg_json import to_jsonb
 from .pg_pipe import Pipe, RefusedCreation
@@ -107,7 +107,6 @@ class PgStore(TaskQueue, PromiseStore):
         self._lock_timeout = lock_timeout
         durable = Durability(durability) is Durability.FULL
         self._durable = durable
-        self._closed = False
         self._pipes = threading.local()  # `.pipe`: the thread's Pipe, for the owner's hot path
         self._open_pipes: list[Pipe] = []
         self._mutex = threading.RLock()
@@ -217,11 +216,7 @@ class PgStore(TaskQueue, PromiseStore):
         self, promise_id: str, error: dict[str, Any] | BaseException, *, defer_sync: bool = False
     ) -> Promise:
         self._check(promise_id)
-        if isinstance(error, BaseException):
-            error = {"type": type(error).__name__, "message": str(error)}
-        error = storable(promise_id, "error", error)
-        check_error(promise_id, error)
-        return self._settle(promise_id, State.REJECTED, error, defer_sync)
+        return self._settle(promise_id, State.REJECTED, storable_error(promise_id, error), defer_sync)
 
     def reopen(self, promise_id: str, reason: str) -> Promise:
         self._check(promise_id)
@@ -594,14 +589,6 @@ class PgStore(TaskQueue, PromiseStore):
             if isinstance(exc, _UNAVAILABLE):
                 kind = StoreUnavailableError
             raise kind(f"{self.where}: {action} failed ({type(exc).__name__}: {exc})") from exc
-
-    def _check(self, promise_id: Any) -> None:
-        self._check_open()
-        check_id(promise_id)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"{self!r} is closed")
 
 
 def after(prefix: str) -> str | None:

@@ -11,6 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 
+def failure_record(exc: BaseException, attempts: int = 0) -> dict[str, Any]:
+    """How a step's failure is kept as its promise's error: its type and message (a NUL in the
+    message, from the data a step read, escaped: no store can keep one), and the attempts it
+    used, if any."""
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc).replace("\x00", "\\x00")}
+    if attempts:
+        error["attempts"] = attempts
+    return error
+
+
 class StepError(Exception):
     """A durable call that ended rejected; the same error is raised on every replay."""
 

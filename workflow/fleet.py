@@ -26,7 +26,7 @@ from store.pg import PgStore
 from store.pg_tasks import Claim, ClaimLostError
 
 from .context import StepInfo
-from .errors import PermanentError, WorkflowInterrupted
+from .errors import PermanentError, WorkflowInterrupted, failure_record
 from .executor import StepExecutor, call_as_step
 from .registry import describe, lookup
 from .retry import RetryPolicy
@@ -175,9 +175,9 @@ class Executor:
             return
         policy = _policy(claim.spec)
         if claim.attempt is None:  # every attempt was used, the last ones cut short
-            self.store.fail_claim(claim, _error(AttemptsExhaustedError(
+            self.store.fail_claim(claim, failure_record(AttemptsExhaustedError(
                 f"all {policy.max_attempts} attempts were used; the last ones were cut short"
-            ), claim), None)
+            ), claim.attempts), None)
             return
         entry = describe(lookup(claim.param["fn"], claim.param["v"]))
         self._on_step("started", claim)
@@ -206,7 +206,7 @@ class Executor:
         log.warning("step %s (%s) failed with '%s: %s' (attempt %d; %s)", claim.param["fn"],
                     claim.promise_id, type(exc).__name__, exc, claim.since_reopen,
                     f"retrying in {delay:g} s" if retry else "rejected")
-        self.store.fail_claim(claim, _error(exc, claim), delay)
+        self.store.fail_claim(claim, failure_record(exc, claim.attempts), delay)
         self._on_step("retrying" if retry else "rejected", claim)
 
 
@@ -253,8 +253,3 @@ def _delay(policy: RetryPolicy, attempt: int) -> float:
         return min(policy.max_interval, policy.initial * policy.factor ** (attempt - 1))
     except OverflowError:
         return policy.max_interval
-
-
-def _error(exc: BaseException, claim: Claim) -> dict[str, Any]:
-    message = str(exc).replace("\x00", "\\x00")
-    return {"type": type(exc).__name__, "message": message, "attempts": claim.attempts}

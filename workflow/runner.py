@@ -38,6 +38,7 @@ from .errors import (
     WorkflowConflictError,
     WorkflowInterrupted,
     WorkflowUsageError,
+    failure_record,
 )
 from .executor import StepExecutor, StepProcessLost, call_as_step
 from .ids import check_root_id, child_id, children_prefix, patch_marker_id
@@ -655,10 +656,7 @@ class Runner:
     def _fail(self, call: Call, entry: Registered, exc: BaseException) -> NoReturn:
         """Reject the call's promise with `exc` and raise the StepError every replay will raise."""
         current = self.store.get(call.promise_id)
-        # (a NUL in a message, from the data a step read, would make the error unstorable)
-        error = {"type": type(exc).__name__, "message": str(exc).replace("\x00", "\\x00")}
-        if current is not None and current.attempts:
-            error["attempts"] = current.attempts
+        error = failure_record(exc, 0 if current is None else current.attempts)
         self.store.reject(call.promise_id, error, defer_sync=self._defer(False))
         self._emit("rejected", call, entry, error=f"{error['type']}: {error['message']}")
         raise StepError(call.promise_id, entry.name, error) from exc
