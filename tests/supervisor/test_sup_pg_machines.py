@@ -14,6 +14,7 @@ kernel ("one-kernel") it sees that at once and takes over without waiting.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -146,9 +147,12 @@ def _two_machines(machines: ModuleType, url: str, tmp_path: Path) -> list[Any]:
     return [machines.Machine(f"m{n}", c, tmp_path / f"m{n}", env, False) for n, c in enumerate(commands)]
 
 
-def test_a_driver_paused_past_its_lease_stands_by_again_when_it_resumes(
-    pg_url: str, tmp_path: Path, audit: ModuleType, machines: ModuleType
+def _two_machines_through(
+    fault: Callable[[Any, str, list[Any]], None], pg_url: str, tmp_path: Path, audit: ModuleType,
+    machines: ModuleType,
 ) -> None:
+    """Run the import on two machines, do `fault(db, root, fleet)` once a fifth of its batches
+    are committed, and check that both machines then finish by themselves, the import intact."""
     root = machines.synthetic_root(RECORDS, BATCH_SIZE)
     fleet = _two_machines(machines, pg_url, tmp_path)
     db = machines.Database(pg_url)
@@ -158,37 +162,35 @@ def test_a_driver_paused_past_its_lease_stands_by_again_when_it_resumes(
             wait_until(lambda: db.started(root), "the import is started")
             fleet[1].start()
             wait_until(lambda: db.committed(root) >= BATCHES // 5, "a fifth of the batches are committed")
-            _, paused = machines.driver(db, root, fleet)
-            _, epoch = db.lease(root)
-            paused.suspend()  # a long GC pause, a VM stall, a network partition: it lives on
-            try:
-                _wait_for_another_driver(db, root, epoch)
-            finally:
-                paused.resume()
+            fault(db, root, fleet)
             ends = {m.name: (m.wait(RUN_TIMEOUT_S), m.life.err.read_text()[-600:]) for m in fleet}
     finally:
         db.close()
     assert all(code == 0 for code, _ in ends.values()), ends
     _assert_audit_ok(audit, pg_url, root, executors=2)
+
+
+def test_a_driver_paused_past_its_lease_stands_by_again_when_it_resumes(
+    pg_url: str, tmp_path: Path, audit: ModuleType, machines: ModuleType
+) -> None:
+    def pause_the_driver(db: Any, root: str, fleet: list[Any]) -> None:
+        _, paused = machines.driver(db, root, fleet)
+        _, epoch = db.lease(root)
+        paused.suspend()  # a long GC pause, a VM stall, a network partition: it lives on
+        try:
+            _wait_for_another_driver(db, root, epoch)
+        finally:
+            paused.resume()
+
+    _two_machines_through(pause_the_driver, pg_url, tmp_path, audit, machines)
 
 
 def test_every_participant_carries_on_when_the_server_drops_every_connection(
     pg_url: str, tmp_path: Path, audit: ModuleType, machines: ModuleType
 ) -> None:
-    root = machines.synthetic_root(RECORDS, BATCH_SIZE)
-    fleet = _two_machines(machines, pg_url, tmp_path)
-    db = machines.Database(pg_url)
-    try:
-        with machines.machines_cleaned_up(fleet):
-            fleet[0].start()
-            wait_until(lambda: db.started(root), "the import is started")
-            fleet[1].start()
-            wait_until(lambda: db.committed(root) >= BATCHES // 5, "a fifth of the batches are committed")
-            with psycopg.connect(pg_url, autocommit=True) as admin:  # as a restart or failover would
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            ends = {m.name: (m.wait(RUN_TIMEOUT_S), m.life.err.read_text()[-600:]) for m in fleet}
-    finally:
-        db.close()
-    assert all(code == 0 for code, _ in ends.values()), ends
-    _assert_audit_ok(audit, pg_url, root, executors=2)
+    def drop_every_connection(_db: Any, _root: str, _fleet: list[Any]) -> None:
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # as a restart or failover would
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+    _two_machines_through(drop_every_connection, pg_url, tmp_path, audit, machines)

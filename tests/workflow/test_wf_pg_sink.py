@@ -6,7 +6,6 @@ PostgreSQL path catches a batch committed twice or a record lost."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import pickle
 import random
@@ -25,7 +24,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from wf_helpers import SAFETY_TIMEOUT_S
+from wf_helpers import SAFETY_TIMEOUT_S, run_together
 
 from workflow import PermanentError
 from workflow.context import StepInfo, _current_step
@@ -35,7 +34,6 @@ from workflow.importer.sink import Sink, SinkError, SinkStorageError
 from workflow.importer.sources import plan_batches, read_batch
 
 ROOT = "import/pg"
-SPAWN = multiprocessing.get_context("spawn")
 
 
 @contextmanager
@@ -387,18 +385,9 @@ def open_and_start(url: str, number: int, start: Barrier, results: Any) -> None:
 
 def test_processes_opening_a_new_database_at_once_all_succeed(pg_url: str) -> None:
     openers = 6
-    start, results = SPAWN.Barrier(openers), SPAWN.Queue()
-    procs = [SPAWN.Process(target=open_and_start, args=(pg_url, n, start, results)) for n in range(openers)]
-    for p in procs:
-        p.start()
-    try:
-        reported = dict(results.get(timeout=SAFETY_TIMEOUT_S) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(SAFETY_TIMEOUT_S)
-            p.kill()
+    reported, exits = run_together(open_and_start, pg_url, openers)
     assert reported == dict.fromkeys(range(openers))
-    assert [p.exitcode for p in procs] == [0] * openers
+    assert exits == [0] * openers
     assert count(pg_url, "SELECT version FROM sink_schema") == [(SCHEMA_VERSION,)]
     assert count(pg_url, "SELECT COUNT(*) FROM executions") == [(openers,)]
 

@@ -3,7 +3,6 @@ an old database switched to WAL, and read-only readers of a WAL database."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from plain_user import as_plain_user
-from wf_helpers import SAFETY_TIMEOUT_S, SINK_FILE
+from wf_helpers import SAFETY_TIMEOUT_S, SINK_FILE, SPAWN, run_together
 
 from workflow.importer import synthetic_source
 from workflow.importer.sink import Sink, SinkError, open_read_only
@@ -29,7 +28,6 @@ ROOT = "import/w"
 WRITERS = 4
 BATCHES = 40
 BATCH_SIZE = 100
-SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from pytest
 
 
 def batch_id(batch: int) -> str:
@@ -61,19 +59,10 @@ def writer(path: Path, number: int, start: Barrier, results: Any) -> None:
 
 def run_writers(path: Path) -> dict[int, list[tuple[int, dict[str, Any]]]]:
     """Start the writers together on `path`; {writer: its summaries}; fails on any error."""
-    start, results = SPAWN.Barrier(WRITERS), SPAWN.Queue()
-    procs = [SPAWN.Process(target=writer, args=(path, n, start, results)) for n in range(WRITERS)]
-    for p in procs:
-        p.start()
-    try:
-        reported = dict(results.get(timeout=SAFETY_TIMEOUT_S) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(SAFETY_TIMEOUT_S)
-            p.kill()
+    reported, exits = run_together(writer, path, WRITERS)
     errors = {n: r for n, r in reported.items() if isinstance(r, str)}
     assert not errors, errors
-    assert [p.exitcode for p in procs] == [0] * WRITERS
+    assert exits == [0] * WRITERS
     return reported
 
 

@@ -8,6 +8,7 @@ fails the test instead of hanging it: no test asserts anything about time.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import resource
 import select
@@ -410,3 +411,27 @@ def steps_logged(directory: Path) -> list[tuple[str, int]]:
     if not log.exists():
         return []
     return [(e["id"], e["attempt"]) for e in map(json.loads, log.read_text().splitlines())]
+
+
+# -- processes started together -----------------------------------------------------------------
+
+SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from pytest
+
+
+def run_together(
+    target: Callable[..., None], place: Any, count: int
+) -> tuple[dict[int, Any], list[int | None]]:
+    """`count` spawned processes of `target(place, number, start, results)`, let go at once (a
+    barrier): {number: what each put on `results`}, and their exit codes. Every process is
+    reaped, or killed."""
+    start, results = SPAWN.Barrier(count), SPAWN.Queue()
+    procs = [SPAWN.Process(target=target, args=(place, n, start, results)) for n in range(count)]
+    for p in procs:
+        p.start()
+    try:
+        reported = dict(results.get(timeout=SAFETY_TIMEOUT_S) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(SAFETY_TIMEOUT_S)
+            p.kill()
+    return reported, [p.exitcode for p in procs]
