@@ -437,6 +437,30 @@ EOF
 
 # With --store: RUNS runs on machines sharing the server, each in a database of its own (see
 # the header), then the verdict line.
+# Adds the run's audited figures (kills lost reruns dupes violations, set by the caller) to
+# the totals and reports the run on stderr, with the problems and the last lines of the files
+# named when it broke an invariant: then it returns 1, so that the caller may keep what it left.
+tally_run() {  # tally_run ERR_FILE...
+    total_kills=$((total_kills + kills))
+    total_lost=$((total_lost + lost))
+    total_reruns=$((total_reruns + reruns))
+    total_dupes=$((total_dupes + dupes))
+    total_violations=$((total_violations + violations))
+    done_runs=$run
+    if ((violations)); then
+        echo "chaos: run $run/$RUNS $what -> $violations VIOLATION(S)" >&2
+        cat "$work/problems" >&2
+        sed 's/^/    /' "$@" | tail -20 >&2
+        return 1
+    fi
+    echo "chaos: run $run/$RUNS $what -> kills=$kills ok" >&2
+}
+
+# PASS when no run broke an invariant, else FAIL.
+verdict() {
+    if ((total_violations + total_lost + total_reruns + total_dupes == 0)); then echo PASS; else echo FAIL; fi
+}
+
 store_runs() {
     local records batch_size machine_count kills kill_random kill_seed url root executors status
     local t leftovers pid state supervisor pool machine driver lost reruns dupes violations
@@ -487,35 +511,21 @@ store_runs() {
         # A summary that could not be made counts as a violation (and contributes no figures).
         violations=$((${violations:-1} + extra_violations)) kills=${kills:-0} lost=${lost:-0}
         reruns=${reruns:-0} dupes=${dupes:-0}
-        total_kills=$((total_kills + kills))
         total_supervisor=$((total_supervisor + ${supervisor:-0}))
         total_pool=$((total_pool + ${pool:-0}))
         total_machine=$((total_machine + ${machine:-0}))
         total_driver=$((total_driver + ${driver:-0}))
-        total_lost=$((total_lost + lost))
-        total_reruns=$((total_reruns + reruns))
-        total_dupes=$((total_dupes + dupes))
-        total_violations=$((total_violations + violations))
-        done_runs=$run
-
-        if ((violations)); then
-            echo "chaos: run $run/$RUNS $what -> $violations VIOLATION(S)" >&2
-            cat "$work/problems" >&2
-            sed 's/^/    /' "$work/machines.err" "$work/audit.err" | tail -20 >&2
-            if [[ ${CHAOS_KEEP_FAILED:-0} == 1 ]]; then
-                echo "    kept: $work and the database $url" >&2
-                work="" run_database=""
-            fi
-        else
-            echo "chaos: run $run/$RUNS $what -> kills=$kills ok" >&2
+        if ! tally_run "$work/machines.err" "$work/audit.err" && [[ ${CHAOS_KEEP_FAILED:-0} == 1 ]]; then
+            echo "    kept: $work and the database $url" >&2
+            work="" run_database=""
         fi
         [[ -n $work ]] && rm -rf "$work"
         [[ -n $run_database ]] && database "$STORE" "$run_database" drop >/dev/null
         work="" run_database=""
     done
 
-    local verdict=PASS
-    ((total_violations + total_lost + total_reruns + total_dupes == 0)) || verdict=FAIL
+    local verdict
+    verdict=$(verdict)
     echo "chaos: runs=$done_runs kills=$total_kills (store-write=0 supervisor=$total_supervisor" \
          "pool=$total_pool stall=0 disk-full=0 machine=$total_machine driver=$total_driver) lost=$total_lost" \
          "reruns_of_completed_batches=$total_reruns duplicate_rows=$total_dupes" \
@@ -606,35 +616,20 @@ for ((run = 1; run <= RUNS; run++)); do
     # A summary that could not be made counts as a violation (and contributes no figures).
     violations=${violations:-1} kills=${kills:-0} lost=${lost:-0} reruns=${reruns:-0} dupes=${dupes:-0}
     kills=$((kills + supervisor_kills))
-    total_kills=$((total_kills + kills))
     total_store_write=$((total_store_write + ${store_write:-0}))
     total_supervisor=$((total_supervisor + supervisor_kills))
     total_pool=$((total_pool + ${pool_kills:-0}))
     total_stall=$((total_stall + ${stall_kills:-0}))
     total_disk_full=$((total_disk_full + disk_full))
-    total_lost=$((total_lost + lost))
-    total_reruns=$((total_reruns + reruns))
-    total_dupes=$((total_dupes + dupes))
-    total_violations=$((total_violations + violations))
-    done_runs=$run
-
-    if ((violations)); then
-        echo "chaos: run $run/$RUNS $what -> $violations VIOLATION(S)" >&2
-        cat "$work/problems" >&2
-        sed 's/^/    /' "$work/run.err" "$work/audit.err" | tail -20 >&2
-        if [[ ${CHAOS_KEEP_FAILED:-0} == 1 ]]; then
-            echo "    state kept in $work" >&2
-            work=""
-        fi
-    else
-        echo "chaos: run $run/$RUNS $what -> kills=$kills ok" >&2
+    if ! tally_run "$work/run.err" "$work/audit.err" && [[ ${CHAOS_KEEP_FAILED:-0} == 1 ]]; then
+        echo "    state kept in $work" >&2
+        work=""
     fi
     [[ -n $work ]] && rm -rf "$work"
     work=""
 done
 
-verdict=PASS
-((total_violations + total_lost + total_reruns + total_dupes == 0)) || verdict=FAIL
+verdict=$(verdict)
 echo "chaos: runs=$done_runs kills=$total_kills (store-write=$total_store_write" \
      "supervisor=$total_supervisor pool=$total_pool stall=$total_stall disk-full=$total_disk_full) lost=$total_lost" \
      "reruns_of_completed_batches=$total_reruns duplicate_rows=$total_dupes" \
