@@ -136,7 +136,7 @@ class TaskQueue:
         the claim is still current; ClaimLostError otherwise (the caller rolls back)."""
         value = storable(claim.promise_id, "value", value)
         done, resolved = conn.execute(_FINISH, {
-            "id": claim.promise_id, "claim": claim.token, "value": _jsonb(claim.promise_id, value),
+            "id": claim.promise_id, "claim": claim.token, "value": to_jsonb(value),
             "t": time.time(),
         }).fetchone()
         if not (done and resolved):
@@ -153,7 +153,7 @@ class TaskQueue:
         """After a failed attempt: the task ready again in `retry_in` seconds, or (None) its
         promise rejected with `error`; False if the claim was no longer current."""
         error = storable(claim.promise_id, "error", error)
-        params = {"id": claim.promise_id, "claim": claim.token, "error": _jsonb(claim.promise_id, error),
+        params = {"id": claim.promise_id, "claim": claim.token, "error": to_jsonb(error),
                   "delay": retry_in, "t": time.time()}
         sql = _RETRY_LATER if retry_in is not None else _REJECT
         with self._errors(f"recording the failure of {claim.promise_id}", write=True), \
