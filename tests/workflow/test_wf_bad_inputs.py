@@ -15,7 +15,7 @@ from wf_helpers import SINK_FILE, run_worker_plain
 from store import JsonlStore
 from workflow import RetryPolicy, Runner, exitcodes
 from workflow.importer import Sink, file_source, import_records
-from workflow.importer.sources import MAX_CSV_COLUMNS
+from workflow.importer.header import MAX_CSV_COLUMNS
 
 ROOT = "import/bad-inputs"
 FAST = RetryPolicy(max_attempts=3, initial=0)

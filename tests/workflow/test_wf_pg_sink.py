@@ -275,7 +275,7 @@ def test_records_postgresql_cannot_store_are_skipped_as_unstorable(
     """SQLite takes them; PostgreSQL's text holds no NUL and its index no id over 2,704 bytes."""
     token = "".join(random.Random(12).choices(string.ascii_letters + string.digits, k=3000))
     path = write_jsonl(tmp_path / "odd.jsonl", [
-        person("nul\x00id"), person("n1", "A\x00nn"), person(token), person(token[:2600]),
+        person("nul\x00id"), {**person("n1"), "name": "A\x00nn"}, person(token), person(token[:2600]),
         person("fine", city="Z\x00rich"),
     ])
     [descriptor] = plan_batches(file_source(path), 10)

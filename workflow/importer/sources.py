@@ -10,8 +10,12 @@ plan instead of reading the file again. A file's descriptor is pinned by its SHA
 and cursor also carries the file's identity (inode, size, mtime, ctime) verified when it was
 planned, so a later process trusts an unchanged file by a stat and hashes it only if that moved.
 
+How the file's bytes are read (gzip, encoding, delimiter) is recorded in the descriptor too,
+and how its header names the fields (file_format.py, header.py).
+
 File-level problems (missing, unreadable, empty, unknown extension, bad or too wide header,
-broken CSV quoting, invalid UTF-8) raise SourceError naming file and line. The cheap ones
+broken CSV quoting, bytes invalid in the file's encoding, a damaged gzip stream) raise
+SourceError naming file and line. The cheap ones
 (`check_source`: the file is there, its size, its header) stop an import before anything is
 written; one found by planning further on (broken quoting at line 1,900,000) rejects the import
 there, keeping the batches committed before it. Row-level problems become skipped rows.
@@ -25,7 +29,7 @@ import json
 import os
 import re
 import reprlib
-from collections import Counter
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,29 +37,30 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from ..errors import PermanentError
 from ..registry import register
 from . import records
+from .file_format import (
+    GZIP_ERRORS,
+    Format,
+    FormatError,
+    SourceError,
+    decode_error_message,
+    format_fields,
+    format_of,
+    kind_of,
+    open_path,
+    positioned,
+    sniff_delimiter,
+    valid_format_fields,
+)
+from .header import HeaderError, field_names
 
 CSV_FIELD_LIMIT = 64 * 1024 * 1024
 MAX_BATCH_SIZE = 10_000_000  # records a batch holds, at most: one transaction, in memory
 MAX_BATCHES = 10_000_000  # the store keeps a promise per batch (and v1 a plan in memory)
-MAX_CSV_COLUMNS = 10_000  # a wider header is refused: no real import has that many columns
-_REPEATS_NAMED = 5  # a header's repeated columns named in its error, at most
 SYNTHETIC_INVALID_EVERY = 20  # record i has a malformed email when i % 20 == 13: exactly 5%
 SYNTHETIC_INVALID_AT = 13
 csv.field_size_limit(CSV_FIELD_LIMIT)  # larger fields are a row-level problem, not a parse error
-
-
-class SourceError(PermanentError):
-    """A problem with the input as a whole; names the file (and line when known). No retry
-    can fix it."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], message: str, line: int | None = None
-    ) -> None:
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +91,25 @@ def synthetic_source(count: int) -> dict[str, Any]:
     return {"kind": "synthetic", "records": count}
 
 
-def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Describe an input file by absolute path, kind, size and SHA-256 of its content."""
+def file_source(
+    path: str | os.PathLike[str],
+    *,
+    delimiter: str | None = None,
+    encoding: str = "utf-8",
+    columns: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Describe an input file by absolute path, kind, size and SHA-256 of its content, and how
+    to read it: gzipped (by its name), its encoding, a CSV's delimiter (given, a tab for .tsv,
+    else sniffed from its first lines) and the columns that hold the fields (`columns`, as
+    `--map` gives them). Options that cannot apply raise FormatError."""
     path = Path(path)
-    kind = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(path.suffix.lower())
+    kind, gzipped, implied = kind_of(path)
     if kind is None:
-        raise SourceError(path, f"unknown extension {path.suffix!r} (use .csv or .jsonl)")
+        raise SourceError(path, f"unknown extension {''.join(path.suffixes[-2:])!r} "
+                          "(use .csv, .tsv, .jsonl or .ndjson, optionally with .gz)")
+    if kind == "jsonl" and (delimiter is not None or columns):
+        raise FormatError("--delimiter and --map apply to CSV and TSV files; a JSON-lines record "
+                          "names its fields itself")
     try:
         st = os.stat(path)
         digest = _sha256(path)
@@ -105,15 +123,30 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SourceError(path, "file is empty: nothing to import")
     resolved = str(path.resolve())
     _verified[(resolved, digest)] = _identity(st)  # planning it in this process need not hash it again
-    return {"kind": kind, "path": resolved, "size": st.st_size, "sha256": digest}
+    if kind == "csv" and delimiter is None:
+        delimiter = implied or sniff_delimiter(path, gzipped, encoding)
+    fmt = Format(encoding=encoding, delimiter=delimiter or ",", columns=columns or {}, gzip=gzipped)
+    return {"kind": kind, "path": resolved, "size": st.st_size, "sha256": digest, **format_fields(fmt)}
 
 
-def source_label(source: dict[str, Any]) -> str:
-    """A short human name used in default workflow ids."""
+def reading_options(source: dict[str, Any]) -> dict[str, Any]:
+    """What, besides its content, makes an import of `source` read it its own way: a file's
+    encoding, and a CSV's delimiter and column map (defaults filled in)."""
     if source["kind"] == "synthetic":
-        return f"synthetic-{source['records']}"
-    stem = Path(source["path"]).stem.replace(".", "_")  # a dot separates the ids of calls
-    return f"{stem}-{source['sha256'][:12]}"
+        return {}
+    fmt = format_of(source)
+    options: dict[str, Any] = {"encoding": fmt.encoding}
+    if source["kind"] == "csv":
+        options.update(delimiter=fmt.delimiter, columns=fmt.columns)
+    return options
+
+
+def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two descriptors name the same input: the same synthetic count, or a file of the
+    same kind, compression and SHA-256 (wherever it is)."""
+    if a["kind"] == "synthetic" or b["kind"] == "synthetic":
+        return a == b
+    return (a["kind"], a["sha256"], format_of(a).gzip) == (b["kind"], b["sha256"], format_of(b).gzip)
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -135,8 +168,7 @@ def check_source(source: Any, batch_size: Any) -> None:
     if size != source["size"]:
         raise _changed(source, size)
     if source["kind"] == "csv":
-        with _open(source) as f:
-            _csv_header(f, source)
+        _csv_header(source)
 
 
 def verify_source(source: dict[str, Any]) -> None:
@@ -198,7 +230,8 @@ def _check_descriptor(source: Any) -> None:
         (source.get("kind") == "synthetic" and type(source.get("records")) is int
          and source["records"] >= 0)
         or (source.get("kind") in _FILE_RECORDS and isinstance(source.get("path"), str)
-            and type(source.get("size")) is int and isinstance(source.get("sha256"), str))
+            and type(source.get("size")) is int and isinstance(source.get("sha256"), str)
+            and valid_format_fields(source))
     )
     if not ok:
         raise SourceError("source", f"not a valid source descriptor: {source!r}")
@@ -227,19 +260,21 @@ def _plan_file(
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The batches from `cursor` (None: the first record) to the end of the file, or only up to
     `max_batches` and about SEGMENT_BYTES; and the cursor of the record after them (None at the
-    end). Scans record boundaries only: rows are built and checked when a batch is read."""
-    with _open(source) as f:
-        if cursor is not None:
-            offset, line, position = cursor["offset"], cursor["line"], cursor["position"]
-        elif source["kind"] == "csv":
-            _header, offset, line = _csv_header(f, source)
-            position = 0
-        else:
-            offset, line, position = 0, 1, 0
+    end). Scans record boundaries only: rows are built and checked when a batch is read.
+    Offsets count decompressed bytes in a gzip file."""
+    if cursor is not None:
+        offset, line, position = cursor["offset"], cursor["line"], cursor["position"]
+    elif source["kind"] == "csv":
+        _names, offset, line = _csv_header(source)
+        position = 0
+    else:
+        offset, line, position = 0, 1, 0
+    limit = sys.maxsize if format_of(source).gzip else source["size"]  # a gzip file: to its end
+    with positioned(source, offset) as f:
         batches: list[dict[str, Any]] = []
         batch: dict[str, Any] | None = None
         scan = _FILE_RECORDS[source["kind"]]
-        for start, end, first_line, _content in scan(f, source["path"], offset, source["size"], line):
+        for start, stop, first_line, _content in scan(f, source, offset, limit, line):
             if batch is None:
                 if max_batches is not None and (
                     len(batches) == max_batches or start - offset >= SEGMENT_BYTES
@@ -248,7 +283,7 @@ def _plan_file(
                 batch = {"source": source, "offset": start, "line": first_line,
                          "position": position, "records": 0}
                 batches.append(batch)
-            batch["end"] = end
+            batch["end"] = stop
             batch["records"] += 1
             position += 1
             if batch["records"] == batch_size:
@@ -330,12 +365,13 @@ def _sha256(path: str | os.PathLike[str]) -> str:
 
 
 class _Lines:
-    """Decoded lines of the byte range [offset, end), remembering where the last one ended."""
+    """Decoded lines of the byte range [offset, end) of a file positioned at `offset`,
+    remembering where the last one ended."""
 
-    def __init__(self, f: BinaryIO, path: str, offset: int, end: int, line: int) -> None:
-        f.seek(offset)
+    def __init__(self, f: BinaryIO, source: dict[str, Any], offset: int, end: int, line: int) -> None:
         self._f = f
-        self._path = path
+        self._path = source["path"]
+        self._encoding = format_of(source).encoding
         self._end = end
         self.pos = offset
         self.line = line - 1  # number of the last line read
@@ -344,18 +380,22 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
-        if self.pos >= self._end or not (raw := self._f.readline()):
+        if self.pos >= self._end or not (raw := self._readline()):
             raise StopIteration
         at_start = self.pos == 0
         self.pos += len(raw)
         self.line += 1
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode(self._encoding)
             return text.removeprefix("\ufeff") if at_start else text
         except UnicodeDecodeError as exc:
-            raise SourceError(
-                self._path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", self.line
-            ) from None
+            raise SourceError(self._path, decode_error_message(self._encoding, exc), self.line) from None
+
+    def _readline(self) -> bytes:
+        try:
+            return self._f.readline()
+        except GZIP_ERRORS as exc:
+            raise SourceError(self._path, f"not a valid gzip file ({exc})", self.line + 1) from None
 
 
 # A record scanner yields (start offset, end offset, first line, content) for each record that
@@ -364,9 +404,9 @@ class _Lines:
 
 
 def _jsonl_records(
-    f: BinaryIO, path: str, offset: int, end: int, line: int
+    f: BinaryIO, source: dict[str, Any], offset: int, end: int, line: int
 ) -> Iterator[tuple[int, int, int, str]]:
-    lines = _Lines(f, path, offset, end, line)
+    lines = _Lines(f, source, offset, end, line)
     start = offset
     for text in lines:
         if text.strip():  # blank lines are not records
@@ -377,8 +417,8 @@ def _jsonl_records(
 def _jsonl_rows(
     source: dict[str, Any], offset: int, end: int, line: int, position: int
 ) -> Iterator[Row]:
-    with _open(source) as f:
-        for _start, _end, first_line, text in _jsonl_records(f, source["path"], offset, end, line):
+    with positioned(source, offset) as f:
+        for _start, _end, first_line, text in _jsonl_records(f, source, offset, end, line):
             yield _jsonl_row(text, position, first_line)
             position += 1
 
@@ -394,31 +434,41 @@ def _jsonl_row(text: str, position: int, line: int) -> Row:
         return Row(position, line, None, records.UNSTORABLE_VALUE)  # converts: far too big to store
     if not isinstance(value, dict):
         return Row(position, line, None, records.NOT_AN_OBJECT)
-    return Row(position, line, value, records.problem_with(value))
+    return Row(position, line, value, records.problem_with(records.tidy(value)))
 
 
 _LONG_DIGITS = re.compile(r"\d{19}")  # 2**63 has 19 digits
 
 
-def _csv_header(f: BinaryIO, source: dict[str, Any]) -> tuple[list[str], int, int]:
-    """A CSV's header, checked; the offset just after it and the number of the next line."""
+def _csv_header(source: dict[str, Any]) -> tuple[list[str], int, int]:
+    """The field names a CSV's header gives its columns, checked; the offset just after the
+    header and the number of the next line."""
     path = source["path"]
-    lines = _Lines(f, path, 0, source["size"], 1)
-    reader = csv.reader(lines, strict=True)
-    header: list[str] | None = []
-    while header == []:  # blank lines before the header are not the header
-        header = _next_csv_record(reader, lines, path)
+    fmt = format_of(source)
+    with open_path(path, fmt.gzip) as f:
+        lines = _Lines(f, source, 0, sys.maxsize, 1)
+        reader = _csv_reader(lines, fmt)
+        header: list[str] | None = []
+        while header == []:  # blank lines before the header are not the header
+            header = _next_csv_record(reader, lines, path)
     if header is None:
         raise SourceError(path, "has no header line (expected the columns id,name,email)")
-    _check_header(path, header, lines.line)
-    return header, lines.pos, lines.line + 1
+    try:
+        return field_names(header, fmt), lines.pos, lines.line + 1
+    except HeaderError as exc:
+        raise SourceError(path, str(exc), lines.line) from None
+
+
+def _csv_reader(lines: _Lines, fmt: Format) -> Any:
+    return csv.reader(lines, strict=True, delimiter=fmt.delimiter)
 
 
 def _csv_records(
-    f: BinaryIO, path: str, offset: int, end: int, line: int
+    f: BinaryIO, source: dict[str, Any], offset: int, end: int, line: int
 ) -> Iterator[tuple[int, int, int, list[str]]]:
-    lines = _Lines(f, path, offset, end, line)
-    reader = csv.reader(lines, strict=True)
+    lines = _Lines(f, source, offset, end, line)
+    reader = _csv_reader(lines, format_of(source))
+    path = source["path"]
     while True:
         start, first_line = lines.pos, lines.line + 1
         cells = _next_csv_record(reader, lines, path)
@@ -431,10 +481,10 @@ def _csv_records(
 def _csv_rows(
     source: dict[str, Any], offset: int, end: int, line: int, position: int
 ) -> Iterator[Row]:
-    with _open(source) as f:
-        header = _csv_header(f, source)[0]
-        for _start, _end, first_line, cells in _csv_records(f, source["path"], offset, end, line):
-            yield _csv_row(header, cells, position, first_line)
+    names = _csv_header(source)[0]
+    with positioned(source, offset) as f:
+        for _start, _end, first_line, cells in _csv_records(f, source, offset, end, line):
+            yield _csv_row(names, cells, position, first_line)
             position += 1
 
 
@@ -447,37 +497,11 @@ def _next_csv_record(reader: Any, lines: _Lines, path: str) -> list[str] | None:
         raise SourceError(path, f"malformed CSV ({exc})", lines.line) from None
 
 
-def _check_header(path: str, header: list[str], line: int) -> None:
-    if len(header) > MAX_CSV_COLUMNS:
-        raise SourceError(
-            path, f"header has {len(header)} columns, more than the {MAX_CSV_COLUMNS} allowed", line
-        )
-    counts = Counter(header)
-    missing = [name for name in records.REQUIRED_FIELDS if name not in counts]
-    if missing:
-        raise SourceError(path, f"header lacks the column(s) {', '.join(missing)}", line)
-    repeated = [name for name, n in counts.items() if n > 1]
-    if repeated:
-        named = ", ".join(repeated[:_REPEATS_NAMED])
-        more = len(repeated) - _REPEATS_NAMED
-        raise SourceError(
-            path, f"header repeats the column(s) {named}" + (f" and {more} more" if more > 0 else ""),
-            line,
-        )
-
-
-def _csv_row(header: list[str], cells: list[str], position: int, line: int) -> Row:
-    record = dict(zip(header, cells, strict=False))
-    if len(cells) != len(header):
+def _csv_row(names: list[str], cells: list[str], position: int, line: int) -> Row:
+    record = records.tidy(dict(zip(names, cells, strict=False)))
+    if len(cells) != len(names):
         return Row(position, line, record, records.WRONG_FIELD_COUNT)
     return Row(position, line, record, records.problem_with(record))
-
-
-def _open(source: dict[str, Any]) -> BinaryIO:
-    try:
-        return open(source["path"], "rb")
-    except OSError as exc:
-        raise SourceError(source["path"], f"cannot read ({exc.strerror})") from None
 
 
 _FILE_RECORDS = {"csv": _csv_records, "jsonl": _jsonl_records}
