@@ -5,8 +5,8 @@ Independent of the engine's code on purpose (stdlib only, and psycopg for Postgr
 the JSON lines itself, verifies their checksums, and queries the SQLite sink directly. Prints a
 JSON verdict and exits 1 on any violation.
 
-    python scripts/audit.py --state-dir .durable --id import/synthetic-1000-b100 --records 1000
-    python scripts/audit.py --store postgresql://host/db --id import/synthetic-1000-b100 --records 1000
+    python scripts/audit.py --state-dir .durable --id import/synthetic-1000 --records 1000
+    python scripts/audit.py --store postgresql://host/db --id import/synthetic-1000 --records 1000
 
 With `--store postgresql://...` the store and the sink are one database, where a batch's rows, its
 commit row and its promise's resolve are one transaction: every batch has one commit row and one

@@ -56,7 +56,7 @@ def _wait_for(what: str, check: Any, timeout: float = TIMEOUT_S) -> Any:
 def takeover_s(url: str, base: Path, records: int = 200_000) -> float:
     """Seconds from the SIGKILL of the lease holder's machine to the first batch resolved that
     another machine's driver enqueued."""
-    root = f"import/synthetic-{records}-b100"
+    root = f"import/synthetic-{records}"
     lease = "SELECT epoch, owner FROM leases WHERE root = %s"
     open_store(url).close()  # the tables, so that they can be watched from the start
     machines = [machine(url, ["run", "--records", str(records)], base / "a")]

@@ -233,7 +233,7 @@ committed_batches() {
 # The import's id from the report in $1 (the id the synthetic input gets, if there is none).
 root_of() {
     "$PY" -c 'import json, sys; print(json.load(sys.stdin)["id"])' <"$1" 2>/dev/null \
-        || echo "import/synthetic-$records-b$batch_size"
+        || echo "import/synthetic-$records"
 }
 
 # Fold one run's report and audit into
@@ -482,7 +482,7 @@ store_runs() {
             exit 2
         fi
         run_database="chaos_$$_${run}_$kill_seed"
-        root="import/synthetic-$records-b$batch_size"
+        root="import/synthetic-$records"
         timeout -k 5 300 "$PY" scripts/machines.py --store "$url" --records "$records" \
             --batch-size "$batch_size" --seed "$kill_seed" --machines "$machine_count" --kills "$kills" \
             --kill-random "$kill_random" --work "$work/machines" >"$work/machines.json" 2>"$work/machines.err"

@@ -115,8 +115,8 @@ def join_command(url: str, state_dir: Path, root: str, workers: int, *extra: str
             "--workers", str(workers), "--state-dir", str(state_dir), "--json", *extra]
 
 
-def synthetic_root(records: int, batch_size: int) -> str:
-    return f"import/synthetic-{records}-b{batch_size}"
+def synthetic_root(records: int) -> str:
+    return f"import/synthetic-{records}"
 
 
 @dataclass
@@ -393,7 +393,7 @@ class ChaosRun:
 
     @property
     def root(self) -> str:
-        return synthetic_root(self.records, self.batch_size)
+        return synthetic_root(self.records)
 
     def workers(self) -> list[int]:
         """Each machine's executors, drawn from the seed (apart from the kills' draws)."""

@@ -68,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--records", type=_count_up_to(MAX_SYNTHETIC_RECORDS, "records"),
                         default=DEFAULT_RECORDS,
                         help=f"synthetic records to import (default {DEFAULT_RECORDS})")
-    source.add_argument("--input", type=Path, help="a .csv or .jsonl file to import")
+    source.add_argument("--input", type=Path, help="a .csv, .tsv or .jsonl file to import (or "
+                        "one of them gzipped: .csv.gz, ...)")
+    run.add_argument("--map", metavar="id=COL,name=COL,email=COL",
+                     help="the CSV columns that hold the fields (default: the columns named id, name, "
+                     "email, in any case)")
+    run.add_argument("--delimiter", metavar="CHAR",
+                     help="the CSV delimiter, e.g. ';' or tab (default: sniffed among , ; tab |; "
+                     "tab for .tsv)")
+    run.add_argument("--encoding", default="utf-8", help="the input's encoding (default utf-8; e.g. latin-1)")
     run.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     run.add_argument("--kill-at-batch", type=_non_negative, action="append", default=[],
                      metavar="K", help="SIGKILL the worker while batch K is in flight (repeatable)")
@@ -80,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the import in PostgreSQL (postgresql://...): its promises and its "
                      "rows in that database, its batches claimable by machines that `join` it")
     run.add_argument("--id", type=root_id,
-                     help="workflow id (default: derived from the input and batch size)")
+                     help="the import's id (default: import/ and the start of the input's SHA-256, "
+                     "or import/synthetic-N); give a new one to import the same input again")
     _supervision(run, unit="batch")
 
     join = commands.add_parser("join", help="add this machine to a workflow running in PostgreSQL: "

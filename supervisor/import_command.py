@@ -3,7 +3,8 @@ imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
-worker plans that far), derives its default id, and supervises `python -m workflow run
+worker plans that far), chooses the import it drives (import_identity.py: the default id, and an
+existing import continued only as it was started), and supervises `python -m workflow run
 workflow.importer.app:import_records` with the import's setup hook, on the generic machinery of
 supervise.py. The import's units are its batches, its `process_batch` steps (its `plan_segment`
 steps come between them); their number is known up front for a synthetic source, and for a
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from store import Promise, State, failpoints
+from store import Promise, State, StoreError, failpoints
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
     SourceError,
@@ -35,12 +36,13 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
-from workflow.importer.sources import source_label
+from workflow.importer.file_format import FormatError, column_map, delimiter_char, encoding_name
 from workflow.registry import describe
 
 from . import exits
 from .commands import common_settings, prepare_state_dir, refuse, supervise
 from .faults import Point, in_a_database, kill_budget_error, random_kills
+from .import_identity import ImportMismatchError, ImportToRun, import_to_run
 from .location import StoreLocation
 from .report import Terms
 from .supervise import Settings
@@ -155,11 +157,13 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if budget_error is not None:
         return refuse(budget_error, exits.USAGE, args.json)
     try:
-        source = file_source(args.input) if args.input else synthetic_source(args.records)
+        source = _source(args)
         check_source(source, args.batch_size)
         plan_segment(source, args.batch_size)  # a broken line near the top: refused here too
     except SourceError as exc:
         return refuse(str(exc), exits.FAILED, args.json)
+    except FormatError as exc:
+        parser.error(str(exc))
     except ValueError as exc:  # a batch size out of range
         parser.error(f"argument --batch-size: {exc}")
     count = batch_count(source, args.batch_size)  # a file's is known once it is planned
@@ -176,11 +180,15 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if args.store is not None:  # PostgreSQL: the store and the sink in the database
         location = StoreLocation.in_database(args.store, args.state_dir.resolve())
         kills = in_a_database(kills)
+    try:
+        chosen = _import_to_run(location, source, args)
+    except (ImportMismatchError, StoreError) as exc:
+        return refuse(str(exc), exits.FAILED, args.json)
     settings = Settings(
-        root_id=args.id or f"import/{source_label(source)}-b{args.batch_size}",
+        root_id=chosen.root_id,
         target=function_name(import_records),
         location=location,
-        args=[orjson.dumps(source).decode(), str(args.batch_size)],
+        args=[orjson.dumps(chosen.source).decode(), str(chosen.batch_size)],
         setup=function_name(import_setup),
         step_count=count,
         kill_at_steps=set(args.kill_at_batch),
@@ -192,3 +200,25 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         **common_settings(args),
     )
     return supervise(settings, as_json=args.json)
+
+
+def _source(args: argparse.Namespace) -> dict[str, Any]:
+    """The descriptor of the input `run` was given, read as its flags say (FormatError if they
+    cannot apply)."""
+    if args.input is None:
+        return synthetic_source(args.records)
+    return file_source(
+        args.input,
+        delimiter=None if args.delimiter is None else delimiter_char(args.delimiter),
+        encoding=encoding_name(args.encoding),
+        columns=None if args.map is None else column_map(args.map),
+    )
+
+
+def _import_to_run(location: StoreLocation, source: dict[str, Any], args: argparse.Namespace) -> ImportToRun:
+    """The import this run drives, as the store has it (read only; nothing is written here)."""
+    store = location.open_readonly()
+    if store is None:
+        return import_to_run(None, source, args.batch_size, args.id)
+    with store:
+        return import_to_run(store, source, args.batch_size, args.id)

@@ -54,8 +54,8 @@ class Finished:
 
 
 def root_id(records: int, batch_size: int) -> str:
-    """The default workflow id of a synthetic import (derived from the input and batch size)."""
-    return f"import/synthetic-{records}-b{batch_size}"
+    """The default workflow id of a synthetic import (derived from the input: its record count)."""
+    return f"import/synthetic-{records}"
 
 
 def batch_count(records: int, batch_size: int) -> int:

@@ -195,7 +195,7 @@ def flip_byte_in_line(path: Path, lineno: int, column: int = 12) -> None:
 def synthetic(records: int, batch_size: int) -> tuple[tuple[str, ...], str]:
     """CLI arguments of a synthetic import, and its default id."""
     return ("--records", str(records), "--batch-size", str(batch_size)), \
-        f"import/synthetic-{records}-b{batch_size}"
+        f"import/synthetic-{records}"
 
 
 # == 1. Input files: file-level problems stop the run before anything is written ===============

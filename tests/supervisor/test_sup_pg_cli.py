@@ -13,7 +13,7 @@ import psycopg
 from supervisor_helpers import Finished
 from test_sup_exec import ROOT, install_squares, supervisor
 
-IMPORT = "import/synthetic-2000-b100"
+IMPORT = "import/synthetic-2000"
 
 
 def run_import(tmp_path: Path, url: str, *flags: str) -> Finished:

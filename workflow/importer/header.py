@@ -55,7 +55,9 @@ def _missing(header: list[str], missing: list[str], fmt: Format) -> str:
     found = fmt.delimiter.replace("\t", "\\t").join(header)
     if len(found) > _HEADER_SHOWN:
         found = found[:_HEADER_SHOWN] + "..."
-    message = f"header lacks the column(s) {', '.join(missing)} (found: {found})"
+    wanted = ", ".join(f"{fmt.columns[f]} (--map {f}={fmt.columns[f]})" if f in fmt.columns else f
+                       for f in missing)
+    message = f"header lacks the column(s) {wanted} (found: {found})"
     others = [d for d in SNIFFED_DELIMITERS if d != fmt.delimiter and len(header) == 1 and d in header[0]]
     if others:
         shown = "tab" if others[0] == "\t" else others[0]

@@ -159,8 +159,7 @@ def check_source(source: Any, batch_size: Any) -> None:
     """Check an import's arguments without reading its input: the batch size (ValueError), the
     descriptor, a synthetic source's batch count, a file's presence and size, a CSV's header
     (SourceError). Cheap, so a bad input stops before anything is written."""
-    _check_batch_size(batch_size)
-    _check_descriptor(source)
+    check_arguments(source, batch_size)
     if source["kind"] == "synthetic":
         _check_batch_count(source, batch_size)
         return
@@ -169,6 +168,13 @@ def check_source(source: Any, batch_size: Any) -> None:
         raise _changed(source, size)
     if source["kind"] == "csv":
         _csv_header(source)
+
+
+def check_arguments(source: Any, batch_size: Any) -> None:
+    """An import's arguments checked for form only, reading nothing (its file may be gone):
+    the batch size (ValueError) and the descriptor (SourceError)."""
+    _check_batch_size(batch_size)
+    _check_descriptor(source)
 
 
 def verify_source(source: dict[str, Any]) -> None:
