@@ -75,7 +75,7 @@ def test_another_machine_takes_over_when_the_drivers_machine_dies(
     pg_url: str, tmp_path: Path, audit: ModuleType, machines: ModuleType, isolated: bool
 ) -> None:
     isolated = _isolation(machines, isolated)
-    root = machines.synthetic_root(RECORDS, BATCH_SIZE)
+    root = machines.synthetic_root(RECORDS)
     env = machines.machine_env(machines.slow_batches(BATCHES, 0.1))
     commands = [machines.run_command(pg_url, tmp_path / "m0" / "state", RECORDS, BATCH_SIZE, 1)]
     commands += [machines.join_command(pg_url, tmp_path / f"m{n}" / "state", root, 1) for n in (1, 2)]
@@ -140,7 +140,7 @@ def _claimers_of_new_batches(url: str, t: float) -> list[str]:
 
 def _two_machines(machines: ModuleType, url: str, tmp_path: Path) -> list[Any]:
     """One machine that runs the import (slowed to last ~5 s) and one that joins it."""
-    root = machines.synthetic_root(RECORDS, BATCH_SIZE)
+    root = machines.synthetic_root(RECORDS)
     env = machines.machine_env(machines.slow_batches(BATCHES, 0.06))
     commands = [machines.run_command(url, tmp_path / "m0" / "state", RECORDS, BATCH_SIZE, 1),
                 machines.join_command(url, tmp_path / "m1" / "state", root, 1)]
@@ -153,7 +153,7 @@ def _two_machines_through(
 ) -> None:
     """Run the import on two machines, do `fault(db, root, fleet)` once a fifth of its batches
     are committed, and check that both machines then finish by themselves, the import intact."""
-    root = machines.synthetic_root(RECORDS, BATCH_SIZE)
+    root = machines.synthetic_root(RECORDS)
     fleet = _two_machines(machines, pg_url, tmp_path)
     db = machines.Database(pg_url)
     try:
