@@ -102,17 +102,18 @@ def _refuse_unless_same(
     state = _STATE_WORDS.get(root.state, root.state.value)
     if not same_content(recorded, source):
         raise ImportMismatchError(
-            f"import {root.id} ({state}) imports another input ({_input_text(recorded)}); "
-            "give this one another --id")
+            f"import {root.id} already exists ({state}) for another input ({_input_text(recorded)}, "
+            f"not {_input_text(source)}); give this one another --id")
     differ = _flags(recorded, recorded_batch_size, source, batch_size)
     if differ:
         raise ImportMismatchError(
-            f"import {root.id} ({state}) was started {' '.join(differ)}: give the same to continue "
-            f"it (or to see its result), or add --id NEW to start a new import")
+            f"import {root.id} already exists ({state}), started {' '.join(differ)}: give the same "
+            "to continue it (or to see its result), or add --id NEW to start a new import")
     if recorded["kind"] != "synthetic" and recorded["path"] != source["path"]:
         raise ImportMismatchError(
-            f"import {root.id} ({state}) reads this content from {recorded['path']}: run with --input "
-            f"{shlex.quote(recorded['path'])} to continue it, or add --id NEW to start a new import")
+            f"import {root.id} already exists ({state}), reading this content from {recorded['path']}: "
+            f"run with --input {shlex.quote(recorded['path'])} to continue it, or add --id NEW to "
+            "start a new import")
 
 
 _STATE_WORDS = {State.PENDING: "pending", State.RESOLVED: "done", State.REJECTED: "failed"}

@@ -168,7 +168,7 @@ def test_same_id_with_other_records_is_refused(tmp_path: Path, audit: ModuleType
     last_line = other.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and root in last_line, last_line
     assert "already exists" in last_line
-    assert f"'records': {RECORDS}" in last_line and f"'records': {RECORDS + 100}" in last_line
+    assert f"({RECORDS} synthetic records, not {RECORDS + 100} synthetic records)" in last_line
     assert snapshot(state_dir)["store.jsonl"] == before["store.jsonl"]
     assert executions(state_dir, root) == runs
     assert_audit_ok(audit, state_dir, root, RECORDS)
