@@ -69,8 +69,8 @@ def test_run_refuses_an_id_started_there_with_other_arguments(tmp_path: Path, pg
     other = supervisor(tmp_path, "run", "--records", "300", "--store", pg_url, "--state-dir", "state",
                        "--id", "import/mine")
     assert other.returncode == 1, other.describe()
-    assert other.stderr == ("error: import import/mine already exists (done) for another input "
-                            "(2000 synthetic records, not 300 synthetic records); give this one another --id\n")
+    assert other.stderr == ("error: import import/mine already exists (done) for another input (2000 "
+                            "synthetic records, not 300 synthetic records); give this one another --id\n")
     assert "Traceback" not in other.stderr
 
 
