@@ -232,6 +232,12 @@ def test_a_cut_gzip_file_is_a_source_error_naming_file_and_line(tmp_path: Path) 
         plan_batches(file_source(path), 1000)
 
 
+def test_a_file_named_gz_that_is_not_gzip_is_a_source_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.csv.gz", table(["id", "name", "email"], PEOPLE))
+    with pytest.raises(SourceError, match=re.escape(f"{path}:1: not a valid gzip file (Not a gzipped file")):
+        file_source(path)
+
+
 def test_a_changed_gzip_file_is_refused_by_a_joining_machine(tmp_path: Path) -> None:
     path = write(tmp_path / "in.csv.gz", table(["id", "name", "email"], PEOPLE), gzipped=True)
     source = file_source(path)

@@ -20,11 +20,11 @@ import gzip
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from ..errors import PermanentError
 from . import records
@@ -157,7 +157,7 @@ def sniff_delimiter(path: Path, gzipped: bool, encoding: str) -> str:
     """The delimiter of a CSV among `, ; tab |`, guessed from its first lines (a comma if the
     guess fails: the header check then names what it found)."""
     with open_path(path, gzipped) as f:
-        sample = f.read(SNIFF_BYTES)
+        sample = read_gzip_safely(path, lambda: f.read(SNIFF_BYTES), 1)
     if len(sample) == SNIFF_BYTES:
         sample = sample[: sample.rfind(b"\n") + 1] or sample  # whole lines only
     text = sample.decode(encoding, errors="replace").removeprefix("\ufeff")
@@ -180,6 +180,15 @@ def open_path(path: str | Path, gzipped: bool) -> BinaryIO:
 
 # Errors a gzip stream raises when it is damaged or cut short.
 GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+T = TypeVar("T")
+
+
+def read_gzip_safely(path: str | os.PathLike[str], read: Callable[[], T], line: int | None) -> T:
+    """`read()`, with a damaged gzip stream turned into a SourceError naming file (and line)."""
+    try:
+        return read()
+    except GZIP_ERRORS as exc:
+        raise SourceError(path, f"not a valid gzip file ({exc})", line) from None
 
 
 @contextmanager
@@ -216,7 +225,7 @@ class _GzipReaders:
                 idle.remove(reader)
             else:
                 reader = open_path(source["path"], True)
-        reader.seek(offset)  # forward only: decompresses the gap
+        read_gzip_safely(source["path"], lambda: reader.seek(offset), None)  # forward: decompresses the gap
         return reader
 
     def give_back(self, source: dict[str, Any], reader: BinaryIO) -> None:

@@ -40,7 +40,6 @@ import orjson
 from ..registry import register
 from . import records
 from .file_format import (
-    GZIP_ERRORS,
     Format,
     FormatError,
     SourceError,
@@ -50,6 +49,7 @@ from .file_format import (
     kind_of,
     open_path,
     positioned,
+    read_gzip_safely,
     sniff_delimiter,
     valid_format_fields,
 )
@@ -386,7 +386,10 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
-        if self.pos >= self._end or not (raw := self._readline()):
+        if self.pos >= self._end:
+            raise StopIteration
+        raw = read_gzip_safely(self._path, self._f.readline, self.line + 1)
+        if not raw:
             raise StopIteration
         at_start = self.pos == 0
         self.pos += len(raw)
@@ -397,11 +400,6 @@ class _Lines:
         except UnicodeDecodeError as exc:
             raise SourceError(self._path, decode_error_message(self._encoding, exc), self.line) from None
 
-    def _readline(self) -> bytes:
-        try:
-            return self._f.readline()
-        except GZIP_ERRORS as exc:
-            raise SourceError(self._path, f"not a valid gzip file ({exc})", self.line + 1) from None
 
 
 # A record scanner yields (start offset, end offset, first line, content) for each record that
