@@ -206,6 +206,8 @@ def _source(args: argparse.Namespace) -> dict[str, Any]:
     """The descriptor of the input `run` was given, read as its flags say (FormatError if they
     cannot apply)."""
     if args.input is None:
+        if args.map is not None or args.delimiter is not None or args.encoding != "utf-8":
+            raise FormatError("--map, --delimiter and --encoding say how to read an --input file")
         return synthetic_source(args.records)
     return file_source(
         args.input,

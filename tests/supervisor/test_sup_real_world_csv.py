@@ -132,6 +132,8 @@ def test_bad_reading_flags_are_usage_errors(tmp_path: Path) -> None:
                            (("--encoding", "utf-16"), "encoding 'utf-16' is not supported")]:
         run = run_import(tmp_path / "state", "--input", str(path), *flags)
         assert run.returncode == 2 and message in run.stderr, run.describe()
+    synthetic = run_import(tmp_path / "state", "--records", "10", "--encoding", "latin-1")
+    assert synthetic.returncode == 2 and "say how to read an --input file" in synthetic.stderr
 
 
 def _interrupted_import(state_dir: Path, audit: ModuleType, root: str, *args: str) -> None:
