@@ -3,7 +3,7 @@ imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
-worker plans that far), chooses the import it drives (import_identity.py: the default id, and an
+worker plans that far), chooses the import it drives (workflow/importer/identity.py: the default id, and an
 existing import continued only as it was started), and supervises `python -m workflow run
 workflow.importer.app:import_records` with the import's setup hook, on the generic machinery of
 supervise.py. The import's units are its batches, its `process_batch` steps (its `plan_segment`
@@ -37,12 +37,12 @@ from workflow.importer import (
 )
 from workflow.importer import setup as import_setup
 from workflow.importer.file_format import FormatError, column_map, delimiter_char, encoding_name
+from workflow.importer.identity import ImportMismatchError, ImportToRun, import_to_run
 from workflow.registry import describe
 
 from . import exits
 from .commands import common_settings, prepare_state_dir, refuse, supervise
 from .faults import Point, in_a_database, kill_budget_error, random_kills
-from .import_identity import ImportMismatchError, ImportToRun, import_to_run
 from .location import StoreLocation
 from .report import Terms
 from .supervise import Settings

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from store import Promise, PromiseStore, State
-from workflow.history import recorded_call, records_call_of
-from workflow.ids import is_root
-from workflow.importer import SourceError, import_records
-from workflow.importer.sources import check_arguments, reading_options, same_content
+
+from ..history import recorded_call, records_call_of
+from ..ids import is_root
+from .app import import_records
+from .sources import SourceError, check_arguments, reading_options, same_content
 
 DIGEST_CHARS = 16  # of the SHA-256 in a file's default id: 64 bits, no collision in practice
 
