@@ -142,7 +142,8 @@ def _classify(
         if end is not None:
             x.finished, x.why = end["t"], _ended_by(end)
         elif retry is not None:
-            x.finished, x.why = retry["t"], f"retried: {retry.get('error')}"
+            error = retry.get("error")  # an executor of a PostgreSQL fleet does not pass it on
+            x.finished, x.why = retry["t"], "retried" + (f": {error}" if error else "")
         elif batch in rejected and (error := rejected[batch]):
             x.why = f"failed for good: {error.get('type')}: {error.get('message')}"
     for x in out:  # an open execution followed by another of its batch was ended by that one

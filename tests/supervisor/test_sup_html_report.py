@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from supervisor_helpers import REPO, SINK_FILE, child_env, run_import
 
@@ -23,11 +24,13 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser")
 IMPORT_ID = "pictured"
 
 
-def report_cli(page_file: Path, state_dir: Path, root: str = IMPORT_ID) -> subprocess.CompletedProcess[str]:
-    """`python -m supervisor report --id ROOT --html PAGE --state-dir DIR`, to its end."""
+def report_cli(
+    page_file: Path, state_dir: Path, root: str = IMPORT_ID, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m supervisor report --id ROOT --html PAGE --state-dir DIR [FLAGS]`, to its end."""
     return subprocess.run(
         [sys.executable, "-m", "supervisor", "report", "--id", root, "--html", str(page_file),
-         "--state-dir", str(state_dir)],
+         "--state-dir", str(state_dir), *flags],
         capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=60, check=False)
 
 
@@ -176,3 +179,29 @@ def test_a_state_dir_with_nothing_in_it_is_one_line_and_exit_1(tmp_path: Path) -
     assert made.returncode == 1
     assert made.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'none'}: no import has run in this state dir (no store there)"]
+
+
+def test_report_of_an_import_in_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """The sink's tables in the database, the supervisor's events in the state dir `run` used."""
+    state_dir = tmp_path / "state"
+    run = run_import(state_dir, "--records", "500", "--batch-size", "100", "--id", IMPORT_ID,
+                     "--store", pg_url, "--kill-at-batch", "2", "--fail-at-batch", "3",
+                     "--retry-initial", "0.05")
+    assert run.returncode == 0, run.describe()
+    page_file = tmp_path / "report.html"
+    made = report_cli(page_file, state_dir, IMPORT_ID, "--store", pg_url)
+    assert made.returncode == 0, made.stderr
+    with psycopg.connect(pg_url) as db:
+        (count,) = db.execute("SELECT count(*) FROM executions WHERE promise_id LIKE %s",
+                              (f"{IMPORT_ID}.%",)).fetchone()
+    page = page_file.read_text()
+    assert page.count('<rect class="bar ') == count >= 7  # 5 batches, a kill, a retry
+    assert page.count('<path class="kill"') == len(run.report["kills"]) == 1
+    assert "batch 3 · attempt 1 · pid " in page and " · failed · retried" in page
+
+
+def test_a_database_without_the_import_is_one_line_and_exit_1(tmp_path: Path, pg_url: str) -> None:
+    made = report_cli(tmp_path / "r.html", tmp_path / "state", IMPORT_ID, "--store", pg_url)
+    assert made.returncode == 1
+    assert len(made.stderr.strip().splitlines()) == 1
+    assert f"no import '{IMPORT_ID}'" in made.stderr
