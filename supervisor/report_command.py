@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from store import StoreError
 from store.backends import redact
 from workflow.history import read_history, root_ids
-from workflow.importer import SINK_FILE
-from workflow.importer.sink import SinkError, open_read_only
 
 from . import exits
 from .events import read_events
 from .html_report import render
-from .import_command import IMPORT_TERMS, terms_for
+from .import_command import IMPORT_TERMS, SinkError, open_sink_readonly, terms_for
 from .location import StoreLocation
 from .run_picture import gather
 
@@ -45,11 +42,12 @@ def report_command(root_id: str, page: Path, state_dir: Path, store_url: str | N
             return _error(f"{where}: {root_id!r} is a workflow run by `exec`, not an import; "
                           "report draws an import's batches")
     try:
-        db = _open_sink(state_dir, store_url)
+        db = open_sink_readonly(state_dir, store_url)
     except SinkError as exc:
         return _error(str(exc))
     try:
-        picture = gather(history, IMPORT_TERMS.step_count(history), db, read_events(state_dir, root_id))
+        picture = gather(IMPORT_TERMS.units_of(history), IMPORT_TERMS.step_count(history), db,
+                         read_events(state_dir, root_id))
     finally:
         db.close()
     try:
@@ -59,19 +57,6 @@ def report_command(root_id: str, page: Path, state_dir: Path, store_url: str | N
     t = picture.totals
     print(f"wrote {page}: {t.executions} executions, {t.kills} kills, {t.restarts} restarts")
     return exits.OK
-
-
-def _open_sink(state_dir: Path, store_url: str | None) -> Any:
-    """A read-only connection to the sink (sqlite3's, or psycopg's: loaded for PostgreSQL only)."""
-    if store_url is None:
-        return open_read_only(state_dir / SINK_FILE)
-    from workflow.importer.pg_sink import SinkConnectionError
-    from workflow.importer.pg_sink import open_read_only as open_pg
-
-    try:
-        return open_pg(store_url)
-    except SinkConnectionError as exc:
-        raise SinkError(str(exc)) from exc
 
 
 def _error(message: str) -> int:

@@ -63,21 +63,22 @@ class RunPicture:
     notes: list[str] = field(default_factory=list)
 
 
-def gather(history: History, step_count: int | None, db: Any, events: list[dict[str, Any]]) -> RunPicture:
-    """The picture of import `history.root` from its history, the sink connection `db` (SQLite
-    or PostgreSQL, read-only) and the supervisor's events."""
-    root_id = history.root.id
+def gather(batches: History, step_count: int | None, db: Any, events: list[dict[str, Any]]) -> RunPicture:
+    """The picture of import `batches.root` from its history (its batch steps alone among its
+    direct steps), the sink connection `db` (SQLite or PostgreSQL, read-only) and the
+    supervisor's events."""
+    root_id = batches.root.id
     rows = _query(db, "SELECT batch, attempt, pid, started_at, finished_at, outcome FROM executions "
                   "WHERE promise_id LIKE %s ESCAPE '!' ORDER BY started_at, id", (_children(root_id),))
     counts = {table: _query(db, f"SELECT count(*) FROM {table} WHERE import_id = %s", (root_id,))[0][0]
               for table in ("records", "skipped", "batch_commits")}
-    rejected = {n: p.error for n, p in _batches(history).items() if p.state is State.REJECTED}
-    executions = _classify(rows, events, history.root.state is State.PENDING, rejected)
+    rejected = {n: p.error for n, p in enumerate(batches.steps.values()) if p.state is State.REJECTED}
+    executions = _classify(rows, events, batches.root.state is State.PENDING, rejected)
     times = [e["t"] for e in events] + [x.started for x in executions] + [
         x.finished for x in executions if x.finished is not None]
     start, end = (min(times), max(times)) if times else (0.0, 0.0)
     kinds = [e["event"] for e in events]
-    root = history.root
+    root = batches.root
     value = root.value if root.state is State.RESOLVED and isinstance(root.value, dict) else {}
     totals = Totals(
         records=value.get("total_records"),
@@ -112,13 +113,6 @@ def _query(db: Any, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     if isinstance(db, sqlite3.Connection):
         sql = sql.replace("%s", "?")
     return list(db.execute(sql, args).fetchall())
-
-
-def _batches(history: History) -> dict[int, Any]:
-    """The import's batch steps by batch number (its plan steps left out)."""
-    from .import_command import IMPORT_TERMS  # the import's own words: which steps are batches
-
-    return dict(enumerate(IMPORT_TERMS.units_of(history).steps.values()))
 
 
 def _classify(
