@@ -19,6 +19,9 @@ from typing import Any
 import psycopg
 import pytest
 from supervisor_helpers import REPO, SINK_FILE, child_env, run_import
+from test_sup_exec import ROOT, exec_squares, install_squares
+
+from supervisor.events import EVENTS_FILE, EventLog, read_events
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 IMPORT_ID = "pictured"
@@ -174,6 +177,17 @@ def test_an_unwritable_file_is_one_line_and_exit_1(finished_import: Path, tmp_pa
     assert made.stderr.strip().splitlines() == [f"error: {target}: cannot write the report (Not a directory)"]
 
 
+def test_a_workflow_run_by_exec_is_no_import_to_draw(tmp_path: Path) -> None:
+    install_squares(tmp_path)
+    assert exec_squares(tmp_path, 3).returncode == 0
+    made = report_cli(tmp_path / "r.html", tmp_path / "state", ROOT)
+    assert made.returncode == 1
+    assert made.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'state' / 'store.jsonl'}: {ROOT!r} is a workflow run by `exec`, not an "
+        "import; report draws an import's batches"]
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_a_state_dir_with_nothing_in_it_is_one_line_and_exit_1(tmp_path: Path) -> None:
     made = report_cli(tmp_path / "r.html", tmp_path / "none")
     assert made.returncode == 1
@@ -205,3 +219,15 @@ def test_a_database_without_the_import_is_one_line_and_exit_1(tmp_path: Path, pg
     assert made.returncode == 1
     assert len(made.stderr.strip().splitlines()) == 1
     assert f"no import '{IMPORT_ID}'" in made.stderr
+
+
+def test_the_event_log_keeps_each_import_apart_and_leaves_a_torn_last_line_out(tmp_path: Path) -> None:
+    EventLog(tmp_path, "a").add("spawn", pid=1)
+    EventLog(tmp_path, "b").add("spawn", pid=2)
+    EventLog(tmp_path, "a").add("kill", pid=1, kind="timed", unit=3, worker=None)
+    with (tmp_path / EVENTS_FILE).open("ab") as f:
+        f.write(b'{"t": 1.0, "id": "a", "event": "ex')  # a supervisor killed mid-write
+    events = read_events(tmp_path, "a")
+    assert [(e["event"], e["pid"]) for e in events] == [("spawn", 1), ("kill", 1)]
+    assert events[1]["unit"] == 3 and events[0]["t"] <= events[1]["t"]
+    assert read_events(tmp_path / "elsewhere", "a") == []
