@@ -36,7 +36,9 @@ OUTCOMES = {
 def render(picture: RunPicture, where: str) -> str:
     """The whole page for `picture`; `where` names the state dir or database it came from."""
     page = Template(resources.files(__package__).joinpath("report_page.html").read_text("utf-8"))
-    started = datetime.datetime.fromtimestamp(picture.start, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.datetime.fromtimestamp(picture.start, datetime.UTC)
+    started = ("not started" if not picture.executions and not picture.events
+               else f"started {when:%Y-%m-%d %H:%M:%S} UTC")
     notes = [f'<p class="note">{_e(n)}</p>' for n in picture.notes]
     if picture.error:
         notes.append(f'<p class="error">error: {_e(picture.error)}</p>')
@@ -44,20 +46,15 @@ def render(picture: RunPicture, where: str) -> str:
         title=_e(f"import {picture.root_id}"),
         heading=_e(f"import {picture.root_id}"),
         subheading=(f'<span class="state-{_e(picture.state)}">{_e(picture.state)}</span>'
-                    f" · started {started} · {_e(where)}"),
+                    f" · {started} · {_e(where)}"),
         totals=_totals(picture),
         notes="\n".join(notes),
-        legend="".join(f'<span><i class="{k}" style="background:{_SWATCH[k]}"></i>{_e(v)}</span>'
-                       for k, v in OUTCOMES.items())
+        legend="".join(f'<span><i class="{k}"></i>{_e(v)}</span>' for k, v in OUTCOMES.items())
         + '<span>bar with a dark outline: a retry (attempt 2 or later)</span>'
         + '<span>✕ kill · ◆ stall · dashed line: restart</span>',
         timeline=_Timeline(picture).svg(),
         retries=_retries(picture.executions),
     )
-
-
-_SWATCH = {COMMITTED: "#2da44e", FOUND_COMMIT: "#0969da", FAILED: "#cf222e", UNFINISHED: "#8c959f",
-           "replayed": "#d8b9ff"}
 
 
 def _e(text: Any) -> str:
