@@ -140,13 +140,16 @@ def _classify(
             x.finished, x.why = retry["t"], "retried" + (f": {error}" if error else "")
         elif batch in rejected and (error := rejected[batch]):
             x.why = f"failed for good: {error.get('type')}: {error.get('message')}"
-    for x in out:  # an open execution followed by another of its batch was ended by that one
-        later = [y.started for y in out if y.batch == x.batch and y.started > x.started]
-        if x.finished is None and later:
-            x.finished = min(later)
-            x.why = x.why or "its process died (a later execution ran the batch again)"
-        elif x.finished is None and not x.why and pending:
-            x.outcome = UNFINISHED
+    by_batch: dict[int, list[Execution]] = {}
+    for x in out:  # in the order they started
+        by_batch.setdefault(x.batch, []).append(x)
+    for runs in by_batch.values():  # an open execution followed by another of its batch ended then
+        for x, after in zip(runs, [*runs[1:], None], strict=True):
+            if x.finished is None and after is not None:
+                x.finished = after.started
+                x.why = x.why or "its process died (a later execution ran the batch again)"
+            elif x.finished is None and not x.why and pending:
+                x.outcome = UNFINISHED
     return out
 
 
