@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Promise
+from store import Promise, parse_store_url
 from store.owners import DEFAULT_LEASE_S
 from workflow.child import (
     DEFAULT_STATE_DIR,
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help=f"holds store.jsonl, import.db and supervisor-events.jsonl (default "
                         f"./{DEFAULT_STATE_DIR}); with --store, the supervisor's events only")
-    report.add_argument("--store", type=pg_store_url, default=None, metavar="URL",
+    report.add_argument("--store", type=_sink_database, default=None, metavar="URL",
                         help="the PostgreSQL database of an import run with `run --store URL`")
     return parser
 
@@ -203,6 +203,14 @@ def _terms_for(root: Promise) -> Terms:
     from .import_command import terms_for  # the import application: loaded to recognize imports
 
     return terms_for(root)
+
+
+def _sink_database(text: str) -> str:
+    """An argparse type: a PostgreSQL URL, the one place besides a state dir an import's sink is."""
+    if parse_store_url(durable_store_url(text))[0] != "postgresql":
+        raise argparse.ArgumentTypeError(f"{text}: an import's sink is in its state dir (--state-dir) "
+                                         "or in PostgreSQL; give a postgresql://... URL")
+    return text
 
 
 def _non_negative(text: str) -> int:
