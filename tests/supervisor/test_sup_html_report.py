@@ -234,7 +234,8 @@ def test_the_event_log_keeps_each_import_apart_and_leaves_a_torn_last_line_out(t
 
 
 def test_a_store_that_is_not_postgresql_is_a_usage_error(tmp_path: Path) -> None:
-    made = report_cli(tmp_path / "r.html", tmp_path / "state", IMPORT_ID, "--store", str(tmp_path / "s.jsonl"))
+    jsonl = str(tmp_path / "s.jsonl")
+    made = report_cli(tmp_path / "r.html", tmp_path / "state", IMPORT_ID, "--store", jsonl)
     assert made.returncode == 2
     assert made.stderr.strip().splitlines()[-1].endswith(
         "an import's sink is in its state dir (--state-dir) or in PostgreSQL; give a postgresql://... URL")
