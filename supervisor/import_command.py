@@ -22,9 +22,10 @@ from typing import Any
 
 import orjson
 
-from store import Promise, State, failpoints
+from store import Promise, State, failpoints, parse_store_url
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
+    SINK_FILE,
     SourceError,
     batch_count,
     check_source,
@@ -35,6 +36,7 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
+from workflow.importer.executions import read_executions
 from workflow.importer.sources import source_label
 from workflow.registry import describe
 
@@ -106,6 +108,15 @@ class ImportTerms(Terms):
         done = self.units_of(history).in_state(State.RESOLVED)
         return sum(p.value["records"] for p in done if isinstance(p.value, dict)
                    and isinstance(p.value.get("records"), int))
+
+    def executions(self, location: StoreLocation, root_id: str) -> list[dict[str, Any]]:
+        """The sink's `executions` of the import's batches: in the store's PostgreSQL database,
+        or the state dir's SQLite file (none for a store given by path, without a state dir)."""
+        if parse_store_url(location.url)[0] == "postgresql":
+            return read_executions(location.url, root_id)
+        if location.state_dir is None:
+            return []
+        return read_executions(location.state_dir / SINK_FILE, root_id)
 
 
 IMPORT_TERMS = ImportTerms()

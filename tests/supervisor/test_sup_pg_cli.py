@@ -45,7 +45,7 @@ def test_list_and_status_read_the_database(tmp_path: Path, pg_url: str) -> None:
     listing = supervisor(tmp_path, "list", "--store", pg_url, "--json")
     assert listing.returncode == 0, listing.describe()
     [row] = json.loads(listing.stdout)
-    assert (row["id"], row["state"], row["done"], row["total"]) == (IMPORT, "resolved", 20, 20)
+    assert (row["id"], row["state"], row["batches_done"], row["batches_total"]) == (IMPORT, "resolved", 20, 20)
     assert row["records"] == 2000
     text = supervisor(tmp_path, "list", "--store", pg_url)
     assert IMPORT in text.stdout and "20/20 batches" in text.stdout and "2,000" in text.stdout
