@@ -23,9 +23,12 @@ from .report import Terms
 
 RATE_WINDOW = 20  # the last units resolved, whose pace the ETA assumes
 DETAILED_RESOLVED = 20  # resolved units shown in full (retried, killed); the rest are counted
-# How the text names an execution that has no outcome: the last one of a pending unit may still
-# run; any other was killed, or raised (a failed attempt: the store keeps only the last error).
-UNFINISHED = {True: "running", False: "killed/failed"}
+# How the text names an execution without an outcome, by its unit's state when it is the unit's
+# last: a pending unit's may still run (or its worker was killed and nothing runs it yet); a
+# rejected unit's failed. Any other one was killed, or raised (the store keeps the last error).
+UNFINISHED_LAST = {State.PENDING.value: "no outcome yet (running, or killed)",
+                   State.REJECTED.value: "failed"}
+UNFINISHED = "killed/failed"
 
 
 def timestamp(t: float) -> str:
@@ -177,7 +180,10 @@ def _plain(row: dict[str, Any]) -> bool:
 
 def _folded(group: list[dict[str, Any]], unit: str) -> str:
     attempts = sum(r["attempts"] for r in group)
-    how = "1 attempt each" if attempts == len(group) else f"{attempts} attempts in all; --json has each"
+    if attempts == len(group):
+        how = "1 attempt" if len(group) == 1 else "1 attempt each"
+    else:
+        how = f"{attempts} attempts in all; --json has each"
     return f"    {_span(group[0][unit], group[-1][unit])}: {group[0]['state']} ({how})"
 
 
@@ -185,10 +191,14 @@ def _unit_in_full(row: dict[str, Any], unit: str, now: float) -> list[str]:
     lines = [f"    {row[unit]} ({row['id']}): {row['state']}, {row['attempts']} attempt(s)"]
     last = len(row["executions"]) - 1
     for i, e in enumerate(row["executions"]):
-        running = e["outcome"] is None and i == last and row["state"] == State.PENDING.value
-        outcome = e["outcome"] or UNFINISHED[running]
-        took = f"{e['duration_s']:.3f} s" if e["duration_s"] is not None else (
-            f"for {now - e['started_at']:.1f} s" if running else "")
+        if e["outcome"] is not None:
+            outcome, took = e["outcome"], f"{e['duration_s']:.3f} s"
+        elif i == last and row["state"] in UNFINISHED_LAST:
+            outcome, took = UNFINISHED_LAST[row["state"]], ""
+            if row["state"] == State.PENDING.value:
+                took = f"started {now - e['started_at']:.1f} s ago"
+        else:
+            outcome, took = UNFINISHED, ""
         lines.append(f"        attempt {e['attempt']}  pid {e['pid']}  {outcome}  {took}".rstrip())
     if row["error"]:
         lines.append(f"        error: {row['error']}")
