@@ -1,5 +1,6 @@
 """The `run` command: the import application's wiring, the one module of the supervisor that
-imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`).
+imports workflow.importer (the CLI loads it only for `run`, and for `list`, `status`, `retry` and
+`compact` to recognize imports).
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
@@ -10,7 +11,7 @@ steps come between them); their number is known up front for a synthetic source,
 file only once its plan is stored to its end. `--kill-at-batch K` waits at the import's own
 `batch.mid` failpoint (halfway through batch K's rows, before its transaction commits);
 `--fail-at-batch K` arms `batch.fail` on batch K's first attempt. `status` gets the import's
-words and batch totals from `terms_for`.
+words, batch totals and the sink's executions from `terms_for`.
 """
 
 from __future__ import annotations
