@@ -50,20 +50,21 @@ def show_status(location: StoreLocation, root_id: str | None, *, as_json: bool, 
         if refused is not None:
             return refused
         terms = terms_for(store.get(root_id))
-        show = (lambda s: sys.stdout.write(orjson.dumps(s).decode() + "\n")) if as_json else None
-        screen = Redraw()
+        screen = Redraw() if watch is not None and not as_json else None
         try:
             while True:
                 history = read_history(store, root_id)
                 now = time.time()
                 status = status_of(history, terms, terms.executions(location, root_id), now)
-                if show is not None:
-                    show(status)
+                if as_json:
+                    sys.stdout.write(orjson.dumps(status).decode() + "\n")
                     sys.stdout.flush()
-                elif watch is None:
-                    print(status_text(status, terms, now, _retry_hint(history.root, location)))
                 else:
-                    screen.show(status_text(status, terms, now, _retry_hint(history.root, location)))
+                    text = status_text(status, terms, now, _retry_hint(history.root, location))
+                    if screen is None:
+                        print(text)
+                    else:
+                        screen.show(text)
                 if watch is None or is_final(history.root):
                     return exits.OK
                 time.sleep(watch)

@@ -299,3 +299,25 @@ def test_the_text_of_a_big_import_stays_short_and_json_has_every_batch(tmp_path:
     assert [b["batch"] for b in s["batches"]] == list(range(10_000))
     assert sum(len(b["executions"]) for b in s["batches"]) == len(executions(state_dir, s["id"]))
 
+
+
+def test_watch_of_an_import_nothing_runs_stops_on_ctrl_c(tmp_path: Path, audit: ModuleType) -> None:
+    state_dir = tmp_path / "state"
+    leave_pending(audit, state_dir, batch=1)
+    shown = tmp_path / "watch.out"
+
+    def snapshots() -> int:
+        return shown.read_text().count(f"{LEFT_ROOT}: pending, 1/6 batches done")
+
+    with shown.open("w") as out:
+        watch = subprocess.Popen(command("status", state_dir, "--watch", "--interval", "0.2"),
+                                 stdout=out, stderr=subprocess.PIPE, text=True, env=child_env())
+        try:
+            wait_until(lambda: snapshots() >= 3, "three snapshots")
+            assert watch.poll() is None  # a pending import: the watch goes on
+            watch.send_signal(signal.SIGINT)
+            _, err = watch.communicate(timeout=10)
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+    assert (watch.returncode, err) == (130, "")
