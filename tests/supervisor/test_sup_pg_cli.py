@@ -4,6 +4,7 @@ refusals of `join` and `run` a user meets first."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def test_list_and_status_read_the_database(tmp_path: Path, pg_url: str) -> None:
     [row] = json.loads(listing.stdout)
     progress = (row["id"], row["state"], row["batches_done"], row["batches_total"], row["records"])
     assert progress == (IMPORT, "resolved", 20, 20, 2000)
+    assert 0 <= time.time() - datetime.datetime.fromisoformat(row["last_activity"]).timestamp() < 120
     text = supervisor(tmp_path, "list", "--store", pg_url)
     assert IMPORT in text.stdout and "20/20 batches" in text.stdout and "2,000" in text.stdout
     status = supervisor(tmp_path, "status", "--id", IMPORT, "--store", pg_url)
