@@ -54,7 +54,7 @@ def status_of(history: History, terms: Terms, executions: Sequence[dict[str, Any
     done = len(counted.in_state(State.RESOLVED))
     rows = unit_rows(counted, unit, executions)
     rate = _rate(counted, time.time() if now is None else now)
-    final = root.state is not State.PENDING
+    final = is_final(root)
     remaining = None if total is None else total - done
     return {
         "id": root.id,
