@@ -1,5 +1,5 @@
-"""Command line: `python -m supervisor exec|run|join|list|status|retry|report` (argument parsing and
-dispatch only).
+"""Command line: `python -m supervisor exec|run|join|list|status|retry|compact|gc|report` (argument
+parsing and dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -32,6 +32,7 @@ from workflow.retry import RetryPolicy
 
 from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
+from .housekeeping import collect_garbage, compact_store
 from .location import StoreLocation
 from .report import Terms
 from .status import list_workflows, retry_failed, show_status
@@ -98,11 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list every workflow (import) of a state dir or store")
     _location(listing, store=True)
     listing.add_argument("--json", action="store_true", help="print the list as one JSON array")
-    status = commands.add_parser("status", help="show a workflow's progress; changes nothing")
+    status = commands.add_parser("status", help="show a workflow's progress, batch by batch; changes nothing")
     _inspection(status)
+    status.add_argument("--watch", action="store_true",
+                        help="show it again every --interval seconds until the workflow ends (or Ctrl-C)")
+    status.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
+                        help="seconds between two --watch snapshots (default 1)")
     retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
+    compact = commands.add_parser("compact", help="rewrite the JSON-lines store holding a workflow with "
+                                  "one line per promise (no worker may hold it)")
+    _inspection(compact)
+    gc = commands.add_parser("gc", help="delete the files a store set aside when it recovered (torn tails, "
+                             "a compaction cut short), once it has been opened again since")
+    _location(gc, store=True)
+    gc.add_argument("--keep", "--dry-run", action="store_true", dest="keep",
+                    help="list what would be deleted, delete nothing")
+    gc.add_argument("--json", action="store_true", help="print the result as one JSON object")
     report = commands.add_parser("report", help="write a picture of an import's run (a timeline of its "
                                  "batches, kills and restarts) as one self-contained HTML file")
     report.add_argument("--id", type=root_id, required=True, help="the import's id (see `list`)")
@@ -163,7 +177,8 @@ def _supervision(p: argparse.ArgumentParser, *, unit: str) -> None:
 
 def _inspection(p: argparse.ArgumentParser) -> None:
     _location(p, store=True)
-    p.add_argument("--id", type=root_id, help="the workflow's id (see the report of its run)")
+    p.add_argument("--id", type=root_id, help="the workflow's id (see `list`, or the report of its run); "
+                   "may be left out when the state dir or store holds one workflow only")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -185,17 +200,20 @@ def main(argv: list[str] | None = None) -> int:
         from .report_command import report_command  # the import application: loaded for `report` only
 
         return report_command(args.id, args.html, args.state_dir, args.store)
-    if args.id is None:
-        parser.error(f"{args.command} needs --id (see `list`, or the report of its run)")
     if args.command == "status":
-        return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+        return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for,
+                           watch=args.interval if args.watch else None)
+    if args.command == "compact":
+        return compact_store(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+    if args.command == "gc":
+        return collect_garbage(_where(args), keep=args.keep, as_json=args.json)
     return retry_failed(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
 
 
 def _where(args: argparse.Namespace) -> StoreLocation:
     if args.store is not None:
         return StoreLocation.at_url(args.store)
-    return StoreLocation.in_state_dir(args.state_dir)
+    return StoreLocation.in_state_dir(args.state_dir.resolve())
 
 
 def _terms_for(root: Promise) -> Terms:

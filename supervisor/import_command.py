@@ -1,5 +1,6 @@
 """The `run` command: the import application's wiring, the one module of the supervisor that
-imports workflow.importer (the CLI loads it only for `run`, `status`, `retry` and `report`).
+imports workflow.importer (the CLI loads it only for `run`, `report`, and for `list`, `status`,
+`retry` and `compact` to recognize imports).
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
@@ -10,7 +11,7 @@ steps come between them); their number is known up front for a synthetic source,
 file only once its plan is stored to its end. `--kill-at-batch K` waits at the import's own
 `batch.mid` failpoint (halfway through batch K's rows, before its transaction commits);
 `--fail-at-batch K` arms `batch.fail` on batch K's first attempt. `status` gets the import's
-words and batch totals from `terms_for`.
+words, batch totals and the sink's executions from `terms_for`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from store import Promise, State, failpoints
+from store import Promise, State, failpoints, parse_store_url
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
     SINK_FILE,
@@ -37,6 +38,7 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
+from workflow.importer.executions import read_executions
 from workflow.importer.sink import SinkError, open_read_only
 from workflow.importer.sources import source_label
 from workflow.registry import describe
@@ -109,6 +111,15 @@ class ImportTerms(Terms):
         done = self.units_of(history).in_state(State.RESOLVED)
         return sum(p.value["records"] for p in done if isinstance(p.value, dict)
                    and isinstance(p.value.get("records"), int))
+
+    def executions(self, location: StoreLocation, root_id: str) -> list[dict[str, Any]]:
+        """The sink's `executions` of the import's batches: in the store's PostgreSQL database,
+        or the state dir's SQLite file (none for a store given by path, without a state dir)."""
+        if parse_store_url(location.url)[0] == "postgresql":
+            return read_executions(location.url, root_id)
+        if location.state_dir is None:
+            return []
+        return read_executions(location.state_dir / SINK_FILE, root_id)
 
 
 IMPORT_TERMS = ImportTerms()
