@@ -32,12 +32,12 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
   a process kill at once and reach the disk with the next settle. So do creations, except that
   an exclusive JSON-lines store holds a creation back until its next write (so a step's creation
   and first attempt are one line): a creation lost with its process is made again by the replay.
-  A resolve made with `hold=True` by the owner of its root may be held back (on PostgreSQL) to
-  be written with the store's next write under that root, in one transaction with it (a
-  step's settle with the next step's creation: one commit per step), or by `sync()`, `close()`
-  or the end of `own()`; until then a kill loses it, and the replay runs that step again, as
-  after a kill just before its settle. The caller makes such a write or sync before it waits
-  for anything or anything else runs (the runner's sequential loop does, at once).
+  A resolve made with `hold=True` by the owner of its root may be held back for a moment (on
+  PostgreSQL at most ~2 ms) to be written with the store's next write under that root, in one
+  transaction with it (a step's settle with the next step's creation: one commit per step),
+  and always before that write; else on its own, or by `sync()`, `close()` or the end of
+  `own()`. A kill before it is written loses it, and the replay runs that step again, as after
+  a kill just before its settle.
 - **Values handed out** (`param`, `value`, `error` of a Promise) may be the store's own cached
   objects: treat them as read-only (the runner gives workflow code copies).
 - **Ownership.** `own(root_id)` is held by whoever drives that workflow (runs and settles its

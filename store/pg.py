@@ -21,7 +21,9 @@ first use (pg_schema.py). Every call is one statement, in autocommit mode:
   them from memory (loaded when it takes the lease) and holds a new creation back until its
   next write under the root. A step's creation and first attempt go through a pipelined
   connection of the thread (pg_pipe.py), with the settle of the step before it when the runner
-  let that one be held (`resolve(hold=True)`): one transaction, one round trip per step.
+  let that one be held (`resolve(hold=True)`): one transaction, one round trip per step. A
+  held settle no creation took along within _HOLD_S is written on its own (a thread of the
+  store), and every other write under the root writes the held settles first.
   Settles made by others (a fleet's executors) are read again when waited for (`refresh`).
 """
 
@@ -57,6 +59,7 @@ log = logging.getLogger("store.pg")
 
 _RENEWALS_PER_LEASE = 3
 _SURELY_OURS_SHARE = 0.5  # of a lease period since its last renewal: sending without waiting is safe
+_HOLD_S = 0.002  # a settle held back longer than this is written on its own (the flusher thread)
 _TAKE_POLL_S = 0.1
 _COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"
 _READ = f"SELECT {_COLUMNS} FROM promise_states"
@@ -75,13 +78,14 @@ class FencedError(StoreUnavailableError):
 
 
 class _Settle(NamedTuple):
-    """A settle as it is written: its outcome as jsonb text."""
+    """A settle held back, as it is written (its outcome as jsonb text), and since when."""
 
     id: str
     state: str
     value: str | None
     error: str | None
     settled_at: float
+    held_at: float  # time.monotonic()
 
 
 @dataclass
@@ -129,6 +133,9 @@ class PgStore(TaskQueue, PromiseStore):
         self._cache: dict[str, Promise] = {}  # the promises under owned roots
         self._renewing = threading.Event()  # set: stop the heartbeat
         self._heartbeat: threading.Thread | None = None
+        self._held_settles = threading.Condition(self._mutex)  # a settle was held: the flusher looks
+        self._flusher: threading.Thread | None = None
+        self._flusher_idle = False  # it waits for a settle to be held (else it wakes when one is due)
         self._check_connection(connect_timeout)
         self._safe = self._pool(pool_size, connect_timeout, synchronous=durable)
         try:
@@ -308,7 +315,11 @@ class PgStore(TaskQueue, PromiseStore):
                 if lease.lost is None:
                     self._write_held(lease)
         finally:
-            self._closed = True
+            with self._mutex:
+                self._closed = True
+                self._held_settles.notify()  # the flusher ends
+            if self._flusher is not None:
+                self._flusher.join()
             self._renewing.set()
             if self._heartbeat is not None:
                 self._heartbeat.join()
@@ -486,7 +497,7 @@ class PgStore(TaskQueue, PromiseStore):
                 if not lease.surely_ours(self.lease_s):
                     pipe.wait()
             else:
-                written = pipe.settle_and_create(lease.root, lease.epoch, held, promise.id,
+                written = pipe.settle_and_create(lease.root, lease.epoch, held[:5], promise.id,
                                                  to_jsonb(promise.param), promise.created_at,
                                                  durable=self._durable)
         except _PIPE_FAILURES as exc:
@@ -554,11 +565,41 @@ class PgStore(TaskQueue, PromiseStore):
             known = self._cache.get(promise_id)
             if known is None or known.settled or lease.held:
                 return False  # the rules to check, or creations to write first: settled at once
-            settle = _Settle(promise_id, State.RESOLVED.value, to_jsonb(value), None, time.time())
+            settle = _Settle(promise_id, State.RESOLVED.value, to_jsonb(value), None, time.time(),
+                             time.monotonic())
             lease.held_settles.append(settle)
             self._cache[promise_id] = known._replace(state=State.RESOLVED, value=value,
                                                      settled_at=settle.settled_at)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_late_settles, name="held settles",
+                                                 daemon=True)
+                self._flusher.start()
+            elif self._flusher_idle:
+                self._held_settles.notify()
             return True
+
+    def _flush_late_settles(self) -> None:
+        """The flusher thread: a settle still held after _HOLD_S (the workflow's own code ran on,
+        or it waits) is written on its own, so that a kill loses no more than that."""
+        with self._mutex:
+            while not self._closed:
+                oldest = min((lease.held_settles[0].held_at for lease in self._leases.values()
+                              if lease.held_settles and lease.lost is None), default=None)
+                due_in = None if oldest is None else oldest + _HOLD_S - time.monotonic()
+                if due_in is None or due_in > 0:
+                    self._flusher_idle = due_in is None
+                    self._held_settles.wait(due_in)
+                    self._flusher_idle = False
+                    continue
+                for lease in list(self._leases.values()):
+                    if lease.held_settles and lease.lost is None:
+                        try:
+                            self._write_held_settles(lease)
+                        except StoreError as exc:  # the owner's next write meets it again
+                            log.debug("%s: writing held settles failed (%s)", self.where, exc)
+                            self._flusher_idle = True
+                            self._held_settles.wait()  # until the next settle is held
+                            self._flusher_idle = False
 
     def _write_held_settles(self, lease: _Lease) -> bool:
         """Write the settles held back under `lease`, in one statement (durably, as every
@@ -572,17 +613,26 @@ class PgStore(TaskQueue, PromiseStore):
                       "ts": [h.settled_at for h in held]}
             written = self._fenced(self._safe, f"settling promise {held[0].id}", lease, _SETTLE_MANY, params)
             if written is None or written[0] != len(held):
-                self._explain(held[0].id, lease)  # FencedError if that is why
-                raise StoreWriteError(f"{self.where}: settling {held[0].id} wrote nothing")
+                self._check_written_before(lease, held)
             lease.held_settles = []
             return True
+
+    def _check_written_before(self, lease: _Lease, held: list[_Settle]) -> None:
+        """After held settles that did not all write: each must be there already, the same (a
+        write whose answer was lost, sent again); else FencedError if the lease is why, or a
+        StoreWriteError."""
+        for settle in held:
+            mine = self._cache[settle.id]
+            there = self._explain(settle.id, lease)  # FencedError if the lease is why
+            if check_settle(None if there is None else _entry(there), settle.id, mine.state, mine.value):
+                raise StoreWriteError(f"{self.where}: settling {settle.id} wrote nothing")
 
     def _write_held(self, lease: _Lease, first_attempt: str | None = None) -> Promise | None:
         """Write the settles, then the creations held back under `lease`, each kind in order in
         one statement (a creation never reaches the disk before the settle whose value made it);
         the creation `first_attempt` names is written with its first attempt, and returned."""
-        self._write_held_settles(lease)
-        with self._mutex:
+        with self._mutex:  # settles and creations at once: no settle is held between them
+            self._write_held_settles(lease)
             if not lease.held:
                 return None
             held = [p._replace(attempts=int(p.id == first_attempt)) for p in lease.held.values()]
@@ -727,7 +777,7 @@ _SETTLE_MANY = """
     SELECT v.id, v.state, v.value, v.error, v.t
     FROM unnest(%(ids)s::text[], %(states)s::text[], %(values)s::jsonb[], %(errors)s::jsonb[],
                 %(ts)s::float8[]) WITH ORDINALITY AS v(id, state, value, error, t, o), fence
-    ORDER BY v.o RETURNING 1)
+    ORDER BY v.o ON CONFLICT (id) DO NOTHING RETURNING 1)
 SELECT count(*) FROM v
 """
 _SETTLE_RETURNING_ALL = """

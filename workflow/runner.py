@@ -295,19 +295,15 @@ class Runner:
                     yielded = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration as done:
                     self._check_ended_cleanly(call, entry, ctx)
-                    self._write_held()
                     self._wait(begun)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
                         raise
                     self._check_ended_cleanly(call, entry, ctx)
-                    self._write_held()
                     self._wait(begun)
                     self._fail(call, entry, exc)
                 kind = type(yielded)
-                if kind is not Call:  # a call's creation is the next write, and takes it along
-                    self._write_held()
                 try:
                     if kind is Call:
                         ctx.take_yielded(yielded)
@@ -654,8 +650,6 @@ class Runner:
             promise = self.store.resolve(call.promise_id, value, defer_sync=defer, hold=hold)
         except TypeError as exc:  # the result cannot be stored: a bug in the step, not retried
             self._fail(call, entry, exc)
-        if hold:
-            self._run.held = True
         self._emit("resolved", call, entry)
         return _own(promise.value)
 
@@ -681,18 +675,11 @@ class Runner:
         return False
 
     def _may_hold(self, promise_id: str) -> bool:
-        """Whether a settle may wait for the store's next write (the contract's `hold`): in the
-        driving thread, whose next write comes at once (a step's creation, or `_write_held`
-        before anything else), and never the root's, which the run returns."""
+        """Whether a settle may wait a moment for the store's next write (the contract's `hold`):
+        the driving thread's, whose next step's creation most often comes at once; never the
+        root's, which the run returns."""
         return (self.store.holds_settles and not is_root(promise_id)
                 and not getattr(self._runs, "in_step_thread", False))
-
-    def _write_held(self) -> None:
-        """Write the settle held back, before the workflow waits for anything or ends."""
-        run = self._run
-        if run.held:
-            run.held = False
-            self.store.sync()
 
     def _sync_owed(self) -> None:
         """Sync the settles deferred by a group or by step threads, before the workflow sees
@@ -777,7 +764,6 @@ class _RunState:
         self.queued: list[tuple[Handle, Call, Registered, Promise]] = []
         self.grouping = False  # the driver runs a group of begun calls (no pool)
         self.owed = False  # a settle was deferred that the driver has not synced yet
-        self.held = False  # the driver's last settle may be held back to go with its next write
 
 
 

@@ -14,14 +14,17 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from store import State, open_store
-from store.pg import FencedError
-from workflow import Runner
+from store import State, StoreUnavailableError, open_store, pg, pg_pipe
+from store.pg import FencedError, PgStore
+from workflow import Context, Runner, register
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "held_child.py"
@@ -37,6 +40,13 @@ def expected_chain(n: int) -> list[int]:
     return values
 
 
+@pytest.fixture
+def held_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held settle stays held until a write takes it along (the flusher waits 30 s, not 2 ms)."""
+    monkeypatch.setattr(pg, "_HOLD_S", 30.0)
+
+
+@pytest.mark.usefixtures("held_long")
 def test_a_held_settle_is_written_with_the_next_creation_and_not_before(pg_url: str) -> None:
     with open_store(pg_url) as owner, open_store(pg_url) as other, owner.own("w"):
         owner.create("w.0", {"n": 0})
@@ -49,6 +59,7 @@ def test_a_held_settle_is_written_with_the_next_creation_and_not_before(pg_url: 
         assert other.get("w.0").value == 7 and other.get("w.1").attempts == 1  # both, together
 
 
+@pytest.mark.usefixtures("held_long")
 @pytest.mark.parametrize("then", ["sync", "own_end", "close", "settle"])
 def test_a_held_settle_is_written_by_whatever_comes_next(pg_url: str, then: str) -> None:
     other = open_store(pg_url)
@@ -72,6 +83,7 @@ def test_a_held_settle_is_written_by_whatever_comes_next(pg_url: str, then: str)
     other.close()
 
 
+@pytest.mark.usefixtures("held_long")
 def test_a_held_settle_of_an_owner_that_lost_its_lease_is_never_written(pg_url: str) -> None:
     with open_store(pg_url, lease_s=0.5) as owner, open_store(pg_url) as other:
         with pytest.raises(FencedError), owner.own("w"):
@@ -106,6 +118,107 @@ def test_a_run_writes_each_settle_in_the_transaction_of_the_next_creation(
     together = [settles[f"{ROOT_ID}.{i}"] == creations[f"{ROOT_ID}.{i + 1}"] for i in range(n - 1)]
     assert all(together), together.index(False)
     assert settles[ROOT_ID] != creations[ROOT_ID]  # the root's settle is the run's last commit
+
+
+@register(name="held.slow")
+def slow(value: str) -> str:
+    time.sleep(0.2)
+    return value
+
+
+@register(name="held.inner")
+def inner(ctx: Context, value: str) -> Generator[Any, Any, str]:
+    time.sleep(0.5)  # its own code, before its first step: a step thread writes meanwhile
+    return (yield ctx.run(slow, value + "!"))
+
+
+@register(name="held.mixed")
+def mixed(ctx: Context) -> Generator[Any, Any, list[str]]:
+    begun = yield ctx.begin(slow, "begun")
+    first = yield ctx.run(slow, "first")  # its settle is held while `inner` is created
+    second = yield ctx.run(inner, first)
+    return [(yield begun), first, second]
+
+
+def test_a_step_thread_never_writes_a_creation_while_a_settle_is_held(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step thread writing the creations held back (at its settle) takes the settles held
+    back along first, in one go: the driver cannot hold a settle and create a call from its
+    value in between (slowed down here to make that moment wide)."""
+    monkeypatch.setattr(pg, "_HOLD_S", 30.0)  # only a write takes a held settle along
+    settles_first = PgStore._write_held_settles
+
+    def slowed(self: PgStore, lease: Any) -> bool:
+        wrote = settles_first(self, lease)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)
+        return wrote
+
+    ahead: list[Any] = []
+    fenced = PgStore._fenced
+
+    def watched(self: PgStore, pool: Any, action: str, lease: Any, sql: str, params: dict) -> Any:
+        if action.startswith("creating") and lease is not None and lease.held_settles:
+            ahead.append((params["ids"], [h.id for h in lease.held_settles]))
+        return fenced(self, pool, action, lease, sql, params)
+
+    monkeypatch.setattr(PgStore, "_write_held_settles", slowed)
+    monkeypatch.setattr(PgStore, "_fenced", watched)
+    with open_store(pg_url) as store:
+        assert Runner(store, workers=2).run("mixed", mixed) == ["begun", "first", "first!"]
+    assert ahead == [], "creations written while a settle they may come from was held"
+
+
+def test_a_settle_held_while_the_workflow_computes_is_written_within_moments(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """No creation comes to take it along (the workflow's own code runs for a second): it is
+    written on its own, and a kill then does not run the step again."""
+    log = tmp_path / "steps.log"
+    child = subprocess.Popen([sys.executable, str(CHILD), pg_url, str(log), "2", "1"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # the step returned; the workflow computes
+        with open_store(pg_url) as other:
+            assert _state(other, f"{ROOT_ID}.0") is State.RESOLVED
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    rerun = subprocess.run([sys.executable, str(CHILD), pg_url, str(log), "2", "1"],
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1]
+
+
+def test_a_held_settle_whose_answer_was_lost_is_sent_again_harmlessly(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction with a held settle committed, but the connection died before its answer:
+    the run fails as the database being unavailable (a restartable failure), the settle sent
+    again at the end of own() is found there already, and the lease is given up."""
+    sent = pg_pipe.Pipe.settle_and_create
+    calls = []
+
+    def answer_lost(self: pg_pipe.Pipe, *args: Any, **kwargs: Any) -> bool:
+        written = sent(self, *args, **kwargs)
+        calls.append(written)
+        if len(calls) == 3:
+            self._conn.finish()
+            raise StoreUnavailableError("the connection was lost while its answer was on the way")
+        return written
+
+    monkeypatch.setattr(pg_pipe.Pipe, "settle_and_create", answer_lost)
+    with open_store(pg_url, lease_s=30) as store, pytest.raises(StoreUnavailableError) as failed:
+        Runner(store, dependencies={"log": "/dev/null"}).run(ROOT_ID, chain, 10)
+    assert "answer" in str(failed.value)
+    with open_store(pg_url) as other:
+        assert _state(other, f"{ROOT_ID}.2") is State.RESOLVED
+        with other.own(ROOT_ID):  # given up at once: no wait for its expiry
+            pass
 
 
 @pytest.mark.slow
