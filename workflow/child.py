@@ -194,12 +194,17 @@ def pg_store_url(text: str) -> str:
     return text
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: any whole number, with a message a person understands when it is not."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
@@ -213,9 +218,16 @@ def worker_count(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a finite number of seconds above 0."""
-    value = float(text)
+    value = _number(text)
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
     return value
@@ -223,7 +235,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number of seconds, 0 or more."""
-    value = float(text)
+    value = _number(text)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, not {text}")
     return value
