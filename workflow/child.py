@@ -5,8 +5,9 @@ current directory first on sys.path, FUNCTION (a generator workflow, or a plain 
 one step) is run by a Runner over a JSON-lines store opened exclusively (one driver per store),
 and the result is printed as JSON on stdout. It knows nothing of kills. For a supervisor it writes
 step events on `--progress-fd` (workflow/progress.py), stops between steps on SIGTERM/SIGINT, and
-ends with an exit status from workflow/exitcodes.py: a one-line `error:` on stderr, and no
-traceback, for every end a restart cannot change.
+ends with an exit status from workflow/exitcodes.py and, for every end a restart cannot change,
+a one-line reason and no traceback: on the progress pipe (the `ended` event: the supervisor
+prints it), or, run alone, as an `error:` line on stderr.
 
 `--setup MODULE:FUNCTION` names the application's hook `setup(run: RunInfo)`, a context manager
 giving the Runner's dependencies (entered again in each step process of a `--workers` pool, so
@@ -418,7 +419,10 @@ def _open_store(args: argparse.Namespace, state_dir: Path) -> AbstractContextMan
 
 
 def _end(progress: Progress, code: int, message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """End with `code`, saying why once: to the supervisor that reads the progress pipe (it
+    prints the error, or restarts), or, run alone, as an `error:` line on stderr."""
+    if not progress.listened:
+        print(f"error: {message}", file=sys.stderr)
     progress.send(ENDED, pid=os.getpid(), code=code, error=message)
     return code
 
