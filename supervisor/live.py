@@ -43,26 +43,29 @@ class Pace:
             return f"{per_s:,.1f} {self.units}/s"
         return f"{per_s * self.unit_records:,.0f} rec/s"
 
-    def eta(self, now: float) -> str:
-        """Time left at this run's pace: '1m05s', '7s', or '?' while nothing tells."""
+    def eta(self, now: float) -> str | None:
+        """Time left at this run's pace ('1m05s', '7s'); None while the total or the pace is
+        not known."""
         if self.total is None or self.new == 0:
-            return "?"
+            return None
         left = (self.total - self.done) * (now - self.started) / self.new
         minutes, seconds = divmod(round(left), 60)
         return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
     def describe(self, now: float) -> str:
         done = f"{self.done:,}" if self.total is None else f"{self.done:,}/{self.total:,}"
-        return (f"{done} {self.units}  {self.rate(now)}  ETA {self.eta(now)}  "
+        eta = self.eta(now)
+        return (f"{done} {self.units}  {self.rate(now)}{f'  ETA {eta}' if eta else ''}  "
                 f"restarts {self.restarts}  kills {self.kills}")
 
 
 class Display:
     """Plain lines on a stream: the non-terminal display (and the base of the live one)."""
 
-    def __init__(self, pace: Pace, stream: TextIO) -> None:
+    def __init__(self, pace: Pace, stream: TextIO, every_s: float = PLAIN_PROGRESS_EVERY_S) -> None:
         self.pace = pace
         self._stream = stream
+        self._every_s = every_s  # a progress line at most this often
         self._shown_at = pace.started
 
     def message(self, text: str) -> None:
@@ -77,7 +80,7 @@ class Display:
 
     def _show(self) -> None:
         now = time.monotonic()
-        if now - self._shown_at >= PLAIN_PROGRESS_EVERY_S:
+        if now - self._shown_at >= self._every_s:
             self._shown_at = now
             self.message(f"progress: {self.pace.describe(now)}")
 
