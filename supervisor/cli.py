@@ -1,4 +1,5 @@
-"""Command line: `python -m supervisor exec|run|join|list|status|retry` (argument parsing and dispatch only).
+"""Command line: `python -m supervisor exec|run|join|list|status|retry|report` (argument parsing and
+dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Promise
+from store import Promise, parse_store_url
 from store.owners import DEFAULT_LEASE_S
 from workflow.child import (
     DEFAULT_STATE_DIR,
@@ -105,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
+    report = commands.add_parser("report", help="write a picture of an import's run (a timeline of its "
+                                 "batches, kills and restarts) as one self-contained HTML file")
+    report.add_argument("--id", type=root_id, required=True, help="the import's id (see `list`)")
+    report.add_argument("--html", type=Path, required=True, metavar="FILE", help="the page to write")
+    report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help=f"holds store.jsonl, import.db and supervisor-events.jsonl (default "
+                        f"./{DEFAULT_STATE_DIR}); with --store, the supervisor's events only")
+    report.add_argument("--store", type=_sink_database, default=None, metavar="URL",
+                        help="the PostgreSQL database of an import run with `run --store URL`")
     return parser
 
 
@@ -174,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         return join_command(args, _terms_for)
     if args.command == "list":
         return list_workflows(_where(args), as_json=args.json, terms_for=_terms_for)
+    if args.command == "report":
+        from .report_command import report_command  # the import application: loaded for `report` only
+
+        return report_command(args.id, args.html, args.state_dir, args.store)
     if args.id is None:
         parser.error(f"{args.command} needs --id (see `list`, or the report of its run)")
     if args.command == "status":
@@ -199,6 +213,14 @@ def _prog() -> str:
     supervisor`."""
     invoked = os.path.basename(sys.argv[0])
     return "python -m supervisor" if invoked in ("__main__.py", "-c", "") else invoked
+
+
+def _sink_database(text: str) -> str:
+    """An argparse type: a PostgreSQL URL, the one place besides a state dir an import's sink is."""
+    if parse_store_url(durable_store_url(text))[0] != "postgresql":
+        raise argparse.ArgumentTypeError(f"{text}: an import's sink is in its state dir (--state-dir) "
+                                         "or in PostgreSQL; give a postgresql://... URL")
+    return text
 
 
 def _non_negative(text: str) -> int:

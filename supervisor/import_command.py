@@ -1,5 +1,5 @@
 """The `run` command: the import application's wiring, the one module of the supervisor that
-imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`).
+imports workflow.importer (the CLI loads it only for `run`, `status`, `retry` and `report`).
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ import orjson
 from store import Promise, State, failpoints
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
+    SINK_FILE,
     SourceError,
     batch_count,
     check_source,
@@ -35,6 +37,7 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
+from workflow.importer.sink import SinkError, open_read_only
 from workflow.importer.sources import source_label
 from workflow.registry import describe
 
@@ -193,3 +196,18 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         **common_settings(args),
     )
     return supervise(settings, as_json=args.json)
+
+
+def open_sink_readonly(state_dir: Path, store_url: str | None) -> Any:
+    """A read-only connection to the import's sink, for `report`: `import.db` in the state dir
+    (sqlite3's), or with a PostgreSQL store its tables there (psycopg's, loaded only then); a
+    SinkError names what cannot be read."""
+    if store_url is None:
+        return open_read_only(state_dir / SINK_FILE)
+    from workflow.importer.pg_sink import SinkConnectionError
+    from workflow.importer.pg_sink import open_read_only as open_pg_read_only
+
+    try:
+        return open_pg_read_only(store_url)
+    except SinkConnectionError as exc:
+        raise SinkError(str(exc)) from exc
