@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from workflow.child import (
     positive_int,
     root_id,
     target,
+    whole_number,
     worker_count,
 )
 from workflow.retry import RetryPolicy
@@ -45,7 +48,7 @@ DEFAULT_BATCH_SIZE = 100
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m supervisor",
+        prog=_prog(),
         description="Run a workflow (or the bulk import) as a supervised, crash-resumable worker process.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,7 +136,7 @@ def _kills(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-random", default=0, metavar="N",
                    type=_count_up_to(MAX_RANDOM_KILLS, "random kills (each costs a worker restart)"),
                    help=f"N SIGKILLs at random moments (at most {MAX_RANDOM_KILLS})")
-    p.add_argument("--seed", type=int, default=None, help="seed for --kill-random")
+    p.add_argument("--seed", type=whole_number, default=None, help="seed for --kill-random")
 
 
 def _location(p: argparse.ArgumentParser, *, store: bool) -> None:
@@ -223,6 +226,13 @@ def _terms_for(root: Promise) -> Terms:
     return terms_for(root)
 
 
+def _prog() -> str:
+    """The command as it was invoked: `durable-import` (the console script), else `python -m
+    supervisor`."""
+    invoked = os.path.basename(sys.argv[0])
+    return "python -m supervisor" if invoked in ("__main__.py", "-c", "") else invoked
+
+
 def _sink_database(text: str) -> str:
     """An argparse type: a PostgreSQL URL, the one place besides a state dir an import's sink is."""
     if parse_store_url(durable_store_url(text))[0] != "postgresql":
@@ -232,7 +242,7 @@ def _sink_database(text: str) -> str:
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value

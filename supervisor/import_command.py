@@ -197,6 +197,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         args=[orjson.dumps(source).decode(), str(args.batch_size)],
         setup=function_name(import_setup),
         step_count=count,
+        unit_records=args.batch_size,
         kill_at_steps=set(args.kill_at_batch),
         kill_point=at_mid_batch,
         random_kills=kills,

@@ -8,6 +8,7 @@ its sixth `process_batch` call, whatever its position among the root's calls.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -138,10 +139,15 @@ class RunReport:
     def as_text(self) -> str:
         t = self.terms
         lines = [f"{t.noun} {self.id} ({self.where[1]})"]
+        explained = False  # what "replayed" means, said once, where it first appears
         for c in self.children:
+            replayed = f"replayed {c.replayed}"
+            if c.replayed and not explained:
+                replayed += " (finished before this worker started; not run again)"
+                explained = True
             lines.append(
                 f"  worker {c.pid}: {c.exit}; ran {len(c.executed)} {t.units_maybe}"
-                f"{' ' + _ranges(c.executed) if c.executed else ''}, replayed {c.replayed}"
+                f"{' ' + _ranges(c.executed) if c.executed else ''}, {replayed}"
             )
         for k in self.kills:
             where = f" during {t.unit} {k.step}" if k.step is not None else ""
@@ -151,14 +157,15 @@ class RunReport:
             where = f"during {t.unit} {s.step}" if s.step is not None else f"outside any {t.unit}"
             lines.append(f"  worker {s.pid} stalled {where}: nothing on its progress pipe for "
                          f"{s.silent_s:.1f} s; SIGKILLed and restarted")
-        lines.extend(f"  kill not delivered: {u}" for u in self.undelivered_kills)
+        for why, count in Counter(self.undelivered_kills).items():  # alike ones in one line
+            lines.append(f"  kill not delivered: {why}" if count == 1
+                         else f"  {count} kills not delivered: {why}")
+        counts = (f"{self.restarts} restart(s), {len(self.kills)} kill(s), {len(self.stalls)} stall(s), "
+                  f"{self.elapsed_s:.2f} s")
         if self.ok:
-            lines.append(
-                f"done: {t.result_text(self.result)}; {self.restarts} restart(s), "
-                f"{len(self.kills)} kill(s), {len(self.stalls)} stall(s), {self.elapsed_s:.2f} s"
-            )
-        if self.error:
-            lines.append(f"error: {self.error}")
+            lines.append(f"done: {t.result_text(self.result)}; {counts}")
+        else:  # the error itself is printed once, as the `error:` line on stderr
+            lines.append(f"not done: {counts}; why: the error line on stderr")
         return "\n".join(lines)
 
 

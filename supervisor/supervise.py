@@ -26,7 +26,7 @@ import selectors
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from store import Promise, State, failpoints
@@ -46,12 +46,13 @@ from .faults import (
     attempts_before_kill,
     in_store_write,
     kill_would_fail,
+    latest_kill_unit,
     paused_at,
     pool_victim,
     steps_in_reach,
     store_write_step,
 )
-from .live import LiveLine
+from .live import Display
 from .location import StoreLocation
 from .report import ChildReport, KillReport, RunReport, StallReport, Terms
 from .watch import Watch
@@ -78,6 +79,7 @@ class Settings:
     args: list[str] = field(default_factory=list)  # the workflow's arguments, as JSON texts
     setup: str | None = None  # MODULE:FUNCTION of the worker's setup hook
     step_count: int | None = None  # the workflow's units in all, when known up front
+    unit_records: int | None = None  # records per unit (an import's batch size): a rate in records/s
     kill_at_steps: set[int] = field(default_factory=set)  # unit numbers
     kill_point: Callable[[str, int], Point] = at_step_start  # where a kill-at-step waits
     random_kills: list[RandomKill] = field(default_factory=list)
@@ -125,13 +127,14 @@ def worker_args(s: Settings) -> list[str]:
 class Supervisor:
     """Runs one workflow to its end through as many workers as it takes; `run()` reports it."""
 
-    def __init__(self, settings: Settings, live: LiveLine | None = None) -> None:
+    def __init__(self, settings: Settings, display: Display) -> None:
         self.s = settings
         self.report = RunReport(settings.root_id, settings.location.report_entry(), settings.terms)
         self.stop_signal: signal.Signals | None = None
-        self._live = live
+        self._display = display
         self._events = EventLog(settings.location.state_dir, settings.root_id)
         self._pending_pauses = set(settings.kill_at_steps)
+        self._late_kills: dict[int, int] = {}  # unit -> late random kills delivered there
         self._random = list(settings.random_kills)
         self._step_count = settings.step_count
         self._step_seconds = STEP_GUESS_S
@@ -182,6 +185,8 @@ class Supervisor:
             kill = self._next_kill(first, steps, units)
             store_write = store_write_step(kill, first)
             pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
+            if kill is not None and kill.unit is not None:
+                pauses.setdefault(self.s.kill_point(self.s.root_id, kill.unit), kill.unit)
             child = self._spawn(list(pauses), store_write)
             self._events.add("spawn", pid=child.pid)
             watch = Watch(ChildReport(child.pid, exit="running"), steps_done_before=_done(units),
@@ -206,7 +211,8 @@ class Supervisor:
                 self.report.stalls.append(watch.stall)
             left = watch.random_kill
             if left is not None and (ours is None or ours.kind != left.kind):
-                self._random.insert(0, left)  # not delivered to this child: keep it for the next
+                # not delivered to this child: keep it for the next
+                self._random.insert(0, replace(left, unit=None))
             if end.returncode == exitcodes.OK:
                 self._finish(end)
                 return
@@ -219,6 +225,7 @@ class Supervisor:
             if ours is not None:
                 self.report.restarts += 1
                 self._events.add("restart", after=end.pid)
+                self._show_progress(watch)
                 continue
             if end.returncode > 0 and end.returncode not in exitcodes.RESTARTABLE:
                 self._failed(end, child, watch)
@@ -227,7 +234,7 @@ class Supervisor:
             if unplanned > self.s.max_restarts:
                 self.report.error = (
                     f"gave up after {self.s.max_restarts} restarts in a row: worker {end.pid} "
-                    f"{end.describe()}; last error: {child.last_error() or 'none'}"
+                    f"{end.describe()}; last error: {watch.report.error or child.last_error() or 'none'}"
                 )
                 return
             delay = min(MAX_BACKOFF_S, self.s.restart_backoff * 2 ** (unplanned - 1))
@@ -238,6 +245,7 @@ class Supervisor:
                 return
             self.report.restarts += 1
             self._events.add("restart", after=end.pid)
+            self._show_progress(watch)
 
     def _interrupted(self, detail: str) -> None:
         self.report.interrupted_by = self.stop_signal.name
@@ -297,6 +305,8 @@ class Supervisor:
         if not self._random:
             return None
         kill = self._random[0]
+        if kill.kind != "pool":  # a pool kill leaves the worker running: it cannot wait at a unit too
+            kill = replace(kill, unit=self._latest_kill_unit(units))
         if kill.kind == "pool" and self._live_pauses(units):
             return None
         target = first + (kill.batch_offset if kill.kind == "store-write" else 0)
@@ -309,7 +319,21 @@ class Supervisor:
             spent = attempts_before_kill(step, self._may_be_planned_failure(step, units))
             if kill_would_fail(spent, self.s.max_attempts):
                 return None
-        return self._random.pop(0)
+        self._random.pop(0)
+        return kill
+
+    def _latest_kill_unit(self, units: list[Promise]) -> int | None:
+        """The unit by which the next random kill lands at the latest (faults.latest_kill_unit)."""
+        first = _first_unfinished(dict(enumerate(units)))
+
+        def would_fail(n: int) -> bool:
+            step = units[n] if n < len(units) else None
+            if step is not None and step.state is State.RESOLVED:  # done (with a pool): no kill there
+                return True
+            spent = attempts_before_kill(step, n == self.s.planned_failure)
+            return kill_would_fail(spent, self.s.max_attempts)
+
+        return latest_kill_unit(len(self._random), self._step_count, first, self._late_kills, would_fail)
 
     def _may_be_planned_failure(self, step: Promise | None, units: list[Promise]) -> bool:
         """Whether `step` (None: a step not created yet) is, or may be, the unit whose first
@@ -473,7 +497,8 @@ class Supervisor:
         """Relay stderr or act on progress events (any line is a sign of life); True at EOF."""
         lines, eof = child.read(fd)
         if pipe == "stderr":
-            child.relay_stderr(lines)
+            for text in child.output(lines):
+                self._display.message(text)
         elif lines:
             watch.last_heard = time.monotonic()
             for event in child.events(lines):
@@ -492,7 +517,8 @@ class Supervisor:
         elif kind == failpoints.ANNOUNCED and watch.kill is None:
             point = (event.get("name"), event.get("key"))
             paused = watch.pauses.get(point)
-            if paused is not None and paused in self._pending_pauses:
+            late = watch.random_kill is not None and watch.random_kill.unit == paused
+            if paused is not None and (paused in self._pending_pauses or late):
                 watch.paused = paused
                 if not self._kill_paused(child, watch):
                     log.info("%s %d waits to be killed until no other %s in flight runs its last "
@@ -504,15 +530,22 @@ class Supervisor:
             watch.report.error = event.get("error")
 
     def _kill_paused(self, child: Child, watch: Watch) -> bool:
-        """Kill the worker whose step waits at its kill-at-step failpoint, unless another step
+        """Kill the worker whose step waits at its kill-at-step failpoint (or a late random
+        kill's), unless another step
         in flight (with a pool) runs its last attempt: the kill would spend it too. The paused
         step waits meanwhile, and this is tried again as the others settle. True if killed."""
         step = watch.paused
         if self._last_attempt_in_flight(watch, besides=watch.id_of(step)):
             return False
-        self._pending_pauses.discard(step)
         watch.paused = None
-        self._kill(child, watch, f"kill-at-{self.s.terms.unit}", step)
+        if step in self._pending_pauses:
+            self._pending_pauses.discard(step)
+            self._kill(child, watch, f"kill-at-{self.s.terms.unit}", step)
+        else:  # a random kill whose drawn moment had not come by this unit
+            self._late_kills[step] = self._late_kills.get(step, 0) + 1
+            watch.random_kill = replace(watch.random_kill, kind=f"mid-{self.s.terms.unit}")
+            watch.kill_deadline = None
+            self._kill(child, watch, watch.random_kill.kind, step)
         return True
 
     def _on_step(self, event: dict[str, Any], watch: Watch) -> None:
@@ -556,9 +589,14 @@ class Supervisor:
         watch.report.executed.append(step)
         if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
             watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
-        if self._live is not None:
-            done = watch.steps_done_before + len(watch.report.executed)
-            self._live.update(done, self._step_count, self.report)
+        self._show_progress(watch)
+
+    def _show_progress(self, watch: Watch) -> None:
+        """The display's numbers: units done of all, those run by this run, restarts, kills."""
+        done = watch.steps_done_before + len(watch.report.executed)
+        new = sum(len(c.executed) for c in self.report.children if c is not watch.report)
+        self._display.update(done, self._step_count, new + len(watch.report.executed),
+                             self.report.restarts, len(self.report.kills))
 
     def _kill(self, child: Child, watch: Watch, kind: str, step: int | None) -> None:
         child.signal_group(signal.SIGKILL)
@@ -583,8 +621,12 @@ class Supervisor:
                          replayed=watch.report.replayed)
 
     def _log_end(self, end: ChildEnd, watch: Watch, ours: KillReport | None) -> None:
+        """One line per worker's end; the reason it gave is on it when the run goes on (a
+        restartable end), else it is the run's error, printed once at its end."""
         why = f" ({ours.kind} kill of ours)" if ours else " (stalled)" if watch.stall else ""
-        log.info("worker %d %s%s: ran %d %s, replayed %d", end.pid, end.describe(), why,
+        goes_on = watch.report.error and end.returncode in exitcodes.RESTARTABLE
+        reason = f" ({watch.report.error})" if goes_on else ""
+        log.info("worker %d %s%s%s: ran %d %s, replayed %d", end.pid, end.describe(), why, reason,
                  len(watch.report.executed), self.s.terms.units_maybe, watch.report.replayed)
 
     # -- store and signals ---------------------------------------------------------------
