@@ -1,4 +1,5 @@
-"""Command line: `python -m supervisor exec|run|join|list|status|retry` (argument parsing and dispatch only).
+"""Command line: `python -m supervisor exec|run|join|list|status|retry|cancel|fork` (argument parsing and
+dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -29,6 +30,7 @@ from workflow.child import (
 )
 from workflow.retry import RetryPolicy
 
+from .cancel_command import cancel_workflow
 from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
 from .location import StoreLocation
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
+    cancel = commands.add_parser("cancel", help="stop a running (or pending) workflow for good at its "
+                                 "next step boundary; `retry` resumes it")
+    _inspection(cancel)
     return parser
 
 
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} needs --id (see `list`, or the report of its run)")
     if args.command == "status":
         return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+    if args.command == "cancel":
+        return cancel_workflow(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
     return retry_failed(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
 
 

@@ -109,6 +109,8 @@ class RunReport:
     error: str | None = None
     interrupted_by: str | None = None  # SIGINT or SIGTERM, when the run was stopped
     busy: bool = False  # another process held the store or drove the workflow
+    cancelled: bool = False  # the workflow is cancelled (`cancel`): its own end, not an error
+    resume: str | None = None  # the command that resumes a cancelled workflow
     elapsed_s: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
@@ -123,8 +125,11 @@ class RunReport:
             undelivered_kills=self.undelivered_kills,
             children=[asdict(c) for c in self.children],
             error=self.error,
+            cancelled=self.cancelled,
             elapsed_s=round(self.elapsed_s, 3),
         )
+        if self.cancelled:
+            out["resume"] = self.resume
         out[self.where[0]] = self.where[1]
         return out
 
@@ -150,6 +155,9 @@ class RunReport:
                 f"done: {t.result_text(self.result)}; {self.restarts} restart(s), "
                 f"{len(self.kills)} kill(s), {len(self.stalls)} stall(s), {self.elapsed_s:.2f} s"
             )
+        if self.cancelled:
+            lines.append(f"cancelled: {t.noun} {self.id} is cancelled; `{self.resume}` resumes it "
+                         "(then run the same command again)")
         if self.error:
             lines.append(f"error: {self.error}")
         return "\n".join(lines)

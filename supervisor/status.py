@@ -19,7 +19,7 @@ import orjson
 from store import Promise, State, StoreError, StoreLockedError, open_store
 from store.backends import redact
 from workflow import Runner
-from workflow.history import History, read_history, recorded_call, root_ids
+from workflow.history import History, read_history, recorded_call, root_ids, state_of
 
 from . import exits
 from .location import StoreLocation
@@ -106,7 +106,7 @@ def _listing(history: History, terms: Terms) -> dict[str, Any]:
     last = max(max(p.created_at, p.settled_at or 0.0) for p in promises)
     return {
         "id": history.root.id,
-        "state": history.root.state.value,
+        "state": state_of(history.root),
         "units": terms.units,
         "done": len(counted.in_state(State.RESOLVED)),
         "total": terms.step_count(history),
@@ -134,7 +134,7 @@ def status_of(history: History, terms: Terms) -> dict[str, Any]:
     pending, error, call = counted.first_pending, history.last_error, recorded_call(root)
     return {
         "id": root.id,
-        "state": root.state.value,
+        "state": state_of(root),
         "code": None if call is None else f"{call.fn} v{call.version}",  # which code it runs
         f"{units}_done": len(counted.in_state(State.RESOLVED)),
         f"{unit}_count": terms.step_count(history),
