@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="stop a running (or pending) workflow for good at its "
                                  "next step boundary; `retry` resumes it")
     _inspection(cancel)
+    fork = commands.add_parser("fork", help="a new import that reuses the stored results of an import's "
+                               "batches before K and runs K onward again (then `run --id NEW`)")
+    _location(fork, store=True)
+    fork.add_argument("--id", type=root_id, required=True, help="the import to fork")
+    fork.add_argument("--from-batch", type=_non_negative, required=True, metavar="K",
+                      help="the first batch the fork runs again (batches before it are reused)")
+    fork.add_argument("--new-id", type=root_id, default=None, metavar="NEW",
+                      help="the fork's id (default: ID~fork-K)")
+    fork.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     return parser
 
 
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(parser, args)
     if args.command == "join":
         return join_command(args, _terms_for)
+    if args.command == "fork":
+        from .fork_command import fork_import  # the import application: loaded for `fork` only
+
+        return fork_import(_where(args), args.id, args.from_batch, args.new_id, as_json=args.json)
     if args.command == "list":
         return list_workflows(_where(args), as_json=args.json, terms_for=_terms_for)
     if args.id is None:
