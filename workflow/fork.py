@@ -24,12 +24,9 @@ def fork(store: PromiseStore, root_id: str, new_id: str, before_step: int | None
     (PromiseConflictError). Both workflows are owned meanwhile: neither may be running.
     """
     check_root_id(new_id)
+    _check_forkable(store, root_id, new_id)
     with store.own(root_id), store.own(new_id):
-        root = store.get(root_id)
-        if root is None:
-            raise PromiseNotFoundError(root_id)
-        if store.get(new_id) is not None:
-            raise PromiseConflictError(new_id, "exists already; give the fork another id")
+        root = _check_forkable(store, root_id, new_id)  # again, now that no one else can make it
         copied = []
         for promise in store.list(children_prefix(root_id)):
             if promise.state is State.RESOLVED and _before(root_id, promise, before_step):
@@ -40,6 +37,16 @@ def fork(store: PromiseStore, root_id: str, new_id: str, before_step: int | None
         store.create(new_id, root.param)  # last: the fork exists from here on
         store.sync()
     return copied
+
+
+def _check_forkable(store: PromiseStore, root_id: str, new_id: str) -> Promise:
+    """The root to fork; refused if there is none, or if `new_id` exists."""
+    root = store.get(root_id)
+    if root is None:
+        raise PromiseNotFoundError(root_id)
+    if new_id == root_id or store.get(new_id) is not None:
+        raise PromiseConflictError(new_id, "exists already; give the fork another id")
+    return root
 
 
 def _before(root_id: str, promise: Promise, before_step: int | None) -> bool:
