@@ -1,6 +1,6 @@
 """`python -m supervisor fork --id ID --from-batch K [--new-id NEW]`: a new import that reuses the
 stored results of ID's batches before K and runs K onward again (DBOS's `fork_workflow`), after
-a bug fix say. Besides import_command.py, the one module of the supervisor that knows the import.
+a bug fix say. It knows the import through import_command.py (its words, its sink).
 
 The fork is made, not run: its sink records it as a fork of ID from K (so that its batches take
 over the rows ID wrote for them: workflow/importer/forks.py), then workflow/fork.py copies ID's
@@ -25,16 +25,14 @@ from store import (
     open_store,
     parse_store_url,
 )
+from workflow import PermanentError
 from workflow.fork import fork
-from workflow.history import History, read_history, recorded_call, records_call_of, root_ids
+from workflow.history import History, read_history, recorded_call, root_ids
 from workflow.ids import InvalidRootIdError, check_root_id
-from workflow.importer import import_records
-from workflow.importer.app import open_sink
-from workflow.importer.sink import SinkError
 
 from . import exits
 from .commands import refuse
-from .import_command import IMPORT_TERMS
+from .import_command import IMPORT_TERMS, is_import, record_fork
 from .location import StoreLocation
 
 LOCK_TIMEOUT_S = 1.0  # the store of a running import is not waited for: it is refused
@@ -65,9 +63,9 @@ def fork_import(
         if refused is not None:
             return refuse(refused, exits.FAILED, as_json)
         try:
-            _record_in_sink(location, new_id, root_id, from_batch)
+            record_fork(location, new_id, root_id, from_batch)
             copied = fork(store, root_id, new_id, _first_step_to_run(history, from_batch))
-        except (SinkError, PromiseConflictError, PromiseNotFoundError, StoreError) as exc:
+        except (PermanentError, PromiseConflictError, PromiseNotFoundError, StoreError) as exc:
             return refuse(str(exc), exits.FAILED, as_json)
         except WorkflowBusyError as exc:
             return refuse(f"{exc}; wait for it to end, or cancel it, then fork it", exits.BUSY, as_json)
@@ -80,7 +78,7 @@ def _refusal(store: Any, location: StoreLocation, history: History | None, root_
     if history is None:
         known = ", ".join(root_ids(store)) or "none"
         return f"{location.url}: no import {root_id!r} (known: {known})"
-    if not records_call_of(history.root, import_records):
+    if not is_import(history.root):
         return f"{root_id} is not an import: only an import's batches can be forked"
     if store.get(new_id) is not None:
         return f"{new_id} exists already: give the fork another --new-id"
@@ -99,15 +97,6 @@ def _first_step_to_run(history: History, from_batch: int) -> int | None:
     """The step number of batch `from_batch` (None if it was never begun: all is reused)."""
     units = sorted(IMPORT_TERMS.units_of(history).steps)
     return units[from_batch] if from_batch < len(units) else None
-
-
-def _record_in_sink(location: StoreLocation, new_id: str, root_id: str, from_batch: int) -> None:
-    is_pg = parse_store_url(location.url)[0] == "postgresql"
-    sink = open_sink(location.state_dir, location.url if is_pg else None)
-    try:
-        sink.record_fork(new_id, root_id, from_batch)
-    finally:
-        sink.close()
 
 
 def _say(location: StoreLocation, history: History, new_id: str, from_batch: int, copied: int,

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from store import Promise, State, failpoints
+from store import Promise, State, failpoints, parse_store_url
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
     SourceError,
@@ -35,6 +35,7 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
+from workflow.importer.app import open_sink
 from workflow.importer.sources import source_label
 from workflow.registry import describe
 
@@ -192,3 +193,19 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         **common_settings(args),
     )
     return supervise(settings, as_json=args.json)
+
+
+def record_fork(location: StoreLocation, new_id: str, root_id: str, from_batch: int) -> None:
+    """Record in the import's sink that `new_id` is a fork of `root_id` from `from_batch`, so
+    that its batches take over the rows `root_id` wrote for them (workflow/importer/forks.py);
+    a SinkError if the sink holds another fork under `new_id`."""
+    in_database = parse_store_url(location.url)[0] == "postgresql"
+    sink = open_sink(location.state_dir, location.url if in_database else None)
+    try:
+        sink.record_fork(new_id, root_id, from_batch)
+    finally:
+        sink.close()
+
+
+def is_import(root: Promise) -> bool:
+    return records_call_of(root, import_records)
