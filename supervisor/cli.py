@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print the list as one JSON array")
     status = commands.add_parser("status", help="show a workflow's progress; changes nothing")
     _inspection(status)
-    retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
+    retry = commands.add_parser("retry", help="reopen a failed (or cancelled) workflow so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
     cancel = commands.add_parser("cancel", help="stop a running (or pending) workflow for good at its "

@@ -109,3 +109,26 @@ def test_a_fork_on_postgresql(tmp_path: Path, pg_url: str, audit: ModuleType, wo
                                   "AND batch < %s", (f"{FORK}.", K)).fetchone()[0]
     assert ran_before_k == 0
     _check_rows(rows, skipped)
+
+
+def test_a_fork_of_a_fork_takes_over_from_every_ancestor(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    assert run_import(state_dir, *SIZES).returncode == 0
+    assert run_cli("fork", state_dir, "--id", ORIGINAL, "--from-batch", str(K)).returncode == 0
+    assert run_cli("run", state_dir, "--id", FORK, *SIZES).returncode == 0
+    second = f"{FORK}~fork-2"  # from batch 2: before the first fork's own batches
+    made = run_cli("fork", state_dir, "--id", FORK, "--from-batch", "2")
+    assert made.returncode == 0, made.describe()
+    ran = run_cli("run", state_dir, "--id", second, *SIZES, "--json")
+    assert ran.returncode == 0, ran.describe()
+    assert ran.report["children"][0]["executed"] == list(range(2, BATCHES))
+    assert ran.report["total_processed"] + ran.report["total_skipped"] == RECORDS
+    db = open_read_only(state_dir / "import.db")
+    try:
+        writers = dict(db.execute("SELECT batch, group_concat(DISTINCT import_id) FROM records GROUP BY 1"))
+        reasons = {r for (r,) in db.execute("SELECT DISTINCT reason FROM skipped")}
+        count = db.execute("SELECT count(*) FROM records").fetchone()[0]
+    finally:
+        db.close()
+    assert writers == {b: ORIGINAL if b < 2 else second for b in range(BATCHES)}
+    assert reasons == {"invalid_email"} and count == RECORDS - RECORDS // 20
