@@ -141,7 +141,7 @@ class Runner:
             self._step_processes(_RunState(dependencies, _CancelWatch(self.store, root_id))),
         ):
             try:
-                return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+                result = self._call(Call(root_id, fn, args, kwargs, None), root=True)
             except WorkflowCancelled:  # seen between steps: those in flight have ended
                 self._settle_cancelled(root_id)
                 raise
@@ -149,6 +149,9 @@ class Runner:
                 if exc.promise_id == root_id and is_cancellation(exc.error):
                     raise WorkflowCancelled(root_id) from None
                 raise
+            if self.store.cancel_requested(root_id):  # it finished before it saw the request
+                self.store.withdraw_cancel(root_id)
+            return result
 
     @contextlib.contextmanager
     def _driver_dependencies(self) -> Iterator[dict[str, Any]]:

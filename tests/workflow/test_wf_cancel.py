@@ -120,3 +120,11 @@ def test_cancel_refuses_a_finished_failed_or_unknown_workflow(store: PromiseStor
     with pytest.raises(PromiseNotFoundError):
         Runner(store).cancel("wf/none")
     assert not store.cancel_requested(ROOT)
+
+
+def test_a_request_the_workflow_finished_before_seeing_is_withdrawn(store: PromiseStore) -> None:
+    ran: list[int] = []
+    runner(store, ran, "memory:", cancel_at_3=False).run(ROOT, steps, 1)
+    store.request_cancel(ROOT)  # too late: it is done
+    assert runner(store, ran, "memory:").run(ROOT, steps, 1) == [0]
+    assert not store.cancel_requested(ROOT) and store.get(ROOT).state is State.RESOLVED
