@@ -257,9 +257,11 @@ class Runner:
         if root is not None and root.state is State.PENDING:
             self.store.reject(root_id, cancellation_record())
 
-    def _raise_if_stopping(self, where: str) -> None:
-        """Between steps: end the run if it was asked to stop (a signal), or cancelled."""
+    def _raise_if_stopping(self, before: str | None = None) -> None:
+        """Between steps (before the step `before`, or in a retry backoff): end the run if it was
+        asked to stop (a signal), or cancelled."""
         if self._should_stop is not None and self._should_stop():
+            where = "during a retry backoff" if before is None else f"before {before}"
             raise WorkflowInterrupted(f"stopped {where}; run again to resume")
         cancel = self._run.cancel
         if cancel is not None and cancel.requested():
@@ -296,7 +298,7 @@ class Runner:
             raise StepError(call.promise_id, entry.name, promise.error)
         if entry.is_workflow:
             return self._drive(call, entry)
-        self._raise_if_stopping(f"before {call.promise_id}")
+        self._raise_if_stopping(call.promise_id)
         return self._execute_step(call, entry, promise)
 
     def _version_to_drive(
@@ -749,13 +751,13 @@ class Runner:
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
         """The backoff between attempts; a stop request (or a cancel) ends it, and the run."""
-        self._raise_if_stopping("during a retry backoff")
+        self._raise_if_stopping()
         if self._should_stop is None:
             self._sleep(seconds)
             return
         left = seconds
         while left > 0:
-            self._raise_if_stopping("during a retry backoff")
+            self._raise_if_stopping()
             self._sleep(min(left, _STOP_POLL_S))
             left -= _STOP_POLL_S
 
