@@ -32,6 +32,12 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
   a process kill at once and reach the disk with the next settle. So do creations, except that
   an exclusive JSON-lines store holds a creation back until its next write (so a step's creation
   and first attempt are one line): a creation lost with its process is made again by the replay.
+  A resolve made with `hold=True` by the owner of its root may be held back (on PostgreSQL) to
+  be written with the store's next write under that root, in one transaction with it (a
+  step's settle with the next step's creation: one commit per step), or by `sync()`, `close()`
+  or the end of `own()`; until then a kill loses it, and the replay runs that step again, as
+  after a kill just before its settle. The caller makes such a write or sync before it waits
+  for anything or anything else runs (the runner's sequential loop does, at once).
 - **Values handed out** (`param`, `value`, `error` of a Promise) may be the store's own cached
   objects: treat them as read-only (the runner gives workflow code copies).
 - **Cancel requests.** `request_cancel(root_id)` records that an operator asked the workflow to
@@ -66,6 +72,8 @@ from .promise import Promise
 class PromiseStore(abc.ABC):
     """Durable promises, as the workflow runtime uses them (the contract is the module's doc)."""
 
+    holds_settles = False  # whether `resolve(hold=True)` may hold a settle back (see the contract)
+
     @abc.abstractmethod
     def create(self, promise_id: str, param: Any) -> Promise:
         """Create a pending promise, or return the existing one if it has the same param."""
@@ -75,8 +83,11 @@ class PromiseStore(abc.ABC):
         """Record that an attempt of a pending promise begins; return its number (1, 2, ...)."""
 
     @abc.abstractmethod
-    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
-        """Settle with a value, durably (or with the next sync); the same value again is a no-op."""
+    def resolve(
+        self, promise_id: str, value: Any, *, defer_sync: bool = False, hold: bool = False
+    ) -> Promise:
+        """Settle with a value, durably (or with the next sync, or with the next write); the same
+        value again is a no-op."""
 
     @abc.abstractmethod
     def reject(

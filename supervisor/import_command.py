@@ -1,5 +1,6 @@
 """The `run` command: the import application's wiring, the one module of the supervisor that
-imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`).
+imports workflow.importer (the CLI loads it only for `run`, `report`, and for `list`, `status`,
+`retry` and `compact` to recognize imports).
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
@@ -10,7 +11,7 @@ steps come between them); their number is known up front for a synthetic source,
 file only once its plan is stored to its end. `--kill-at-batch K` waits at the import's own
 `batch.mid` failpoint (halfway through batch K's rows, before its transaction commits);
 `--fail-at-batch K` arms `batch.fail` on batch K's first attempt. `status` gets the import's
-words and batch totals from `terms_for`.
+words, batch totals and the sink's executions from `terms_for`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,6 +27,7 @@ import orjson
 from store import Promise, State, failpoints, parse_store_url
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
+    SINK_FILE,
     SourceError,
     batch_count,
     check_source,
@@ -36,6 +39,8 @@ from workflow.importer import (
 )
 from workflow.importer import setup as import_setup
 from workflow.importer.app import open_sink
+from workflow.importer.executions import read_executions
+from workflow.importer.sink import SinkError, open_read_only
 from workflow.importer.sources import source_label
 from workflow.registry import describe
 
@@ -107,6 +112,15 @@ class ImportTerms(Terms):
         done = self.units_of(history).in_state(State.RESOLVED)
         return sum(p.value["records"] for p in done if isinstance(p.value, dict)
                    and isinstance(p.value.get("records"), int))
+
+    def executions(self, location: StoreLocation, root_id: str) -> list[dict[str, Any]]:
+        """The sink's `executions` of the import's batches: in the store's PostgreSQL database,
+        or the state dir's SQLite file (none for a store given by path, without a state dir)."""
+        if parse_store_url(location.url)[0] == "postgresql":
+            return read_executions(location.url, root_id)
+        if location.state_dir is None:
+            return []
+        return read_executions(location.state_dir / SINK_FILE, root_id)
 
 
 IMPORT_TERMS = ImportTerms()
@@ -193,6 +207,21 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         **common_settings(args),
     )
     return supervise(settings, as_json=args.json)
+
+
+def open_sink_readonly(state_dir: Path, store_url: str | None) -> Any:
+    """A read-only connection to the import's sink, for `report`: `import.db` in the state dir
+    (sqlite3's), or with a PostgreSQL store its tables there (psycopg's, loaded only then); a
+    SinkError names what cannot be read."""
+    if store_url is None:
+        return open_read_only(state_dir / SINK_FILE)
+    from workflow.importer.pg_sink import SinkConnectionError
+    from workflow.importer.pg_sink import open_read_only as open_pg_read_only
+
+    try:
+        return open_pg_read_only(store_url)
+    except SinkConnectionError as exc:
+        raise SinkError(str(exc)) from exc
 
 
 def record_fork(location: StoreLocation, new_id: str, root_id: str, from_batch: int) -> None:

@@ -15,6 +15,8 @@ import orjson
 
 from workflow.history import History
 
+from .location import StoreLocation
+
 RESULT_TEXT_CHARS = 200  # a result longer than this is cut in the text report (never in JSON)
 
 
@@ -59,6 +61,11 @@ class Terms:
     def records_done(self, history: History) -> int | None:
         """How many records its finished units handled, for a workflow that counts records."""
         return None
+
+    def executions(self, location: StoreLocation, root_id: str) -> list[dict[str, Any]]:
+        """What the application recorded of each run of a unit (`promise_id`, `pid`, `attempt`,
+        `started_at`, `finished_at`, `outcome`), in the order they started; none by default."""
+        return []
 
 
 @dataclass

@@ -38,6 +38,7 @@ from workflow.history import History, read_history, state_of
 from workflow.ids import child_id
 
 from .child import Child, ChildEnd
+from .events import EventLog
 from .faults import (
     Point,
     RandomKill,
@@ -129,6 +130,7 @@ class Supervisor:
         self.report = RunReport(settings.root_id, settings.location.report_entry(), settings.terms)
         self.stop_signal: signal.Signals | None = None
         self._live = live
+        self._events = EventLog(settings.location.state_dir, settings.root_id)
         self._pending_pauses = set(settings.kill_at_steps)
         self._random = list(settings.random_kills)
         self._step_count = settings.step_count
@@ -141,6 +143,7 @@ class Supervisor:
     def run(self) -> RunReport:
         started = time.monotonic()
         lock = self._lock()
+        self._events.add("supervisor", pid=os.getpid())
         try:
             self.s.location.create_if_missing(self.s.lock_timeout)
             with self._signals_forwarded():
@@ -180,6 +183,7 @@ class Supervisor:
             store_write = store_write_step(kill, first)
             pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
             child = self._spawn(list(pauses), store_write)
+            self._events.add("spawn", pid=child.pid)
             watch = Watch(ChildReport(child.pid, exit="running"), steps_done_before=_done(units),
                           unit_of={p.id: n for n, p in enumerate(units)},
                           other_steps=sorted(set(steps) - set(units_at)),
@@ -195,6 +199,7 @@ class Supervisor:
             # A kill counts only if it is what ended the child (it may have exited just before).
             ours = watch.kill if end.signal is signal.SIGKILL else None
             self._log_end(end, watch, ours)
+            self._record_end(end, watch, ours)
             if ours is not None:
                 self.report.kills.append(ours)
             if watch.stall is not None and end.signal is signal.SIGKILL:
@@ -216,6 +221,7 @@ class Supervisor:
                 return
             if ours is not None:
                 self.report.restarts += 1
+                self._events.add("restart", after=end.pid)
                 continue
             if end.returncode > 0 and end.returncode not in exitcodes.RESTARTABLE:
                 self._failed(end, child, watch)
@@ -234,6 +240,7 @@ class Supervisor:
                 self._interrupted("while waiting to restart the worker")
                 return
             self.report.restarts += 1
+            self._events.add("restart", after=end.pid)
 
     def _interrupted(self, detail: str) -> None:
         self.report.interrupted_by = self.stop_signal.name
@@ -454,6 +461,7 @@ class Supervisor:
         that follows names it, see _on_step). The next random kill is armed on the same worker."""
         kill = KillReport(victim, "pool", None, worker=child.pid)
         log.info("SIGKILL to process %d of worker %d's pool", victim, child.pid)
+        self._events.add("kill", pid=victim, kind="pool", unit=None, worker=child.pid)
         self.report.kills.append(kill)
         watch.unplaced_pool_kills.append(kill)
         watch.random_kill = None
@@ -533,6 +541,7 @@ class Supervisor:
             watch.started(promise_id, step, event.get("attempt") or 0, now)
         elif kind == progress.KIND_RETRYING:  # the attempt ended; the next waits its backoff
             watch.retrying(promise_id)
+            self._events.add("retry", unit=step, attempt=event.get("attempt"), error=event.get("error"))
             if watch.unplaced_pool_kills:  # the step whose pool process we killed, most likely
                 watch.unplaced_pool_kills.pop(0).step = step
         elif kind == progress.KIND_RESOLVED:
@@ -576,6 +585,15 @@ class Supervisor:
                     "SIGKILL, then a restart", child.pid, silent, self.s.stall_timeout)
         child.signal_group(signal.SIGKILL)
         watch.stall = StallReport(child.pid, watch.step_in_flight(), round(silent, 3))
+
+    def _record_end(self, end: ChildEnd, watch: Watch, ours: KillReport | None) -> None:
+        """The worker's end in the event log, after the kill or stall that ended it, if any."""
+        if ours is not None:
+            self._events.add("kill", pid=ours.pid, kind=ours.kind, unit=ours.step, worker=None)
+        elif watch.stall is not None and end.signal is signal.SIGKILL:
+            self._events.add("stall", pid=end.pid, unit=watch.stall.step, silent_s=watch.stall.silent_s)
+        self._events.add("exit", pid=end.pid, exit=end.describe(), ran=len(watch.report.executed),
+                         replayed=watch.report.replayed)
 
     def _log_end(self, end: ChildEnd, watch: Watch, ours: KillReport | None) -> None:
         why = f" ({ours.kind} kill of ours)" if ours else " (stalled)" if watch.stall else ""

@@ -45,7 +45,7 @@ from .errors import (
     is_cancellation,
 )
 from .executor import StepExecutor, StepProcessLost, call_as_step
-from .ids import check_root_id, child_id, children_prefix, patch_marker_id
+from .ids import check_root_id, child_id, children_prefix, is_root, patch_marker_id
 from .patches import Patch
 from .pool import ProcessPool, Setup
 from .registry import Registered, describe, registered, versions
@@ -355,15 +355,19 @@ class Runner:
                     yielded = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration as done:
                     self._check_ended_cleanly(call, entry, ctx)
+                    self._write_held()
                     self._wait(begun)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
                         raise
                     self._check_ended_cleanly(call, entry, ctx)
+                    self._write_held()
                     self._wait(begun)
                     self._fail(call, entry, exc)
                 kind = type(yielded)
+                if kind is not Call:  # a call's creation is the next write, and takes it along
+                    self._write_held()
                 try:
                     if kind is Call:
                         ctx.take_yielded(yielded)
@@ -704,12 +708,14 @@ class Runner:
     # -- settling --------------------------------------------------------------------------
 
     def _resolve(self, call: Call, entry: Registered, value: Any) -> Any:
+        defer = self._defer(entry.recover is not None)
+        hold = not defer and self._may_hold(call.promise_id)
         try:
-            promise = self.store.resolve(
-                call.promise_id, value, defer_sync=self._defer(entry.recover is not None)
-            )
+            promise = self.store.resolve(call.promise_id, value, defer_sync=defer, hold=hold)
         except TypeError as exc:  # the result cannot be stored: a bug in the step, not retried
             self._fail(call, entry, exc)
+        if hold:
+            self._run.held = True
         self._emit("resolved", call, entry)
         return _own(promise.value)
 
@@ -733,6 +739,20 @@ class Runner:
             run.owed = True
             return True
         return False
+
+    def _may_hold(self, promise_id: str) -> bool:
+        """Whether a settle may wait for the store's next write (the contract's `hold`): in the
+        driving thread, whose next write comes at once (a step's creation, or `_write_held`
+        before anything else), and never the root's, which the run returns."""
+        return (self.store.holds_settles and not is_root(promise_id)
+                and not getattr(self._runs, "in_step_thread", False))
+
+    def _write_held(self) -> None:
+        """Write the settle held back, before the workflow waits for anything or ends."""
+        run = self._run
+        if run.held:
+            run.held = False
+            self.store.sync()
 
     def _sync_owed(self) -> None:
         """Sync the settles deferred by a group or by step threads, before the workflow sees
@@ -836,6 +856,7 @@ class _RunState:
         self.queued: list[tuple[Handle, Call, Registered, Promise]] = []
         self.grouping = False  # the driver runs a group of begun calls (no pool)
         self.owed = False  # a settle was deferred that the driver has not synced yet
+        self.held = False  # the driver's last settle may be held back to go with its next write
 
 
 

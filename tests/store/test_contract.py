@@ -107,6 +107,24 @@ def test_resolve_settles_with_the_value(store: PromiseStore) -> None:
     assert store.get("a") == promise
 
 
+def test_a_held_resolve_is_settled_at_once_for_its_owner_and_for_all_after_the_next_write(
+    backend: str, place: Path | str
+) -> None:
+    with BACKENDS[backend](place) as store, store.own("w"):
+        store.create("w.0", None)
+        store.start_attempt("w.0")
+        held = store.resolve("w.0", [1, 2], hold=True)
+        assert (held.state, held.value) == (State.RESOLVED, [1, 2]) and store.get("w.0") == held
+        assert store.resolve("w.0", [1, 2], hold=True) == held  # the same value again: a no-op
+        with pytest.raises(PromiseConflictError):
+            store.resolve("w.0", [3])
+        store.create("w.1", None)
+        store.start_attempt("w.1")
+    if backend != "memory":  # a new memory store is empty: no second look
+        with BACKENDS[backend](place) as store:
+            assert store.get("w.0").value == [1, 2]
+
+
 @pytest.mark.parametrize(("settle", "outcome"), [
     ("resolve", {"rows": 11}),
     ("reject", {"type": "ValueError", "message": "late"}),
