@@ -10,6 +10,7 @@ request and reopens the workflow.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -71,7 +72,7 @@ def _not_cancellable(root: Promise, terms: Terms, location: StoreLocation) -> st
         return f"{terms.noun} {root.id} is done; there is nothing to cancel"
     if state == "rejected":
         return (f"{terms.noun} {root.id} failed; there is nothing to cancel (`python -m supervisor "
-                f"retry --id {root.id}{location.cli_flags()}` resumes it)")
+                f"retry --id {shlex.quote(root.id)}{location.cli_flags()}` resumes it)")
     return None
 
 
@@ -87,7 +88,7 @@ def _settle_unless_driven(location: StoreLocation, root_id: str) -> bool:
 
 
 def _say(location: StoreLocation, root_id: str, terms: Terms, settled: bool, as_json: bool) -> int:
-    resume = f"python -m supervisor retry --id {root_id}{location.cli_flags()}"
+    resume = f"python -m supervisor retry --id {shlex.quote(root_id)}{location.cli_flags()}"
     if as_json:
         state = "cancelled" if settled else "cancelling"
         sys.stdout.write(orjson.dumps({"id": root_id, "state": state, "resume": resume}).decode() + "\n")

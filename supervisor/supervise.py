@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -264,7 +265,8 @@ class Supervisor:
             self.report.error = f"worker {end.pid} said the {noun} is cancelled, but its store does not"
             return
         self.report.cancelled = True
-        self.report.resume = f"python -m supervisor retry --id {self.s.root_id}{self.s.location.cli_flags()}"
+        self.report.resume = (f"python -m supervisor retry --id {shlex.quote(self.s.root_id)}"
+                              f"{self.s.location.cli_flags()}")
 
     def _finish(self, end: ChildEnd) -> None:
         t = self.s.terms
