@@ -40,6 +40,13 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
   a kill just before its settle.
 - **Values handed out** (`param`, `value`, `error` of a Promise) may be the store's own cached
   objects: treat them as read-only (the runner gives workflow code copies).
+- **Cancel requests.** `request_cancel(root_id)` records that an operator asked the workflow to
+  stop for good; `cancel_requested(root_id)` tells whether one is recorded; `withdraw_cancel`
+  removes it (an operator's retry). They work from any process, on a store opened read-only too,
+  while another process holds the store or drives the workflow: a request is not a promise and
+  takes no lock (the driver asks for it between steps, and settles the root itself). When
+  `request_cancel` or `withdraw_cancel` return, the change survives a kill and a power loss;
+  both are idempotent.
 - **Ownership.** `own(root_id)` is held by whoever drives that workflow (runs and settles its
   steps). A second owner waits up to the store's lock timeout, then gets `WorkflowBusyError`
   naming the holder: it never runs anything beside the first.
@@ -107,6 +114,18 @@ class PromiseStore(abc.ABC):
     @abc.abstractmethod
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         """Hold the right to drive the workflow `root_id`; WorkflowBusyError if another has it."""
+
+    @abc.abstractmethod
+    def request_cancel(self, root_id: str) -> None:
+        """Record, durably, that the workflow `root_id` is asked to stop for good."""
+
+    @abc.abstractmethod
+    def cancel_requested(self, root_id: str) -> bool:
+        """Whether a cancel of `root_id` is recorded (and not withdrawn)."""
+
+    @abc.abstractmethod
+    def withdraw_cancel(self, root_id: str) -> None:
+        """Remove a recorded cancel of `root_id`, durably; a no-op without one."""
 
     def compact(self) -> None:  # noqa: B027  (optional: a store with nothing to reclaim)
         """Reclaim the space of superseded records, atomically; a no-op where there is none."""

@@ -5,7 +5,10 @@ filelock every appender takes; `<path>.lock.owner` names the last process to hol
 `<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened (they
 pile up, one per recovery, until `collect_set_aside` deletes them); `<path>.compact` is the new
 file of a compaction, renamed over `<path>` when it is whole;
-`<path>.root-<digest>.lock` is the lock of one root workflow's driver in a shared store.
+`<path>.root-<digest>.lock` is the lock of one root workflow's driver in a shared store;
+`<path>.cancel-<digest>` is an operator's request to cancel that root workflow: a file of its
+own, so that it can be made while a worker holds the store's lock (the worker looks for it
+between steps).
 
 Locking: a *shared* store takes the lock around every append (about 100 µs), so any number of
 processes can append to one file. An *exclusive* store takes it once at open and holds it until
@@ -121,8 +124,44 @@ class JsonlStore(IndexedStore):
         """
         if self._readonly:
             raise StoreError(f"{self.path}: store was opened read-only")
-        digest = hashlib.sha256(root_id.encode()).hexdigest()[:16]
-        return _owning(OwnedLock(f"{self._lock_base}.root-{digest}.lock"), root_id, self._lock_timeout)
+        return _owning(OwnedLock(f"{self._lock_base}.root-{_digest(root_id)}.lock"), root_id,
+                       self._lock_timeout)
+
+    def request_cancel(self, root_id: str) -> None:
+        """Write the request file (synced, and its directory entry) unless it is there."""
+        self._check(root_id)
+        path = self._cancel_path(root_id)
+        try:
+            write_synced_file(path, [root_id.encode()], overwrite=False)
+        except FileExistsError:
+            pass  # made before, perhaps by a caller killed before it synced the directory
+        except OSError as exc:
+            raise StoreWriteError(f"{path}: cannot record the cancel request ({exc.strerror})") from exc
+        self._sync_dir_of(path, "recording the cancel request")
+
+    def cancel_requested(self, root_id: str) -> bool:
+        self._check(root_id)
+        return self._cancel_path(root_id).exists()
+
+    def withdraw_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        path = self._cancel_path(root_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreWriteError(f"{path}: cannot withdraw the cancel request ({exc.strerror})") from exc
+        self._sync_dir_of(path, "withdrawing the cancel request")
+
+    def _cancel_path(self, root_id: str) -> Path:
+        return Path(f"{self._lock_base}.cancel-{_digest(root_id)}")
+
+    def _sync_dir_of(self, path: Path, action: str) -> None:
+        try:
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreWriteError(f"{path.parent}: {action} failed to sync ({exc.strerror})") from exc
 
     def compact(self) -> None:
         """Rewrite the file with one record per promise and swap it in atomically."""
@@ -483,6 +522,9 @@ def collect_set_aside(path: str | os.PathLike[str], *, lock_timeout: float) -> l
             side.unlink(missing_ok=True)
     return before
 
+def _digest(root_id: str) -> str:
+    """The part of a root's own files' names that stands for its id (any id makes a file name)."""
+    return hashlib.sha256(root_id.encode()).hexdigest()[:16]
 
 @contextlib.contextmanager
 def _owning(lock: OwnedLock, root_id: str, timeout: float) -> Iterator[None]:

@@ -307,6 +307,23 @@ class PgStore(TaskQueue, PromiseStore):
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         return self._owning(root_id)
 
+    def request_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        with self._errors(f"recording the cancel request of {root_id}", write=True), \
+                self._safe.connection() as conn:
+            conn.execute("INSERT INTO cancels (root) VALUES (%s) ON CONFLICT (root) DO NOTHING", (root_id,))
+
+    def cancel_requested(self, root_id: str) -> bool:
+        self._check(root_id)
+        with self._errors(f"reading the cancel request of {root_id}"), self._fast.connection() as conn:
+            return conn.execute("SELECT 1 FROM cancels WHERE root = %s", (root_id,)).fetchone() is not None
+
+    def withdraw_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        with self._errors(f"withdrawing the cancel request of {root_id}", write=True), \
+                self._safe.connection() as conn:
+            conn.execute("DELETE FROM cancels WHERE root = %s", (root_id,))
+
     def close(self) -> None:
         if self._closed:
             return

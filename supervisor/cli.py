@@ -1,5 +1,5 @@
-"""Command line: `python -m supervisor exec|run|join|list|status|retry|compact|gc|report` (argument
-parsing and dispatch only).
+"""Command line: `python -m supervisor exec|run|join|list|status|retry|cancel|fork|compact|gc|report`
+(argument parsing and dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -33,6 +33,7 @@ from workflow.child import (
 )
 from workflow.retry import RetryPolicy
 
+from .cancel_command import cancel_workflow
 from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
 from .housekeeping import collect_garbage, compact_store
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show it again every --interval seconds until the workflow ends (or Ctrl-C)")
     status.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
                         help="seconds between two --watch snapshots (default 1)")
-    retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
+    retry = commands.add_parser("retry", help="reopen a failed (or cancelled) workflow so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
     compact = commands.add_parser("compact", help="rewrite the JSON-lines store holding a workflow with "
@@ -129,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
                         f"./{DEFAULT_STATE_DIR}); with --store, the supervisor's events only")
     report.add_argument("--store", type=_sink_database, default=None, metavar="URL",
                         help="the PostgreSQL database of an import run with `run --store URL`")
+    cancel = commands.add_parser("cancel", help="stop a running (or pending) workflow for good at its "
+                                 "next step boundary; `retry` resumes it")
+    _location(cancel, store=True)
+    cancel.add_argument("--id", type=root_id, required=True, help="the workflow's id (see `list`)")
+    cancel.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    fork = commands.add_parser("fork", help="a new import that reuses the stored results of an import's "
+                               "batches before K and runs K onward again (then `run --id NEW`)")
+    _location(fork, store=True)
+    fork.add_argument("--id", type=root_id, required=True, help="the import to fork")
+    fork.add_argument("--from-batch", type=_non_negative, required=True, metavar="K",
+                      help="the first batch the fork runs again (batches before it are reused)")
+    fork.add_argument("--new-id", type=root_id, default=None, metavar="NEW",
+                      help="the fork's id (default: ID~fork-K)")
+    fork.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     return parser
 
 
@@ -197,12 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(parser, args)
     if args.command == "join":
         return join_command(args, _terms_for)
+    if args.command == "fork":
+        from .fork_command import fork_import  # the import application: loaded for `fork` only
+
+        return fork_import(_where(args), args.id, args.from_batch, args.new_id, as_json=args.json)
     if args.command == "list":
         return list_workflows(_where(args), as_json=args.json, terms_for=_terms_for)
     if args.command == "report":
         from .report_command import report_command  # the import application: loaded for `report` only
 
         return report_command(args.id, args.html, args.state_dir, args.store)
+    if args.command == "cancel":
+        return cancel_workflow(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
     if args.command == "status":
         return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for,
                            watch=args.interval if args.watch else None)

@@ -127,6 +127,8 @@ def supervise(settings: Settings, *, as_json: bool) -> int:
     _print(report.as_json() if as_json else report.as_text(), as_json)
     if report.ok:
         return exits.OK
+    if report.cancelled:
+        return exits.CANCELLED
     print(f"error: {report.error}", file=sys.stderr)
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value

@@ -38,6 +38,7 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
+from workflow.importer.app import open_sink
 from workflow.importer.executions import read_executions
 from workflow.importer.sink import SinkError, open_read_only
 from workflow.importer.sources import source_label
@@ -222,3 +223,19 @@ def open_sink_readonly(state_dir: Path, store_url: str | None) -> Any:
         return open_pg_read_only(store_url)
     except SinkConnectionError as exc:
         raise SinkError(str(exc)) from exc
+
+
+def record_fork(location: StoreLocation, new_id: str, root_id: str, from_batch: int) -> None:
+    """Record in the import's sink that `new_id` is a fork of `root_id` from `from_batch`, so
+    that its batches take over the rows `root_id` wrote for them (workflow/importer/forks.py);
+    a SinkError if the sink holds another fork under `new_id`."""
+    in_database = parse_store_url(location.url)[0] == "postgresql"
+    sink = open_sink(location.state_dir, location.url if in_database else None)
+    try:
+        sink.record_fork(new_id, root_id, from_batch)
+    finally:
+        sink.close()
+
+
+def is_import(root: Promise) -> bool:
+    return records_call_of(root, import_records)

@@ -17,7 +17,7 @@ from itertools import groupby
 from typing import Any
 
 from store import Promise, State
-from workflow.history import History, recorded_call
+from workflow.history import History, recorded_call, state_of
 
 from .report import Terms
 
@@ -58,7 +58,7 @@ def status_of(history: History, terms: Terms, executions: Sequence[dict[str, Any
     remaining = None if total is None else total - done
     return {
         "id": root.id,
-        "state": root.state.value,
+        "state": state_of(root),
         "code": None if call is None else f"{call.fn} v{call.version}",  # which code it runs
         f"{units}_done": done,
         f"{unit}_count": total,

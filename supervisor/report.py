@@ -117,6 +117,8 @@ class RunReport:
     error: str | None = None
     interrupted_by: str | None = None  # SIGINT or SIGTERM, when the run was stopped
     busy: bool = False  # another process held the store or drove the workflow
+    cancelled: bool = False  # the workflow is cancelled (`cancel`): its own end, not an error
+    resume: str | None = None  # the command that resumes a cancelled workflow
     elapsed_s: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
@@ -131,8 +133,11 @@ class RunReport:
             undelivered_kills=self.undelivered_kills,
             children=[asdict(c) for c in self.children],
             error=self.error,
+            cancelled=self.cancelled,
             elapsed_s=round(self.elapsed_s, 3),
         )
+        if self.cancelled:
+            out["resume"] = self.resume
         out[self.where[0]] = self.where[1]
         return out
 
@@ -164,6 +169,9 @@ class RunReport:
                   f"{self.elapsed_s:.2f} s")
         if self.ok:
             lines.append(f"done: {t.result_text(self.result)}; {counts}")
+        elif self.cancelled:
+            lines.append(f"cancelled: {t.noun} {self.id} is cancelled; `{self.resume}` resumes it "
+                         f"(then run the same command again); {counts}")
         else:  # the error itself is printed once, as the `error:` line on stderr
             lines.append(f"not done: {counts}; why: the error line on stderr")
         return "\n".join(lines)

@@ -22,7 +22,7 @@ import orjson
 from store import Promise, PromiseStore, State, StoreError, StoreLockedError, open_store
 from store.backends import redact
 from workflow import Runner
-from workflow.history import read_history, root_ids
+from workflow.history import read_history, root_ids, state_of
 
 from . import exits
 from .inspect import is_final, last_activity, status_of, status_text, timestamp
@@ -179,7 +179,7 @@ def _rows(store: PromiseStore, terms_for: TermsFor) -> list[Listing]:
         terms = terms_for(history.root)
         rows.append(Listing(
             id=root_id,
-            state=history.root.state.value,
+            state=state_of(history.root),
             units=terms.units,
             done=len(terms.units_of(history).in_state(State.RESOLVED)),
             total=terms.step_count(history),

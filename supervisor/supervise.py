@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from store.locking import LockHeldError, OwnedLock
 from store.owners import DEFAULT_LEASE_S
 from workflow import exitcodes, progress
 from workflow.child import LOCK_TIMEOUT_S, STEP_TIMEOUT_S
-from workflow.history import History, read_history
+from workflow.history import History, read_history, state_of
 from workflow.ids import child_id
 
 from .child import Child, ChildEnd
@@ -216,6 +217,9 @@ class Supervisor:
             if end.returncode == exitcodes.OK:
                 self._finish(end)
                 return
+            if end.returncode == exitcodes.CANCELLED:
+                self._cancelled(end)
+                return
             if self.stop_signal is not None:
                 self._interrupted(
                     f"worker {end.pid} {end.describe()}; {self._steps_done()} done; "
@@ -260,6 +264,17 @@ class Supervisor:
                 f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}"
                 f"{self.s.location.cli_flags()}` and run the same command again to resume"
             )
+
+    def _cancelled(self, end: ChildEnd) -> None:
+        """The worker ended the workflow as cancelled (or found it so): checked in the store."""
+        history = self._read_history()
+        if history is None or state_of(history.root) != "cancelled":
+            noun = self.s.terms.noun
+            self.report.error = f"worker {end.pid} said the {noun} is cancelled, but its store does not"
+            return
+        self.report.cancelled = True
+        self.report.resume = (f"python -m supervisor retry --id {shlex.quote(self.s.root_id)}"
+                              f"{self.s.location.cli_flags()}")
 
     def _finish(self, end: ChildEnd) -> None:
         t = self.s.terms

@@ -47,7 +47,7 @@ from store.fsutil import make_dirs
 from store.owners import DEFAULT_LEASE_S
 
 from . import exitcodes
-from .errors import EngineError, PermanentError, StepError, WorkflowInterrupted
+from .errors import EngineError, PermanentError, StepError, WorkflowCancelled, WorkflowInterrupted
 from .ids import check_root_id
 from .pool import die_with_parent
 from .progress import ENDED, FINISHED, STARTED, Progress
@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, progress, stop)
     except WorkflowInterrupted as exc:
         return _end(progress, exitcodes.INTERRUPTED, str(exc))
+    except WorkflowCancelled as exc:  # an outcome asked for, not an error
+        return _end(progress, exitcodes.CANCELLED, str(exc), said="cancelled")
     except StepError as exc:
         return _end(progress, exitcodes.FAILED, str(exc))
     except (StoreLockedError, WorkflowBusyError) as exc:
@@ -418,11 +420,11 @@ def _open_store(args: argparse.Namespace, state_dir: Path) -> AbstractContextMan
         raise StoreError(str(exc)) from exc
 
 
-def _end(progress: Progress, code: int, message: str) -> int:
+def _end(progress: Progress, code: int, message: str, said: str = "error") -> int:
     """End with `code`, saying why once: to the supervisor that reads the progress pipe (it
-    prints the error, or restarts), or, run alone, as an `error:` line on stderr."""
+    prints the error, or restarts), or, run alone, as a `said:` line on stderr."""
     if not progress.listened:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{said}: {message}", file=sys.stderr)
     progress.send(ENDED, pid=os.getpid(), code=code, error=message)
     return code
 

@@ -357,3 +357,42 @@ def test_a_closed_store_refuses_every_call(backend: str, place: Path | str) -> N
                  lambda: store.start_attempt("a"), lambda: store.resolve("a", 2)):
         with pytest.raises(StoreError, match="is closed"):
             call()
+
+
+def test_a_cancel_request_is_recorded_seen_and_withdrawn(store: PromiseStore) -> None:
+    store.create("root", 1)
+    assert not store.cancel_requested("root")
+    store.request_cancel("root")
+    store.request_cancel("root")  # idempotent
+    assert store.cancel_requested("root")
+    assert not store.cancel_requested("another")
+    assert store.get("root").state is State.PENDING  # a request settles nothing
+    store.withdraw_cancel("root")
+    store.withdraw_cancel("root")  # idempotent
+    assert not store.cancel_requested("root")
+
+
+@pytest.mark.parametrize("backend", ["jsonl-exclusive", "postgresql"])
+def test_a_cancel_request_reaches_the_driver_from_another_opener(
+    store: PromiseStore, backend: str, place: Path | str
+) -> None:
+    """Made from another process's store (read-only for a file) while this one holds the store
+    and drives the workflow; it outlives the store objects."""
+    url = place if backend == "postgresql" else place / "promises.jsonl"
+    with store.own("root"):
+        store.create("root", 1)
+        with open_store(url, readonly=True) as operator:
+            operator.request_cancel("root")
+        assert store.cancel_requested("root")
+    store.close()
+    with open_store(url, readonly=True) as later:
+        assert later.cancel_requested("root")
+        later.withdraw_cancel("root")
+    with open_store(url, readonly=True) as again:
+        assert not again.cancel_requested("root")
+
+
+@pytest.mark.parametrize("call", ["request_cancel", "cancel_requested", "withdraw_cancel"])
+def test_cancel_requests_refuse_an_id_that_is_not_a_str(store: PromiseStore, call: str) -> None:
+    with pytest.raises(TypeError, match="non-empty str"):
+        getattr(store, call)(123)
