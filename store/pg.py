@@ -60,6 +60,7 @@ log = logging.getLogger("store.pg")
 _RENEWALS_PER_LEASE = 3
 _SURELY_OURS_SHARE = 0.5  # of a lease period since its last renewal: sending without waiting is safe
 _HOLD_S = 0.002  # a settle held back longer than this is written on its own (the flusher thread)
+_FLUSHER_IDLE_S = 0.1  # after this long without a settle held, the flusher waits to be woken
 _TAKE_POLL_S = 0.1
 _COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"
 _READ = f"SELECT {_COLUMNS} FROM promise_states"
@@ -98,6 +99,7 @@ class _Lease:
     released: bool = False  # given up by own()'s end: no longer renewed
     held: dict[str, Promise] = field(default_factory=dict)  # creations not written yet, in order
     held_settles: list[_Settle] = field(default_factory=list)  # settles not written yet, in order
+    flusher_failed: bool = False  # the flusher could not write them: left to the owner's next write
 
     def surely_ours(self, lease_s: float) -> bool:
         """Whether the lease cannot have expired yet, by this process's own clock: renewed less
@@ -135,7 +137,8 @@ class PgStore(TaskQueue, PromiseStore):
         self._heartbeat: threading.Thread | None = None
         self._held_settles = threading.Condition(self._mutex)  # a settle was held: the flusher looks
         self._flusher: threading.Thread | None = None
-        self._flusher_idle = False  # it waits for a settle to be held (else it wakes when one is due)
+        self._flusher_idle = False  # it waits to be woken (else it looks every _HOLD_S)
+        self._last_hold = 0.0  # time.monotonic() of the last settle held
         self._check_connection(connect_timeout)
         self._safe = self._pool(pool_size, connect_timeout, synchronous=durable)
         try:
@@ -524,7 +527,7 @@ class PgStore(TaskQueue, PromiseStore):
                 self._explain(promise.id, lease)  # FencedError if that is why
                 raise StoreWriteError(f"{self.where}: creating {promise.id} (with the settle of "
                                       f"{held.id}) wrote nothing")
-            lease.held_settles = []
+            lease.held_settles, lease.flusher_failed = [], False
         self._cache[promise.id] = promise
         return 1
 
@@ -587,6 +590,7 @@ class PgStore(TaskQueue, PromiseStore):
             lease.held_settles.append(settle)
             self._cache[promise_id] = known._replace(state=State.RESOLVED, value=value,
                                                      settled_at=settle.settled_at)
+            self._last_hold = settle.held_at
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_late_settles, name="held settles",
                                                  daemon=True)
@@ -597,26 +601,23 @@ class PgStore(TaskQueue, PromiseStore):
 
     def _flush_late_settles(self) -> None:
         """The flusher thread: a settle still held after _HOLD_S (the workflow's own code ran on,
-        or it waits) is written on its own, so that a kill loses no more than that."""
+        or it waits) is written on its own, so that a kill loses no more than that. While
+        settles are being held it looks every _HOLD_S (a wake-up per step would cost the
+        steps more); after _FLUSHER_IDLE_S without one, it waits to be woken."""
         with self._mutex:
             while not self._closed:
-                oldest = min((lease.held_settles[0].held_at for lease in self._leases.values()
-                              if lease.held_settles and lease.lost is None), default=None)
-                due_in = None if oldest is None else oldest + _HOLD_S - time.monotonic()
-                if due_in is None or due_in > 0:
-                    self._flusher_idle = due_in is None
-                    self._held_settles.wait(due_in)
-                    self._flusher_idle = False
-                    continue
+                now = time.monotonic()
                 for lease in list(self._leases.values()):
-                    if lease.held_settles and lease.lost is None:
+                    due = lease.held_settles and lease.held_settles[0].held_at + _HOLD_S <= now
+                    if due and lease.lost is None and not lease.flusher_failed:
                         try:
                             self._write_held_settles(lease)
-                        except StoreError as exc:  # the owner's next write meets it again
+                        except StoreError as exc:  # the owner's next write meets it (no retry here)
                             log.debug("%s: writing held settles failed (%s)", self.where, exc)
-                            self._flusher_idle = True
-                            self._held_settles.wait()  # until the next settle is held
-                            self._flusher_idle = False
+                            lease.flusher_failed = True
+                self._flusher_idle = now - self._last_hold > _FLUSHER_IDLE_S
+                self._held_settles.wait(None if self._flusher_idle else _HOLD_S)
+                self._flusher_idle = False
 
     def _write_held_settles(self, lease: _Lease) -> bool:
         """Write the settles held back under `lease`, in one statement (durably, as every
@@ -631,7 +632,7 @@ class PgStore(TaskQueue, PromiseStore):
             written = self._fenced(self._safe, f"settling promise {held[0].id}", lease, _SETTLE_MANY, params)
             if written is None or written[0] != len(held):
                 self._check_written_before(lease, held)
-            lease.held_settles = []
+            lease.held_settles, lease.flusher_failed = [], False
             return True
 
     def _check_written_before(self, lease: _Lease, held: list[_Settle]) -> None:
