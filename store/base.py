@@ -32,8 +32,21 @@ Every backend (the JSON-lines file, the in-memory store, a PostgreSQL store) imp
   a process kill at once and reach the disk with the next settle. So do creations, except that
   an exclusive JSON-lines store holds a creation back until its next write (so a step's creation
   and first attempt are one line): a creation lost with its process is made again by the replay.
+  A resolve made with `hold=True` by the owner of its root may be held back for a moment (on
+  PostgreSQL at most ~2 ms) to be written with the store's next write under that root, in one
+  transaction with it (a step's settle with the next step's creation: one commit per step),
+  and always before that write; else on its own, or by `sync()`, `close()` or the end of
+  `own()`. A kill before it is written loses it, and the replay runs that step again, as after
+  a kill just before its settle.
 - **Values handed out** (`param`, `value`, `error` of a Promise) may be the store's own cached
   objects: treat them as read-only (the runner gives workflow code copies).
+- **Cancel requests.** `request_cancel(root_id)` records that an operator asked the workflow to
+  stop for good; `cancel_requested(root_id)` tells whether one is recorded; `withdraw_cancel`
+  removes it (an operator's retry). They work from any process, on a store opened read-only too,
+  while another process holds the store or drives the workflow: a request is not a promise and
+  takes no lock (the driver asks for it between steps, and settles the root itself). When
+  `request_cancel` or `withdraw_cancel` return, the change survives a kill and a power loss;
+  both are idempotent.
 - **Ownership.** `own(root_id)` is held by whoever drives that workflow (runs and settles its
   steps). A second owner waits up to the store's lock timeout, then gets `WorkflowBusyError`
   naming the holder: it never runs anything beside the first.
@@ -59,6 +72,8 @@ from .promise import Promise
 class PromiseStore(abc.ABC):
     """Durable promises, as the workflow runtime uses them (the contract is the module's doc)."""
 
+    holds_settles = False  # whether `resolve(hold=True)` may hold a settle back (see the contract)
+
     @abc.abstractmethod
     def create(self, promise_id: str, param: Any) -> Promise:
         """Create a pending promise, or return the existing one if it has the same param."""
@@ -68,8 +83,11 @@ class PromiseStore(abc.ABC):
         """Record that an attempt of a pending promise begins; return its number (1, 2, ...)."""
 
     @abc.abstractmethod
-    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
-        """Settle with a value, durably (or with the next sync); the same value again is a no-op."""
+    def resolve(
+        self, promise_id: str, value: Any, *, defer_sync: bool = False, hold: bool = False
+    ) -> Promise:
+        """Settle with a value, durably (or with the next sync, or with the next write); the same
+        value again is a no-op."""
 
     @abc.abstractmethod
     def reject(
@@ -96,6 +114,18 @@ class PromiseStore(abc.ABC):
     @abc.abstractmethod
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         """Hold the right to drive the workflow `root_id`; WorkflowBusyError if another has it."""
+
+    @abc.abstractmethod
+    def request_cancel(self, root_id: str) -> None:
+        """Record, durably, that the workflow `root_id` is asked to stop for good."""
+
+    @abc.abstractmethod
+    def cancel_requested(self, root_id: str) -> bool:
+        """Whether a cancel of `root_id` is recorded (and not withdrawn)."""
+
+    @abc.abstractmethod
+    def withdraw_cancel(self, root_id: str) -> None:
+        """Remove a recorded cancel of `root_id`, durably; a no-op without one."""
 
     def compact(self) -> None:  # noqa: B027  (optional: a store with nothing to reclaim)
         """Reclaim the space of superseded records, atomically; a no-op where there is none."""

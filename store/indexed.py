@@ -46,7 +46,10 @@ class IndexedStore(PromiseStore):
         self._check(promise_id)
         return self._locked(self._start_attempt, promise_id)
 
-    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
+    def resolve(
+        self, promise_id: str, value: Any, *, defer_sync: bool = False, hold: bool = False
+    ) -> Promise:
+        """A held settle is written at once here: a file's settle costs its sync either way."""
         self._check(promise_id)
         value = storable(promise_id, "value", value)
         promise = self._locked(self._settle, promise_id, State.RESOLVED, value)

@@ -2,8 +2,13 @@
 
 Layout: `<path>` holds one checksummed record per line (see codec.py); `<path>.lock` is the
 filelock every appender takes; `<path>.lock.owner` names the last process to hold it exclusively;
-`<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened;
-`<path>.root-<digest>.lock` is the lock of one root workflow's driver in a shared store.
+`<path>.torn-<n>` keeps the bytes of a torn last line cut off when the store was opened (they
+pile up, one per recovery, until `collect_set_aside` deletes them); `<path>.compact` is the new
+file of a compaction, renamed over `<path>` when it is whole;
+`<path>.root-<digest>.lock` is the lock of one root workflow's driver in a shared store;
+`<path>.cancel-<digest>` is an operator's request to cancel that root workflow: a file of its
+own, so that it can be made while a worker holds the store's lock (the worker looks for it
+between steps).
 
 Locking: a *shared* store takes the lock around every append (about 100 µs), so any number of
 processes can append to one file. An *exclusive* store takes it once at open and holds it until
@@ -16,6 +21,7 @@ attempt are one line (other processes see the creation with that line).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
@@ -49,6 +55,8 @@ from .promise import Promise
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CHUNK = 1 << 20
+TORN_SUFFIX = ".torn-"  # `<store>.torn-<n>`: the bytes of a torn last line, cut off on open
+COMPACTING_SUFFIX = ".compact"  # the new file a compaction writes, then renames over the store
 
 
 class Durability(StrEnum):
@@ -116,8 +124,44 @@ class JsonlStore(IndexedStore):
         """
         if self._readonly:
             raise StoreError(f"{self.path}: store was opened read-only")
-        digest = hashlib.sha256(root_id.encode()).hexdigest()[:16]
-        return _owning(OwnedLock(f"{self._lock_base}.root-{digest}.lock"), root_id, self._lock_timeout)
+        return _owning(OwnedLock(f"{self._lock_base}.root-{_digest(root_id)}.lock"), root_id,
+                       self._lock_timeout)
+
+    def request_cancel(self, root_id: str) -> None:
+        """Write the request file (synced, and its directory entry) unless it is there."""
+        self._check(root_id)
+        path = self._cancel_path(root_id)
+        try:
+            write_synced_file(path, [root_id.encode()], overwrite=False)
+        except FileExistsError:
+            pass  # made before, perhaps by a caller killed before it synced the directory
+        except OSError as exc:
+            raise StoreWriteError(f"{path}: cannot record the cancel request ({exc.strerror})") from exc
+        self._sync_dir_of(path, "recording the cancel request")
+
+    def cancel_requested(self, root_id: str) -> bool:
+        self._check(root_id)
+        return self._cancel_path(root_id).exists()
+
+    def withdraw_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        path = self._cancel_path(root_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreWriteError(f"{path}: cannot withdraw the cancel request ({exc.strerror})") from exc
+        self._sync_dir_of(path, "withdrawing the cancel request")
+
+    def _cancel_path(self, root_id: str) -> Path:
+        return Path(f"{self._lock_base}.cancel-{_digest(root_id)}")
+
+    def _sync_dir_of(self, path: Path, action: str) -> None:
+        try:
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreWriteError(f"{path.parent}: {action} failed to sync ({exc.strerror})") from exc
 
     def compact(self) -> None:
         """Rewrite the file with one record per promise and swap it in atomically."""
@@ -266,7 +310,7 @@ class JsonlStore(IndexedStore):
         size = os.fstat(self._fd).st_size
         tail = os.pread(self._fd, size - start, start)
         n = 1
-        while (side := Path(f"{self.path}.torn-{n}")).exists():
+        while (side := Path(f"{self.path}{TORN_SUFFIX}{n}")).exists():
             n += 1
         try:
             write_synced_file(side, [tail], overwrite=False)
@@ -424,7 +468,7 @@ class JsonlStore(IndexedStore):
 
     def _compact(self) -> None:
         self._write_held()
-        tmp = Path(f"{self.path}.compact")
+        tmp = Path(f"{self.path}{COMPACTING_SUFFIX}")
         try:
             write_synced_file(tmp, self._snapshot_chunks(), overwrite=True)
             os.replace(tmp, self.path)
@@ -454,6 +498,33 @@ class JsonlStore(IndexedStore):
                 lines.clear()
         yield b"".join(lines)
 
+
+def set_aside_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files beside the store at `path` that no open reads again: the torn last lines cut
+    off on open (`<path>.torn-<n>`, kept for a person to look at) and the new file of a
+    compaction that was killed before its rename (`<path>.compact`)."""
+    path = Path(path)
+    torn = [p for p in path.parent.glob(f"{glob.escape(path.name)}{TORN_SUFFIX}*")
+            if p.name.removeprefix(path.name + TORN_SUFFIX).isdigit()]
+    compacting = Path(f"{path}{COMPACTING_SUFFIX}")
+    found = sorted(torn, key=lambda p: int(p.name.rpartition("-")[2]))
+    return [*found, compacting] if compacting.exists() else found
+
+
+def collect_set_aside(path: str | os.PathLike[str], *, lock_timeout: float) -> list[Path]:
+    """Delete the set-aside files of the store at `path` that predate an open of it made here:
+    the open takes the store's lock (StoreLockedError while a worker holds it) and recovers a
+    torn tail first, so nothing deleted is still needed, and a tail it cuts now is kept (it is
+    younger than this open) until the next collection. Returns the files deleted."""
+    before = set_aside_files(path)
+    with JsonlStore(path, exclusive=True, lock_timeout=lock_timeout):
+        for side in before:  # under the lock: no compaction is writing its new file meanwhile
+            side.unlink(missing_ok=True)
+    return before
+
+def _digest(root_id: str) -> str:
+    """The part of a root's own files' names that stands for its id (any id makes a file name)."""
+    return hashlib.sha256(root_id.encode()).hexdigest()[:16]
 
 @contextlib.contextmanager
 def _owning(lock: OwnedLock, root_id: str, timeout: float) -> Iterator[None]:

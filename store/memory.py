@@ -28,9 +28,24 @@ class MemoryStore(IndexedStore):
         self._owner_left = threading.Condition(self._mutex)
         self._owners: dict[str, str] = {}  # root id -> the thread driving it
         self._lock_timeout = lock_timeout
+        self._cancels: set[str] = set()  # roots an operator asked to cancel
 
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         return self._owning(root_id)
+
+    def request_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        with self._mutex:
+            self._cancels.add(root_id)
+
+    def cancel_requested(self, root_id: str) -> bool:
+        self._check(root_id)
+        return root_id in self._cancels
+
+    def withdraw_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        with self._mutex:
+            self._cancels.discard(root_id)
 
     def close(self) -> None:
         """Nothing to release; like every store, a closed one refuses further calls."""

@@ -12,15 +12,19 @@ first use (pg_schema.py). Every call is one statement, in autocommit mode:
   was paused past its lease and resumes writes nothing (FencedError). A lease once lost stays
   lost for this store object.
 - **Durability.** Settles commit synchronously (the commit waits for the server's WAL flush;
-  the server flushes commits that arrive together once: group commit). Creations, attempts and
+  the server flushes commits that arrive together once: group commit), a held settle with the
+  creation it goes with. Other creations, attempts and
   deferred settles commit asynchronously (`synchronous_commit = off`): they survive a kill of
   the client at once, and a crash of the server once a later synchronous commit (or `sync()`)
   flushed the WAL past them, as the contract allows.
 - **The owner's view.** Only the owner of a root creates promises under it, so the owner reads
   them from memory (loaded when it takes the lease) and holds a new creation back until its
-  next write under the root. A step's creation and first attempt, and its settle, go through a
-  pipelined connection of the thread (pg_pipe.py): one round trip per step. Settles made by
-  others (a fleet's executors) are read again when waited for (`refresh`).
+  next write under the root. A step's creation and first attempt go through a pipelined
+  connection of the thread (pg_pipe.py), with the settle of the step before it when the runner
+  let that one be held (`resolve(hold=True)`): one transaction, one round trip per step. A
+  held settle no creation took along within _HOLD_S is written on its own (a thread of the
+  store), and every other write under the root writes the held settles first.
+  Settles made by others (a fleet's executors) are read again when waited for (`refresh`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import orjson
 import psycopg
@@ -55,6 +59,8 @@ log = logging.getLogger("store.pg")
 
 _RENEWALS_PER_LEASE = 3
 _SURELY_OURS_SHARE = 0.5  # of a lease period since its last renewal: sending without waiting is safe
+_HOLD_S = 0.002  # a settle held back longer than this is written on its own (the flusher thread)
+_FLUSHER_IDLE_S = 0.1  # after this long without a settle held, the flusher waits to be woken
 _TAKE_POLL_S = 0.1
 _COLUMNS = "id, param, state, value, error, attempts, attempts_at_reopen, created_at, settled_at"
 _READ = f"SELECT {_COLUMNS} FROM promise_states"
@@ -72,6 +78,17 @@ class FencedError(StoreUnavailableError):
         self.root = root
 
 
+class _Settle(NamedTuple):
+    """A settle held back, as it is written (its outcome as jsonb text), and since when."""
+
+    id: str
+    state: str
+    value: str | None
+    error: str | None
+    settled_at: float
+    held_at: float  # time.monotonic()
+
+
 @dataclass
 class _Lease:
     root: str
@@ -81,6 +98,8 @@ class _Lease:
     lost: str | None = None  # why, once the lease is lost
     released: bool = False  # given up by own()'s end: no longer renewed
     held: dict[str, Promise] = field(default_factory=dict)  # creations not written yet, in order
+    held_settles: list[_Settle] = field(default_factory=list)  # settles not written yet, in order
+    flusher_failed: bool = False  # the flusher could not write them: left to the owner's next write
 
     def surely_ours(self, lease_s: float) -> bool:
         """Whether the lease cannot have expired yet, by this process's own clock: renewed less
@@ -90,6 +109,8 @@ class _Lease:
 
 class PgStore(TaskQueue, PromiseStore):
     """Durable promises in PostgreSQL; threads of a process may share one (a pool of connections)."""
+
+    holds_settles = True  # a step's settle goes with the next step's creation: one commit per step
 
     def __init__(
         self,
@@ -114,6 +135,10 @@ class PgStore(TaskQueue, PromiseStore):
         self._cache: dict[str, Promise] = {}  # the promises under owned roots
         self._renewing = threading.Event()  # set: stop the heartbeat
         self._heartbeat: threading.Thread | None = None
+        self._held_settles = threading.Condition(self._mutex)  # a settle was held: the flusher looks
+        self._flusher: threading.Thread | None = None
+        self._flusher_idle = False  # it waits to be woken (else it looks every _HOLD_S)
+        self._last_hold = 0.0  # time.monotonic() of the last settle held
         self._check_connection(connect_timeout)
         self._safe = self._pool(pool_size, connect_timeout, synchronous=durable)
         try:
@@ -195,6 +220,7 @@ class PgStore(TaskQueue, PromiseStore):
                     return self._write_held(lease, first_attempt=promise_id).attempts
                 known = self._cache.get(promise_id)
                 check_attempt(None if known is None else _entry(known), promise_id)
+                self._write_held(lease)  # the settles held back before this attempt runs
         row = self._fenced(self._fast, f"starting an attempt of promise {promise_id}", lease,
                            "UPDATE promises SET attempts = attempts + 1 FROM fence WHERE id = %(id)s AND "
                            "NOT EXISTS (SELECT 1 FROM settles WHERE settles.id = %(id)s) RETURNING attempts",
@@ -207,9 +233,13 @@ class PgStore(TaskQueue, PromiseStore):
                 self._cache[promise_id] = self._cache[promise_id]._replace(attempts=row[0])
         return row[0]
 
-    def resolve(self, promise_id: str, value: Any, *, defer_sync: bool = False) -> Promise:
+    def resolve(
+        self, promise_id: str, value: Any, *, defer_sync: bool = False, hold: bool = False
+    ) -> Promise:
         self._check(promise_id)
         value = storable(promise_id, "value", value)
+        if hold and self._hold(promise_id, value):
+            return self._cache[promise_id]
         return self._settle(promise_id, State.RESOLVED, value, defer_sync)
 
     def reject(
@@ -232,6 +262,10 @@ class PgStore(TaskQueue, PromiseStore):
         """A transaction that takes a transaction id commits synchronously: it waits for the WAL
         to be flushed past itself, and so past every asynchronous commit before it."""
         self._check_open()
+        written = [self._write_held_settles(lease) for lease in list(self._leases.values())
+                   if lease.lost is None]
+        if any(written) and self._durable:
+            return  # their synchronous commit flushed the WAL past every commit before it
         with self._errors("syncing", write=True), self._safe.connection() as conn:
             conn.execute("SELECT pg_current_xact_id()")
 
@@ -276,6 +310,23 @@ class PgStore(TaskQueue, PromiseStore):
     def own(self, root_id: str) -> contextlib.AbstractContextManager[None]:
         return self._owning(root_id)
 
+    def request_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        with self._errors(f"recording the cancel request of {root_id}", write=True), \
+                self._safe.connection() as conn:
+            conn.execute("INSERT INTO cancels (root) VALUES (%s) ON CONFLICT (root) DO NOTHING", (root_id,))
+
+    def cancel_requested(self, root_id: str) -> bool:
+        self._check(root_id)
+        with self._errors(f"reading the cancel request of {root_id}"), self._fast.connection() as conn:
+            return conn.execute("SELECT 1 FROM cancels WHERE root = %s", (root_id,)).fetchone() is not None
+
+    def withdraw_cancel(self, root_id: str) -> None:
+        self._check(root_id)
+        with self._errors(f"withdrawing the cancel request of {root_id}", write=True), \
+                self._safe.connection() as conn:
+            conn.execute("DELETE FROM cancels WHERE root = %s", (root_id,))
+
     def close(self) -> None:
         if self._closed:
             return
@@ -284,7 +335,11 @@ class PgStore(TaskQueue, PromiseStore):
                 if lease.lost is None:
                     self._write_held(lease)
         finally:
-            self._closed = True
+            with self._mutex:
+                self._closed = True
+                self._held_settles.notify()  # the flusher ends
+            if self._flusher is not None:
+                self._flusher.join()
             self._renewing.set()
             if self._heartbeat is not None:
                 self._heartbeat.join()
@@ -446,18 +501,33 @@ class PgStore(TaskQueue, PromiseStore):
         return existing
 
     def _send_creation(self, lease: _Lease, promise: Promise) -> int:
-        """A step's creation and first attempt, sent without waiting (see pg_pipe.py) while the
-        lease is surely ours; else waited for, so that a driver that lost its lease learns it
-        (FencedError) before it runs the step."""
+        """A step's creation and first attempt (see pg_pipe.py): with the settle held back before
+        it, in one transaction waited for; alone, sent without waiting while the lease is surely
+        ours, else waited for, so that a driver that lost its lease learns it (FencedError)
+        before it runs the step."""
         promise = Promise(promise.id, promise.param, State.PENDING, None, None, 1, 0, promise.created_at)
+        if len(lease.held_settles) > 1:
+            self._write_held_settles(lease)
+        held = lease.held_settles[0] if lease.held_settles else None
         pipe = self._pipe()
         try:
-            pipe.send_creation(lease.root, lease.epoch, promise.id, to_jsonb(promise.param),
-                               promise.created_at, 1)
-            if not lease.surely_ours(self.lease_s):
-                pipe.wait()
+            if held is None:
+                pipe.send_creation(lease.root, lease.epoch, promise.id, to_jsonb(promise.param),
+                                   promise.created_at, 1)
+                if not lease.surely_ours(self.lease_s):
+                    pipe.wait()
+            else:
+                written = pipe.settle_and_create(lease.root, lease.epoch, held[:5], promise.id,
+                                                 to_jsonb(promise.param), promise.created_at,
+                                                 durable=self._durable)
         except _PIPE_FAILURES as exc:
             self._pipe_failed(pipe, lease, exc)
+        if held is not None:
+            if not written:
+                self._explain(promise.id, lease)  # FencedError if that is why
+                raise StoreWriteError(f"{self.where}: creating {promise.id} (with the settle of "
+                                      f"{held.id}) wrote nothing")
+            lease.held_settles, lease.flusher_failed = [], False
         self._cache[promise.id] = promise
         return 1
 
@@ -505,10 +575,82 @@ class PgStore(TaskQueue, PromiseStore):
             self._write_held(lease)
         return lease
 
-    def _write_held(self, lease: _Lease, first_attempt: str | None = None) -> Promise | None:
-        """Write the creations held back under `lease`, in order, in one statement; the one
-        `first_attempt` names is written with its first attempt, and returned."""
+    def _hold(self, promise_id: str, value: Any) -> bool:
+        """Hold back the owner's settle of a pending step it created, to be written with the next
+        write under its root (see the contract's `hold`); whether it was held."""
+        lease = self._lease_of(promise_id)
+        if lease is None:
+            return False
         with self._mutex:
+            known = self._cache.get(promise_id)
+            if known is None or known.settled or lease.held:
+                return False  # the rules to check, or creations to write first: settled at once
+            settle = _Settle(promise_id, State.RESOLVED.value, to_jsonb(value), None, time.time(),
+                             time.monotonic())
+            lease.held_settles.append(settle)
+            self._cache[promise_id] = known._replace(state=State.RESOLVED, value=value,
+                                                     settled_at=settle.settled_at)
+            self._last_hold = settle.held_at
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_late_settles, name="held settles",
+                                                 daemon=True)
+                self._flusher.start()
+            elif self._flusher_idle:
+                self._held_settles.notify()
+            return True
+
+    def _flush_late_settles(self) -> None:
+        """The flusher thread: a settle still held after _HOLD_S (the workflow's own code ran on,
+        or it waits) is written on its own, so that a kill loses no more than that. While
+        settles are being held it looks every _HOLD_S (a wake-up per step would cost the
+        steps more); after _FLUSHER_IDLE_S without one, it waits to be woken."""
+        with self._mutex:
+            while not self._closed:
+                now = time.monotonic()
+                for lease in list(self._leases.values()):
+                    due = lease.held_settles and lease.held_settles[0].held_at + _HOLD_S <= now
+                    if due and lease.lost is None and not lease.flusher_failed:
+                        try:
+                            self._write_held_settles(lease)
+                        except StoreError as exc:  # the owner's next write meets it (no retry here)
+                            log.debug("%s: writing held settles failed (%s)", self.where, exc)
+                            lease.flusher_failed = True
+                self._flusher_idle = now - self._last_hold > _FLUSHER_IDLE_S
+                self._held_settles.wait(None if self._flusher_idle else _HOLD_S)
+                self._flusher_idle = False
+
+    def _write_held_settles(self, lease: _Lease) -> bool:
+        """Write the settles held back under `lease`, in one statement (durably, as every
+        settle); whether there were any."""
+        with self._mutex:
+            if not lease.held_settles:
+                return False
+            held = lease.held_settles
+            params = {"ids": [h.id for h in held], "states": [h.state for h in held],
+                      "values": [h.value for h in held], "errors": [h.error for h in held],
+                      "ts": [h.settled_at for h in held]}
+            written = self._fenced(self._safe, f"settling promise {held[0].id}", lease, _SETTLE_MANY, params)
+            if written is None or written[0] != len(held):
+                self._check_written_before(lease, held)
+            lease.held_settles, lease.flusher_failed = [], False
+            return True
+
+    def _check_written_before(self, lease: _Lease, held: list[_Settle]) -> None:
+        """After held settles that did not all write: each must be there already, the same (a
+        write whose answer was lost, sent again); else FencedError if the lease is why, or a
+        StoreWriteError."""
+        for settle in held:
+            mine = self._cache[settle.id]
+            there = self._explain(settle.id, lease)  # FencedError if the lease is why
+            if check_settle(None if there is None else _entry(there), settle.id, mine.state, mine.value):
+                raise StoreWriteError(f"{self.where}: settling {settle.id} wrote nothing")
+
+    def _write_held(self, lease: _Lease, first_attempt: str | None = None) -> Promise | None:
+        """Write the settles, then the creations held back under `lease`, each kind in order in
+        one statement (a creation never reaches the disk before the settle whose value made it);
+        the creation `first_attempt` names is written with its first attempt, and returned."""
+        with self._mutex:  # settles and creations at once: no settle is held between them
+            self._write_held_settles(lease)
             if not lease.held:
                 return None
             held = [p._replace(attempts=int(p.id == first_attempt)) for p in lease.held.values()]
@@ -645,6 +787,15 @@ _CREATE_MANY = """
     FROM unnest(%(ids)s::text[], %(params)s::jsonb[], %(ts)s::float8[], %(ns)s::int[])
          WITH ORDINALITY AS v(id, param, t, n, o), fence
     ORDER BY v.o RETURNING 1)
+SELECT count(*) FROM v
+"""
+_SETTLE_MANY = """
+, v AS (
+    INSERT INTO settles (id, state, value, error, settled_at)
+    SELECT v.id, v.state, v.value, v.error, v.t
+    FROM unnest(%(ids)s::text[], %(states)s::text[], %(values)s::jsonb[], %(errors)s::jsonb[],
+                %(ts)s::float8[]) WITH ORDINALITY AS v(id, state, value, error, t, o), fence
+    ORDER BY v.o ON CONFLICT (id) DO NOTHING RETURNING 1)
 SELECT count(*) FROM v
 """
 _SETTLE_RETURNING_ALL = """

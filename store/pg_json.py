@@ -14,11 +14,12 @@ def to_jsonb(value: Any) -> str:
     numeric, which prints `1e20` back as `100000000000000000000` (an int to a JSON reader), so
     floats are written in positional notation, which keeps their decimal point."""
     text = orjson.dumps(value).decode()
-    if "e" not in text and "E" not in text:
+    if not _EXPONENT.search(text):  # the common case: no number (nor string) like 1e20
         return text
     return _NUMBER_OR_STRING.sub(_positional, text)
 
 
+_EXPONENT = re.compile(r"\d[eE][-+\d]")
 _NUMBER_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?[eE][-+]?\d+')
 
 

@@ -9,6 +9,9 @@ at once, and reaches the disk with the next synchronous commit. What the server 
 the creation is checked with the settle's answer (a creation refused by the fence makes the
 settle refused too).
 
+A settle the owner held back (pg.py) goes with the next step's creation instead: one statement,
+one synchronous commit, waited for before that step runs.
+
 Statements are prepared once per connection (libpq's pipeline mode, through psycopg's `pq`).
 """
 
@@ -21,20 +24,30 @@ from .errors import StoreUnavailableError, StoreWriteError
 
 _FENCE = ("fence AS (SELECT 1 FROM leases WHERE root = $1 AND epoch = $2 "
           "AND expires_at > now() FOR SHARE)")
-# The pipe's session commits asynchronously; a settle that must be durable says so for its own
-# commit, so that a creation (the most frequent statement) carries nothing but its fence.
-_SYNC = "durably AS (SELECT set_config('synchronous_commit', 'on', true)), "
+# The pipe's session commits synchronously (the statement the owner sends most, a settle with
+# the next creation, then carries nothing but its fence: a `set_config` in a statement costs
+# it ~0.04 ms); a statement that need not wait for the disk says so for its own commit.
+_LATER = "later AS (SELECT set_config('synchronous_commit', 'off', true)), "
 _CREATE = ("INSERT INTO promises (id, param, created_at, attempts) "
-           "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence")
+           "SELECT $3, $4::jsonb, $5::float8, $6::int FROM fence, later")
 # The owner settles only what it created and saw pending (its creation answered before this
 # answer is read): a plain insert, and a second one is a unique violation that writes nothing.
 _SETTLE = ("INSERT INTO settles (id, state, value, error, settled_at) "
            "SELECT $3, $4, $5::jsonb, $6::jsonb, $7::float8 FROM fence{}")
+# A settle the owner held back (see pg.py), written in one transaction with the next step's
+# creation and first attempt: one commit per step. The creation is made from the settle's row,
+# so that neither is written without the other.
+_SETTLE_AND_CREATE = ("s AS (INSERT INTO settles (id, state, value, error, settled_at) "
+                      "SELECT $7, $8, $9::jsonb, $10::jsonb, $11::float8 FROM fence{} RETURNING 1) "
+                      "INSERT INTO promises (id, param, created_at, attempts) "
+                      "SELECT $3, $4::jsonb, $5::float8, $6::int FROM s")
 _UNIQUE_VIOLATION = "23505"
 _STATEMENTS = {
-    b"create": f"WITH {_FENCE} {_CREATE}",
-    b"settle": f"WITH {_SYNC}{_FENCE} {_SETTLE.format(', durably')}",
-    b"settle_later": f"WITH {_FENCE} {_SETTLE.format('')}",
+    b"create": f"WITH {_LATER}{_FENCE} {_CREATE}",
+    b"settle": f"WITH {_FENCE} {_SETTLE.format('')}",
+    b"settle_later": f"WITH {_LATER}{_FENCE} {_SETTLE.format(', later')}",
+    b"settle_create": f"WITH {_FENCE}, {_SETTLE_AND_CREATE.format('')}",
+    b"settle_create_later": f"WITH {_LATER}{_FENCE}, {_SETTLE_AND_CREATE.format(', later')}",
 }
 
 
@@ -58,7 +71,7 @@ class Pipe:
             self._conn.finish()
             raise StoreUnavailableError(f"{where}: cannot connect to PostgreSQL ({message})")
         self._conn.enter_pipeline_mode()
-        self._conn.send_query_params(b"SET synchronous_commit = off", None)
+        self._conn.send_query_params(b"SET synchronous_commit = on", None)  # whatever the server's default
         for name, sql in _STATEMENTS.items():
             self._conn.send_prepare(name, sql.encode())
         self._sync("prepare", "")
@@ -75,6 +88,18 @@ class Pipe:
             root.encode(), b"%d" % epoch, promise_id.encode(), param.encode(), repr(created_at).encode(),
             b"%d" % attempts])
         self._sync("create", promise_id)
+
+    def settle_and_create(self, root: str, epoch: int, held: tuple[str, str, str | None, str | None, float],
+                          promise_id: str, param: str, created_at: float, *, durable: bool) -> bool:
+        """Write a held settle (id, state, value, error, settled_at) and a step's creation with
+        its first attempt in one transaction, and wait for it; whether it was written."""
+        held_id, state, value, error, settled_at = held
+        self._conn.send_query_prepared(b"settle_create" if durable else b"settle_create_later", [
+            root.encode(), b"%d" % epoch, promise_id.encode(), param.encode(), repr(created_at).encode(),
+            b"1", held_id.encode(), state.encode(), None if value is None else value.encode(),
+            None if error is None else error.encode(), repr(settled_at).encode()])
+        self._sync("creation with a held settle", promise_id)
+        return self.wait()
 
     def settle(self, root: str, epoch: int, promise_id: str, state: str, value: str | None,
                error: str | None, settled_at: float, *, durable: bool) -> bool:

@@ -17,8 +17,16 @@ import psycopg
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_LOCK = 7_240_100  # pg_advisory_xact_lock key: one process makes or migrates the schema
+
+# An operator's request to cancel a root workflow; its driver looks for it between steps.
+_CANCELS = """
+CREATE TABLE IF NOT EXISTS cancels (
+    root text COLLATE "C" PRIMARY KEY,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+"""
 
 CREATE = """
 CREATE TABLE IF NOT EXISTS durable_schema (
@@ -76,10 +84,10 @@ CREATE TABLE IF NOT EXISTS workflows (
     spec jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-"""
+""" + _CANCELS
 
-# version -> the statements that bring a database of version-1 to it (none yet).
-MIGRATIONS: dict[int, str] = {}
+# version -> the statements that bring a database of version-1 to it.
+MIGRATIONS: dict[int, str] = {2: _CANCELS}
 
 
 def ensure_schema(conn: psycopg.Connection, where: str) -> None:

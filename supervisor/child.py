@@ -2,7 +2,7 @@
 through pipes, reaped.
 
 The worker writes JSON-lines events on a progress pipe; its stdout and stderr (one pipe) are
-relayed line by line to our stderr, and their last lines kept for error reports. It dies with
+read line by line (the supervisor shows them), and their last lines kept for error reports. It dies with
 the supervisor (PR_SET_PDEATHSIG), so an orphan never runs on beside a new supervisor.
 """
 
@@ -137,11 +137,11 @@ class Child:
             except orjson.JSONDecodeError:
                 log.warning("worker %d wrote a garbled progress line: %r", self.pid, line[:200])
 
-    def relay_stderr(self, lines: list[bytes]) -> None:
-        for line in lines:
-            text = line.decode("utf-8", "replace")
-            self.stderr_tail.append(text)
-            print(text, file=sys.stderr, flush=True)
+    def output(self, lines: list[bytes]) -> list[str]:
+        """The worker's output lines as text, the last ones kept for error reports."""
+        texts = [line.decode("utf-8", "replace") for line in lines]
+        self.stderr_tail.extend(texts)
+        return texts
 
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):

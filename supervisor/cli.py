@@ -1,4 +1,5 @@
-"""Command line: `python -m supervisor exec|run|join|list|status|retry` (argument parsing and dispatch only).
+"""Command line: `python -m supervisor exec|run|join|list|status|retry|cancel|fork|compact|gc|report`
+(argument parsing and dispatch only).
 
 `exec` supervises any workflow by name and imports nothing of it. `run` is the import's
 command; its wiring (import_command.py) is the one module that imports the import application,
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Promise
+from store import Promise, parse_store_url
 from store.owners import DEFAULT_LEASE_S
 from workflow.child import (
     DEFAULT_STATE_DIR,
@@ -25,12 +28,15 @@ from workflow.child import (
     positive_int,
     root_id,
     target,
+    whole_number,
     worker_count,
 )
 from workflow.retry import RetryPolicy
 
+from .cancel_command import cancel_workflow
 from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
+from .housekeeping import collect_garbage, compact_store
 from .location import StoreLocation
 from .report import Terms
 from .status import list_workflows, retry_failed, show_status
@@ -43,7 +49,7 @@ DEFAULT_BATCH_SIZE = 100
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m supervisor",
+        prog=_prog(),
         description="Run a workflow (or the bulk import) as a supervised, crash-resumable worker process.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,11 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list every workflow (import) of a state dir or store")
     _location(listing, store=True)
     listing.add_argument("--json", action="store_true", help="print the list as one JSON array")
-    status = commands.add_parser("status", help="show a workflow's progress; changes nothing")
+    status = commands.add_parser("status", help="show a workflow's progress, batch by batch; changes nothing")
     _inspection(status)
-    retry = commands.add_parser("retry", help="reopen a failed workflow's failed steps so that the same "
+    status.add_argument("--watch", action="store_true",
+                        help="show it again every --interval seconds until the workflow ends (or Ctrl-C)")
+    status.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
+                        help="seconds between two --watch snapshots (default 1)")
+    retry = commands.add_parser("retry", help="reopen a failed (or cancelled) workflow so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
+    compact = commands.add_parser("compact", help="rewrite the JSON-lines store holding a workflow with "
+                                  "one line per promise (no worker may hold it)")
+    _inspection(compact)
+    gc = commands.add_parser("gc", help="delete the files a store set aside when it recovered (torn tails, "
+                             "a compaction cut short), once it has been opened again since")
+    _location(gc, store=True)
+    gc.add_argument("--keep", "--dry-run", action="store_true", dest="keep",
+                    help="list what would be deleted, delete nothing")
+    gc.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    report = commands.add_parser("report", help="write a picture of an import's run (a timeline of its "
+                                 "batches, kills and restarts) as one self-contained HTML file")
+    report.add_argument("--id", type=root_id, required=True, help="the import's id (see `list`)")
+    report.add_argument("--html", type=Path, required=True, metavar="FILE", help="the page to write")
+    report.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help=f"holds store.jsonl, import.db and supervisor-events.jsonl (default "
+                        f"./{DEFAULT_STATE_DIR}); with --store, the supervisor's events only")
+    report.add_argument("--store", type=_sink_database, default=None, metavar="URL",
+                        help="the PostgreSQL database of an import run with `run --store URL`")
+    cancel = commands.add_parser("cancel", help="stop a running (or pending) workflow for good at its "
+                                 "next step boundary; `retry` resumes it")
+    _location(cancel, store=True)
+    cancel.add_argument("--id", type=root_id, required=True, help="the workflow's id (see `list`)")
+    cancel.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    fork = commands.add_parser("fork", help="a new import that reuses the stored results of an import's "
+                               "batches before K and runs K onward again (then `run --id NEW`)")
+    _location(fork, store=True)
+    fork.add_argument("--id", type=root_id, required=True, help="the import to fork")
+    fork.add_argument("--from-batch", type=_non_negative, required=True, metavar="K",
+                      help="the first batch the fork runs again (batches before it are reused)")
+    fork.add_argument("--new-id", type=root_id, default=None, metavar="NEW",
+                      help="the fork's id (default: ID~fork-K)")
+    fork.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     return parser
 
 
@@ -118,7 +160,7 @@ def _kills(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-random", default=0, metavar="N",
                    type=_count_up_to(MAX_RANDOM_KILLS, "random kills (each costs a worker restart)"),
                    help=f"N SIGKILLs at random moments (at most {MAX_RANDOM_KILLS})")
-    p.add_argument("--seed", type=int, default=None, help="seed for --kill-random")
+    p.add_argument("--seed", type=whole_number, default=None, help="seed for --kill-random")
 
 
 def _location(p: argparse.ArgumentParser, *, store: bool) -> None:
@@ -162,7 +204,8 @@ def _supervision(p: argparse.ArgumentParser, *, unit: str) -> None:
 
 def _inspection(p: argparse.ArgumentParser) -> None:
     _location(p, store=True)
-    p.add_argument("--id", type=root_id, help="the workflow's id (see the report of its run)")
+    p.add_argument("--id", type=root_id, help="the workflow's id (see `list`, or the report of its run); "
+                   "may be left out when the state dir or store holds one workflow only")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -178,19 +221,32 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(parser, args)
     if args.command == "join":
         return join_command(args, _terms_for)
+    if args.command == "fork":
+        from .fork_command import fork_import  # the import application: loaded for `fork` only
+
+        return fork_import(_where(args), args.id, args.from_batch, args.new_id, as_json=args.json)
     if args.command == "list":
         return list_workflows(_where(args), as_json=args.json, terms_for=_terms_for)
-    if args.id is None:
-        parser.error(f"{args.command} needs --id (see `list`, or the report of its run)")
+    if args.command == "report":
+        from .report_command import report_command  # the import application: loaded for `report` only
+
+        return report_command(args.id, args.html, args.state_dir, args.store)
+    if args.command == "cancel":
+        return cancel_workflow(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
     if args.command == "status":
-        return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+        return show_status(_where(args), args.id, as_json=args.json, terms_for=_terms_for,
+                           watch=args.interval if args.watch else None)
+    if args.command == "compact":
+        return compact_store(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
+    if args.command == "gc":
+        return collect_garbage(_where(args), keep=args.keep, as_json=args.json)
     return retry_failed(_where(args), args.id, as_json=args.json, terms_for=_terms_for)
 
 
 def _where(args: argparse.Namespace) -> StoreLocation:
     if args.store is not None:
         return StoreLocation.at_url(args.store)
-    return StoreLocation.in_state_dir(args.state_dir)
+    return StoreLocation.in_state_dir(args.state_dir.resolve())
 
 
 def _terms_for(root: Promise) -> Terms:
@@ -200,8 +256,23 @@ def _terms_for(root: Promise) -> Terms:
     return terms_for(root)
 
 
+def _prog() -> str:
+    """The command as it was invoked: `durable-import` (the console script), else `python -m
+    supervisor`."""
+    invoked = os.path.basename(sys.argv[0])
+    return "python -m supervisor" if invoked in ("__main__.py", "-c", "") else invoked
+
+
+def _sink_database(text: str) -> str:
+    """An argparse type: a PostgreSQL URL, the one place besides a state dir an import's sink is."""
+    if parse_store_url(durable_store_url(text))[0] != "postgresql":
+        raise argparse.ArgumentTypeError(f"{text}: an import's sink is in its state dir (--state-dir) "
+                                         "or in PostgreSQL; give a postgresql://... URL")
+    return text
+
+
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value

@@ -19,9 +19,8 @@ from store import Promise, StoreError, parse_store_url
 from store.backends import redact
 from store.fsutil import make_dirs
 
-from . import exits
+from . import exits, live
 from .faults import RandomKill, in_a_database, kill_budget_error, random_kills
-from .live import LiveLine
 from .location import StoreLocation
 from .report import Terms
 from .supervise import Settings, StateDirBusyError, Supervisor
@@ -113,23 +112,23 @@ def prepare_state_dir(state_dir: Path, as_json: bool) -> int | None:
 
 
 def supervise(settings: Settings, *, as_json: bool) -> int:
-    """Run the supervision to its end, print its report, and return the exit status."""
-    _say_if_beyond_cores(settings)
-    live = LiveLine.for_stderr()
+    """Run the supervision to its end, print its report (stdout) and, if it did not finish, its
+    error once (stderr, last), and return the exit status."""
     try:
-        report = Supervisor(settings, live).run()
+        with live.display(settings.terms.units, settings.unit_records) as display:
+            _say_if_beyond_cores(settings)
+            report = Supervisor(settings, display).run()
     except StateDirBusyError as exc:
         return refuse(str(exc), exits.BUSY, as_json)
     except StoreError as exc:  # a damaged or unusable store: refused before any worker ran
         return refuse(str(exc), exits.FAILED, as_json)
     except OSError as exc:
         return refuse(f"{exc.filename}: {exc.strerror}", exits.FAILED, as_json)
-    finally:
-        if live is not None:
-            live.close()
     _print(report.as_json() if as_json else report.as_text(), as_json)
     if report.ok:
         return exits.OK
+    if report.cancelled:
+        return exits.CANCELLED
     print(f"error: {report.error}", file=sys.stderr)
     if report.interrupted_by:
         return 128 + signal.Signals[report.interrupted_by].value

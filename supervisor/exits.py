@@ -7,3 +7,4 @@ OK = 0
 FAILED = 1  # the workflow failed, its module, input or state dir is unusable, or the worker crash-looped
 USAGE = 2  # argparse's own
 BUSY = 3  # another supervisor runs on the state dir, or a worker holds the store
+CANCELLED = 4  # the workflow is cancelled (`cancel`): not a failure; `retry` resumes it

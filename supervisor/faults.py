@@ -17,6 +17,9 @@ the position of that batch among the root's calls).
     of the worker's pool, not of the worker. It costs the attempt of the step that process ran;
     the worker re-dispatches the step and runs on. About half of the timed kills become pool
     kills, drawn after all the kinds, so a seed draws the same kinds whatever the pool.
+When the number of units is known, every kill is delivered, spread over the run: it also waits
+at the kill point of a unit far enough into the run to leave a unit to each kill after it, and
+lands there (reported as a "mid-<unit>" kill) if its drawn moment has not come by then.
 The choices are reproducible with `--seed`; the exact moment of a timed kill is real time (and
 which step a pool process runs when it is killed, the pool's scheduling).
 A fifth of the timed kills land in start-up or replay (a drawn fraction of the measured start-up
@@ -35,7 +38,7 @@ names the steps that may be in flight when it lands.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from store import Promise, failpoints
@@ -51,6 +54,7 @@ class RandomKill:
     delay: float  # timed, pool: then wait this fraction of a step (or of start-up)
     batch_offset: int  # store-write: how many steps after the first unfinished one
     victim: float = 0.0  # pool: which of the pool's processes (a fraction of their number)
+    unit: int | None = None  # the unit by which it lands at the latest (see latest_kill_unit)
 
     def steps_before(self, remaining: int | None, kills_left: int) -> int:
         """How many new steps a timed kill lets finish; kills share the remaining steps. With
@@ -100,6 +104,28 @@ def in_a_database(kills: list[RandomKill]) -> list[RandomKill]:
     """The kills for a store in PostgreSQL, which has no store line to tear: its store-write
     kills become timed ones (each lands while the worker runs, as the store-write's would)."""
     return [replace(k, kind="timed") if k.kind == "store-write" else k for k in kills]
+
+
+def latest_kill_unit(kills_left: int, total: int | None, first: int, unit_kills: dict[int, int],
+                     would_fail: Callable[[int], bool]) -> int | None:
+    """The unit by which the next random kill must have landed for all `kills_left` to be
+    delivered, spread over the units left (`total` units, `first` the first unfinished one);
+    None when their number is not known, or no unit can take one (it is then undelivered).
+
+    A drawn moment can fall late (a worker runs on while the supervisor reacts, and each kill
+    ends a worker), so a kill also waits at this unit's kill point (the one a kill-at-step
+    uses) and lands there if its moment has not come: the last unit that leaves one unit to
+    each kill after it; with more kills than units, the units left share them, at most
+    ceil(kills / units) each (`unit_kills`: late kills delivered there so far), and never at a
+    unit whose last attempt it would spend (`would_fail`).
+    """
+    if total is None or kills_left == 0:
+        return None
+    for n in range(first + max(0, total - first - kills_left), total):
+        share = -(-kills_left // (total - n))
+        if unit_kills.get(n, 0) < share and not would_fail(n):
+            return n
+    return None
 
 
 def steps_in_reach(target: int, unfinished: Iterable[int], workers: int) -> set[int]:

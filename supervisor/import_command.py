@@ -1,5 +1,6 @@
 """The `run` command: the import application's wiring, the one module of the supervisor that
-imports workflow.importer (the CLI loads it only for `run`, `status` and `retry`).
+imports workflow.importer (the CLI loads it only for `run`, `report`, and for `list`, `status`,
+`retry` and `compact` to recognize imports).
 
 `run` checks the import's input here (a missing file, a bad header, a broken line within its
 first plan segment are refused before anything runs; one further on rejects the import when the
@@ -11,7 +12,7 @@ steps come between them); their number is known up front for a synthetic source,
 file only once its plan is stored to its end. `--kill-at-batch K` waits at the import's own
 `batch.mid` failpoint (halfway through batch K's rows, before its transaction commits);
 `--fail-at-batch K` arms `batch.fail` on batch K's first attempt. `status` gets the import's
-words and batch totals from `terms_for`.
+words, batch totals and the sink's executions from `terms_for`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from store import Promise, State, StoreError, failpoints
+from store import Promise, State, StoreError, failpoints, parse_store_url
 from workflow.history import History, recorded_call, records_call_of
 from workflow.importer import (
+    SINK_FILE,
     SourceError,
     batch_count,
     check_source,
@@ -36,8 +39,11 @@ from workflow.importer import (
     synthetic_source,
 )
 from workflow.importer import setup as import_setup
+from workflow.importer.app import open_sink
+from workflow.importer.executions import read_executions
 from workflow.importer.file_format import FormatError, column_map, delimiter_char, encoding_name
 from workflow.importer.identity import ImportMismatchError, ImportToRun, import_to_run
+from workflow.importer.sink import SinkError, open_read_only
 from workflow.registry import describe
 
 from . import exits
@@ -108,6 +114,15 @@ class ImportTerms(Terms):
         done = self.units_of(history).in_state(State.RESOLVED)
         return sum(p.value["records"] for p in done if isinstance(p.value, dict)
                    and isinstance(p.value.get("records"), int))
+
+    def executions(self, location: StoreLocation, root_id: str) -> list[dict[str, Any]]:
+        """The sink's `executions` of the import's batches: in the store's PostgreSQL database,
+        or the state dir's SQLite file (none for a store given by path, without a state dir)."""
+        if parse_store_url(location.url)[0] == "postgresql":
+            return read_executions(location.url, root_id)
+        if location.state_dir is None:
+            return []
+        return read_executions(location.state_dir / SINK_FILE, root_id)
 
 
 IMPORT_TERMS = ImportTerms()
@@ -191,6 +206,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         args=[orjson.dumps(chosen.source).decode(), str(chosen.batch_size)],
         setup=function_name(import_setup),
         step_count=count,
+        unit_records=args.batch_size,
         kill_at_steps=set(args.kill_at_batch),
         kill_point=at_mid_batch,
         random_kills=kills,
@@ -224,3 +240,34 @@ def _import_to_run(location: StoreLocation, source: dict[str, Any], args: argpar
         return import_to_run(None, source, args.batch_size, args.id)
     with store:
         return import_to_run(store, source, args.batch_size, args.id)
+
+
+def open_sink_readonly(state_dir: Path, store_url: str | None) -> Any:
+    """A read-only connection to the import's sink, for `report`: `import.db` in the state dir
+    (sqlite3's), or with a PostgreSQL store its tables there (psycopg's, loaded only then); a
+    SinkError names what cannot be read."""
+    if store_url is None:
+        return open_read_only(state_dir / SINK_FILE)
+    from workflow.importer.pg_sink import SinkConnectionError
+    from workflow.importer.pg_sink import open_read_only as open_pg_read_only
+
+    try:
+        return open_pg_read_only(store_url)
+    except SinkConnectionError as exc:
+        raise SinkError(str(exc)) from exc
+
+
+def record_fork(location: StoreLocation, new_id: str, root_id: str, from_batch: int) -> None:
+    """Record in the import's sink that `new_id` is a fork of `root_id` from `from_batch`, so
+    that its batches take over the rows `root_id` wrote for them (workflow/importer/forks.py);
+    a SinkError if the sink holds another fork under `new_id`."""
+    in_database = parse_store_url(location.url)[0] == "postgresql"
+    sink = open_sink(location.state_dir, location.url if in_database else None)
+    try:
+        sink.record_fork(new_id, root_id, from_batch)
+    finally:
+        sink.close()
+
+
+def is_import(root: Promise) -> bool:
+    return records_call_of(root, import_records)

@@ -8,12 +8,15 @@ its sixth `process_batch` call, whatever its position among the root's calls.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 
 from workflow.history import History
+
+from .location import StoreLocation
 
 RESULT_TEXT_CHARS = 200  # a result longer than this is cut in the text report (never in JSON)
 
@@ -59,6 +62,11 @@ class Terms:
     def records_done(self, history: History) -> int | None:
         """How many records its finished units handled, for a workflow that counts records."""
         return None
+
+    def executions(self, location: StoreLocation, root_id: str) -> list[dict[str, Any]]:
+        """What the application recorded of each run of a unit (`promise_id`, `pid`, `attempt`,
+        `started_at`, `finished_at`, `outcome`), in the order they started; none by default."""
+        return []
 
 
 @dataclass
@@ -109,6 +117,8 @@ class RunReport:
     error: str | None = None
     interrupted_by: str | None = None  # SIGINT or SIGTERM, when the run was stopped
     busy: bool = False  # another process held the store or drove the workflow
+    cancelled: bool = False  # the workflow is cancelled (`cancel`): its own end, not an error
+    resume: str | None = None  # the command that resumes a cancelled workflow
     elapsed_s: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
@@ -123,18 +133,26 @@ class RunReport:
             undelivered_kills=self.undelivered_kills,
             children=[asdict(c) for c in self.children],
             error=self.error,
+            cancelled=self.cancelled,
             elapsed_s=round(self.elapsed_s, 3),
         )
+        if self.cancelled:
+            out["resume"] = self.resume
         out[self.where[0]] = self.where[1]
         return out
 
     def as_text(self) -> str:
         t = self.terms
         lines = [f"{t.noun} {self.id} ({self.where[1]})"]
+        explained = False  # what "replayed" means, said once, where it first appears
         for c in self.children:
+            replayed = f"replayed {c.replayed}"
+            if c.replayed and not explained:
+                replayed += " (finished before this worker started; not run again)"
+                explained = True
             lines.append(
                 f"  worker {c.pid}: {c.exit}; ran {len(c.executed)} {t.units_maybe}"
-                f"{' ' + _ranges(c.executed) if c.executed else ''}, replayed {c.replayed}"
+                f"{' ' + _ranges(c.executed) if c.executed else ''}, {replayed}"
             )
         for k in self.kills:
             where = f" during {t.unit} {k.step}" if k.step is not None else ""
@@ -144,14 +162,18 @@ class RunReport:
             where = f"during {t.unit} {s.step}" if s.step is not None else f"outside any {t.unit}"
             lines.append(f"  worker {s.pid} stalled {where}: nothing on its progress pipe for "
                          f"{s.silent_s:.1f} s; SIGKILLed and restarted")
-        lines.extend(f"  kill not delivered: {u}" for u in self.undelivered_kills)
+        for why, count in Counter(self.undelivered_kills).items():  # alike ones in one line
+            lines.append(f"  kill not delivered: {why}" if count == 1
+                         else f"  {count} kills not delivered: {why}")
+        counts = (f"{self.restarts} restart(s), {len(self.kills)} kill(s), {len(self.stalls)} stall(s), "
+                  f"{self.elapsed_s:.2f} s")
         if self.ok:
-            lines.append(
-                f"done: {t.result_text(self.result)}; {self.restarts} restart(s), "
-                f"{len(self.kills)} kill(s), {len(self.stalls)} stall(s), {self.elapsed_s:.2f} s"
-            )
-        if self.error:
-            lines.append(f"error: {self.error}")
+            lines.append(f"done: {t.result_text(self.result)}; {counts}")
+        elif self.cancelled:
+            lines.append(f"cancelled: {t.noun} {self.id} is cancelled; `{self.resume}` resumes it "
+                         f"(then run the same command again); {counts}")
+        else:  # the error itself is printed once, as the `error:` line on stderr
+            lines.append(f"not done: {counts}; why: the error line on stderr")
         return "\n".join(lines)
 
 

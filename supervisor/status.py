@@ -3,33 +3,41 @@
 store.
 
 All read the workflow through the runtime (workflow/history.py) and retry through
-`Runner.retry`; the words and the step count come from `terms_for(root)`, which knows the
-import's batches.
+`Runner.retry`; the words, the step count and the executions come from `terms_for(root)`, which
+knows the import's batches and its sink. What `status` shows is made in inspect.py.
 """
 
 from __future__ import annotations
 
-import datetime
+import shlex
+import signal
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from store import Promise, State, StoreError, StoreLockedError, open_store
+from store import Promise, PromiseStore, State, StoreError, StoreLockedError, open_store
 from store.backends import redact
 from workflow import Runner
-from workflow.history import History, read_history, recorded_call, root_ids
+from workflow.history import read_history, root_ids, state_of
 
 from . import exits
+from .inspect import is_final, last_activity, status_of, status_text, timestamp
 from .location import StoreLocation
+from .redraw import Redraw
 from .report import Terms
 
 TermsFor = Callable[[Promise], Terms]  # the words (and step count) of the workflow at a root
 RETRY_LOCK_TIMEOUT_S = 1.0
 
 
-def show_status(location: StoreLocation, root_id: str, *, as_json: bool, terms_for: TermsFor) -> int:
+def show_status(location: StoreLocation, root_id: str | None, *, as_json: bool, terms_for: TermsFor,
+                watch: float | None = None) -> int:
+    """Print the workflow's status; with `watch` (seconds), again every `watch` seconds until
+    it ends (or Ctrl-C). Without `root_id`, the one workflow there is."""
     try:
         store = location.open_readonly()
     except StoreError as exc:
@@ -38,21 +46,67 @@ def show_status(location: StoreLocation, root_id: str, *, as_json: bool, terms_f
         return _error(f"{location.url}: no import has run in this state dir, and no other workflow "
                       "either", exits.FAILED)
     with store:
-        history = read_history(store, root_id)
-        if history is None:
-            known = ", ".join(root_ids(store)) or "none"
-            return _error(f"{location.url}: no workflow {root_id!r} (known: {known})", exits.FAILED)
-        terms = terms_for(history.root)
-        status = status_of(history, terms)
-    if as_json:
-        sys.stdout.write(orjson.dumps(status).decode() + "\n")
-    else:
-        print(status_text(status, terms))
-    return exits.OK
+        root_id, refused = one_root(store, location, root_id, terms_for)
+        if refused is not None:
+            return refused
+        terms = terms_for(store.get(root_id))
+        screen = Redraw() if watch is not None and not as_json else None
+        try:
+            while True:
+                history = read_history(store, root_id)
+                now = time.time()
+                status = status_of(history, terms, terms.executions(location, root_id), now)
+                if as_json:
+                    sys.stdout.write(orjson.dumps(status).decode() + "\n")
+                    sys.stdout.flush()
+                else:
+                    text = status_text(status, terms, now, _retry_hint(history.root, location))
+                    if screen is None:
+                        print(text)
+                    else:
+                        screen.show(text)
+                if watch is None or is_final(history.root):
+                    return exits.OK
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            return 128 + signal.SIGINT
+        except StoreError as exc:
+            return _error(str(exc), exits.FAILED)
 
 
-def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_for: TermsFor) -> int:
-    """Reopen a rejected workflow and its rejected steps; resolved steps stay final."""
+def one_root(store: PromiseStore, location: StoreLocation, root_id: str | None,
+             terms_for: TermsFor) -> tuple[str, int | None]:
+    """The workflow a command is about: `root_id`, or else the only one there is; else the
+    refusal's exit status, after saying which there are."""
+    ids = root_ids(store)
+    if root_id is not None:
+        if root_id in ids:
+            return root_id, None
+        known = ", ".join(ids) or "none"
+        return root_id, _error(f"{redact(location.url)}: no workflow {root_id!r} (known: {known})",
+                               exits.FAILED)
+    if len(ids) == 1:
+        return ids[0], None
+    if not ids:
+        return "", _error(f"no workflow has run in {redact(location.url)}", exits.FAILED)
+    where = location.cli_flags()
+    _error(f"{len(ids)} workflows in {redact(location.url)}; pass --id ID with one of them "
+           f"(e.g. --id {shlex.quote(ids[-1])}{where})", exits.USAGE)
+    print(_table(_rows(store, terms_for)), file=sys.stderr)
+    return "", exits.USAGE
+
+
+def _retry_hint(root: Promise, location: StoreLocation) -> str | None:
+    """The command that reopens a failed workflow, flags for its location included."""
+    if root.state is not State.REJECTED:
+        return None
+    return f"python -m supervisor retry --id {shlex.quote(root.id)}{location.cli_flags()}"
+
+
+def retry_failed(location: StoreLocation, root_id: str | None, *, as_json: bool,
+                 terms_for: TermsFor) -> int:
+    """Reopen a rejected workflow and its rejected steps; resolved steps stay final. Without
+    `root_id`, the one workflow there is."""
     try:
         store = open_store(location.url, exclusive=True, lock_timeout=RETRY_LOCK_TIMEOUT_S)
     except StoreLockedError as exc:
@@ -60,12 +114,14 @@ def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_
     except StoreError as exc:
         return _error(str(exc), exits.FAILED)
     with store:
+        root_id, refused = one_root(store, location, root_id, terms_for)
+        if refused is not None:
+            return refused
         root = store.get(root_id)
-        terms = Terms() if root is None else terms_for(root)
-        if root is None or root.state is not State.REJECTED:
-            state = "missing" if root is None else root.state.value
-            return _error(f"{terms.noun} {root_id} is {state}; only a failed {terms.noun} can be retried",
-                          exits.FAILED)
+        terms = terms_for(root)
+        if root.state is not State.REJECTED:
+            return _error(f"{terms.noun} {root_id} is {root.state.value}; only a failed {terms.noun} "
+                          "can be retried", exits.FAILED)
         errors = {p.id: p.error for p in read_history(store, root_id).in_state(State.REJECTED)}
         reopened = Runner(store).retry(root_id)
     if as_json:
@@ -80,19 +136,17 @@ def retry_failed(location: StoreLocation, root_id: str, *, as_json: bool, terms_
 
 def list_workflows(location: StoreLocation, *, as_json: bool, terms_for: TermsFor) -> int:
     """Every workflow in the store (or database): its id, state, units done of all, records
-    and last activity, the newest last."""
+    and last activity, in the order they began."""
     try:
         store = location.open_readonly()
     except StoreError as exc:
         return _error(str(exc), exits.FAILED)
-    rows = []
+    rows: list[Listing] = []
     if store is not None:
         with store:
-            for root_id in root_ids(store):
-                history = read_history(store, root_id)
-                rows.append(_listing(history, terms_for(history.root)))
+            rows = _rows(store, terms_for)
     if as_json:
-        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+        sys.stdout.write(orjson.dumps([r.as_json() for r in rows]).decode() + "\n")
     elif not rows:
         print(f"no workflow has run in {redact(location.url)}")
     else:
@@ -100,68 +154,49 @@ def list_workflows(location: StoreLocation, *, as_json: bool, terms_for: TermsFo
     return exits.OK
 
 
-def _listing(history: History, terms: Terms) -> dict[str, Any]:
-    counted = terms.units_of(history)
-    promises = [history.root, *history.calls]
-    last = max(max(p.created_at, p.settled_at or 0.0) for p in promises)
-    return {
-        "id": history.root.id,
-        "state": history.root.state.value,
-        "units": terms.units,
-        "done": len(counted.in_state(State.RESOLVED)),
-        "total": terms.step_count(history),
-        "records": terms.records_done(history),
-        "last_activity": datetime.datetime.fromtimestamp(last, datetime.UTC).isoformat(timespec="seconds"),
-    }
+@dataclass(frozen=True)
+class Listing:
+    """One line of `list`: a workflow and its progress, in its own words."""
+
+    id: str
+    state: str
+    units: str  # what its units are called: "batches", "steps"
+    done: int
+    total: int | None  # None while only its run can tell
+    records: int | None  # None for a workflow that does not count records
+    last_activity: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, f"{self.units}_done": self.done,
+                f"{self.units}_total": self.total, "records": self.records,
+                "last_activity": self.last_activity}
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _rows(store: PromiseStore, terms_for: TermsFor) -> list[Listing]:
+    rows = []
+    for root_id in root_ids(store):
+        history = read_history(store, root_id)
+        terms = terms_for(history.root)
+        rows.append(Listing(
+            id=root_id,
+            state=state_of(history.root),
+            units=terms.units,
+            done=len(terms.units_of(history).in_state(State.RESOLVED)),
+            total=terms.step_count(history),
+            records=terms.records_done(history),
+            last_activity=timestamp(last_activity(history)),
+        ))
+    return rows
+
+
+def _table(rows: list[Listing]) -> str:
     cells = [["ID", "STATE", "DONE", "RECORDS", "LAST ACTIVITY (UTC)"]]
     for r in rows:
-        total = "?" if r["total"] is None else r["total"]
-        cells.append([r["id"], r["state"], f"{r['done']}/{total} {r['units']}",
-                      "" if r["records"] is None else f"{r['records']:,}", r["last_activity"]])
+        total = "?" if r.total is None else r.total
+        cells.append([r.id, r.state, f"{r.done}/{total} {r.units}",
+                      "" if r.records is None else f"{r.records:,}", r.last_activity])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
-    return "\n".join(lines)
-
-
-def status_of(history: History, terms: Terms) -> dict[str, Any]:
-    """The status report; its keys name the units in the workflow's own words (`batches_done`),
-    and count only them (an import's batches, not its plan steps). The last error is any step's."""
-    root, unit, units = history.root, terms.unit, terms.units
-    counted = terms.units_of(history)
-    pending, error, call = counted.first_pending, history.last_error, recorded_call(root)
-    return {
-        "id": root.id,
-        "state": root.state.value,
-        "code": None if call is None else f"{call.fn} v{call.version}",  # which code it runs
-        f"{units}_done": len(counted.in_state(State.RESOLVED)),
-        f"{unit}_count": terms.step_count(history),
-        f"{units}_failed": len(counted.in_state(State.REJECTED)),
-        f"pending_{unit}": None if pending is None else {"id": pending.id, "attempts": pending.attempts},
-        "attempts": counted.attempts,
-        "last_error": None if error is None else f"{error.get('type')}: {error.get('message')}",
-        "result": None if root.state is not State.RESOLVED else terms.summary(root.value),
-    }
-
-
-def status_text(s: dict[str, Any], terms: Terms) -> str:
-    unit, units = terms.unit, terms.units
-    done, count = s[f"{units}_done"], s[f"{unit}_count"]
-    progress = f"{done}/{count}" if count is not None else f"{done}"
-    lines = [f"{s['id']}: {s['state']}, {progress} {units} done, {s['attempts']} {unit} attempts in all"]
-    if s["code"]:
-        lines.append(f"  code: {s['code']}")
-    if s[f"pending_{unit}"]:
-        p = s[f"pending_{unit}"]
-        lines.append(f"  pending: {p['id']} ({p['attempts']} attempt(s) started)")
-    if s[f"{units}_failed"]:
-        lines.append(f"  failed {units}: {s[f'{units}_failed']}")
-    if s["last_error"]:
-        lines.append(f"  last error: {s['last_error']}")
-    if s["state"] == State.RESOLVED.value:
-        lines.append(f"  result: {terms.result_text(s['result'])}")
     return "\n".join(lines)
 
 

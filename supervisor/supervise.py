@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from store import Promise, State, failpoints
@@ -34,10 +35,11 @@ from store.locking import LockHeldError, OwnedLock
 from store.owners import DEFAULT_LEASE_S
 from workflow import exitcodes, progress
 from workflow.child import LOCK_TIMEOUT_S, STEP_TIMEOUT_S
-from workflow.history import History, read_history
+from workflow.history import History, read_history, state_of
 from workflow.ids import child_id
 
 from .child import Child, ChildEnd
+from .events import EventLog
 from .faults import (
     Point,
     RandomKill,
@@ -45,12 +47,13 @@ from .faults import (
     attempts_before_kill,
     in_store_write,
     kill_would_fail,
+    latest_kill_unit,
     paused_at,
     pool_victim,
     steps_in_reach,
     store_write_step,
 )
-from .live import LiveLine
+from .live import Display
 from .location import StoreLocation
 from .report import ChildReport, KillReport, RunReport, StallReport, Terms
 from .watch import Watch
@@ -77,6 +80,7 @@ class Settings:
     args: list[str] = field(default_factory=list)  # the workflow's arguments, as JSON texts
     setup: str | None = None  # MODULE:FUNCTION of the worker's setup hook
     step_count: int | None = None  # the workflow's units in all, when known up front
+    unit_records: int | None = None  # records per unit (an import's batch size): a rate in records/s
     kill_at_steps: set[int] = field(default_factory=set)  # unit numbers
     kill_point: Callable[[str, int], Point] = at_step_start  # where a kill-at-step waits
     random_kills: list[RandomKill] = field(default_factory=list)
@@ -124,12 +128,14 @@ def worker_args(s: Settings) -> list[str]:
 class Supervisor:
     """Runs one workflow to its end through as many workers as it takes; `run()` reports it."""
 
-    def __init__(self, settings: Settings, live: LiveLine | None = None) -> None:
+    def __init__(self, settings: Settings, display: Display) -> None:
         self.s = settings
         self.report = RunReport(settings.root_id, settings.location.report_entry(), settings.terms)
         self.stop_signal: signal.Signals | None = None
-        self._live = live
+        self._display = display
+        self._events = EventLog(settings.location.state_dir, settings.root_id)
         self._pending_pauses = set(settings.kill_at_steps)
+        self._late_kills: dict[int, int] = {}  # unit -> late random kills delivered there
         self._random = list(settings.random_kills)
         self._step_count = settings.step_count
         self._step_seconds = STEP_GUESS_S
@@ -141,6 +147,7 @@ class Supervisor:
     def run(self) -> RunReport:
         started = time.monotonic()
         lock = self._lock()
+        self._events.add("supervisor", pid=os.getpid())
         try:
             self.s.location.create_if_missing(self.s.lock_timeout)
             with self._signals_forwarded():
@@ -179,7 +186,10 @@ class Supervisor:
             kill = self._next_kill(first, steps, units)
             store_write = store_write_step(kill, first)
             pauses = {self.s.kill_point(self.s.root_id, n): n for n in sorted(self._pending_pauses)}
+            if kill is not None and kill.unit is not None:
+                pauses.setdefault(self.s.kill_point(self.s.root_id, kill.unit), kill.unit)
             child = self._spawn(list(pauses), store_write)
+            self._events.add("spawn", pid=child.pid)
             watch = Watch(ChildReport(child.pid, exit="running"), steps_done_before=_done(units),
                           unit_of={p.id: n for n, p in enumerate(units)},
                           other_steps=sorted(set(steps) - set(units_at)),
@@ -195,15 +205,20 @@ class Supervisor:
             # A kill counts only if it is what ended the child (it may have exited just before).
             ours = watch.kill if end.signal is signal.SIGKILL else None
             self._log_end(end, watch, ours)
+            self._record_end(end, watch, ours)
             if ours is not None:
                 self.report.kills.append(ours)
             if watch.stall is not None and end.signal is signal.SIGKILL:
                 self.report.stalls.append(watch.stall)
             left = watch.random_kill
             if left is not None and (ours is None or ours.kind != left.kind):
-                self._random.insert(0, left)  # not delivered to this child: keep it for the next
+                # not delivered to this child: keep it for the next
+                self._random.insert(0, replace(left, unit=None))
             if end.returncode == exitcodes.OK:
                 self._finish(end)
+                return
+            if end.returncode == exitcodes.CANCELLED:
+                self._cancelled(end)
                 return
             if self.stop_signal is not None:
                 self._interrupted(
@@ -213,6 +228,8 @@ class Supervisor:
                 return
             if ours is not None:
                 self.report.restarts += 1
+                self._events.add("restart", after=end.pid)
+                self._show_progress(watch)
                 continue
             if end.returncode > 0 and end.returncode not in exitcodes.RESTARTABLE:
                 self._failed(end, child, watch)
@@ -221,7 +238,7 @@ class Supervisor:
             if unplanned > self.s.max_restarts:
                 self.report.error = (
                     f"gave up after {self.s.max_restarts} restarts in a row: worker {end.pid} "
-                    f"{end.describe()}; last error: {child.last_error() or 'none'}"
+                    f"{end.describe()}; last error: {watch.report.error or child.last_error() or 'none'}"
                 )
                 return
             delay = min(MAX_BACKOFF_S, self.s.restart_backoff * 2 ** (unplanned - 1))
@@ -231,6 +248,8 @@ class Supervisor:
                 self._interrupted("while waiting to restart the worker")
                 return
             self.report.restarts += 1
+            self._events.add("restart", after=end.pid)
+            self._show_progress(watch)
 
     def _interrupted(self, detail: str) -> None:
         self.report.interrupted_by = self.stop_signal.name
@@ -245,6 +264,17 @@ class Supervisor:
                 f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}"
                 f"{self.s.location.cli_flags()}` and run the same command again to resume"
             )
+
+    def _cancelled(self, end: ChildEnd) -> None:
+        """The worker ended the workflow as cancelled (or found it so): checked in the store."""
+        history = self._read_history()
+        if history is None or state_of(history.root) != "cancelled":
+            noun = self.s.terms.noun
+            self.report.error = f"worker {end.pid} said the {noun} is cancelled, but its store does not"
+            return
+        self.report.cancelled = True
+        self.report.resume = (f"python -m supervisor retry --id {shlex.quote(self.s.root_id)}"
+                              f"{self.s.location.cli_flags()}")
 
     def _finish(self, end: ChildEnd) -> None:
         t = self.s.terms
@@ -290,6 +320,8 @@ class Supervisor:
         if not self._random:
             return None
         kill = self._random[0]
+        if kill.kind != "pool":  # a pool kill leaves the worker running: it cannot wait at a unit too
+            kill = replace(kill, unit=self._latest_kill_unit(units))
         if kill.kind == "pool" and self._live_pauses(units):
             return None
         target = first + (kill.batch_offset if kill.kind == "store-write" else 0)
@@ -302,7 +334,21 @@ class Supervisor:
             spent = attempts_before_kill(step, self._may_be_planned_failure(step, units))
             if kill_would_fail(spent, self.s.max_attempts):
                 return None
-        return self._random.pop(0)
+        self._random.pop(0)
+        return kill
+
+    def _latest_kill_unit(self, units: list[Promise]) -> int | None:
+        """The unit by which the next random kill lands at the latest (faults.latest_kill_unit)."""
+        first = _first_unfinished(dict(enumerate(units)))
+
+        def would_fail(n: int) -> bool:
+            step = units[n] if n < len(units) else None
+            if step is not None and step.state is State.RESOLVED:  # done (with a pool): no kill there
+                return True
+            spent = attempts_before_kill(step, n == self.s.planned_failure)
+            return kill_would_fail(spent, self.s.max_attempts)
+
+        return latest_kill_unit(len(self._random), self._step_count, first, self._late_kills, would_fail)
 
     def _may_be_planned_failure(self, step: Promise | None, units: list[Promise]) -> bool:
         """Whether `step` (None: a step not created yet) is, or may be, the unit whose first
@@ -441,6 +487,7 @@ class Supervisor:
         that follows names it, see _on_step). The next random kill is armed on the same worker."""
         kill = KillReport(victim, "pool", None, worker=child.pid)
         log.info("SIGKILL to process %d of worker %d's pool", victim, child.pid)
+        self._events.add("kill", pid=victim, kind="pool", unit=None, worker=child.pid)
         self.report.kills.append(kill)
         watch.unplaced_pool_kills.append(kill)
         watch.random_kill = None
@@ -465,7 +512,8 @@ class Supervisor:
         """Relay stderr or act on progress events (any line is a sign of life); True at EOF."""
         lines, eof = child.read(fd)
         if pipe == "stderr":
-            child.relay_stderr(lines)
+            for text in child.output(lines):
+                self._display.message(text)
         elif lines:
             watch.last_heard = time.monotonic()
             for event in child.events(lines):
@@ -484,7 +532,8 @@ class Supervisor:
         elif kind == failpoints.ANNOUNCED and watch.kill is None:
             point = (event.get("name"), event.get("key"))
             paused = watch.pauses.get(point)
-            if paused is not None and paused in self._pending_pauses:
+            late = watch.random_kill is not None and watch.random_kill.unit == paused
+            if paused is not None and (paused in self._pending_pauses or late):
                 watch.paused = paused
                 if not self._kill_paused(child, watch):
                     log.info("%s %d waits to be killed until no other %s in flight runs its last "
@@ -496,15 +545,22 @@ class Supervisor:
             watch.report.error = event.get("error")
 
     def _kill_paused(self, child: Child, watch: Watch) -> bool:
-        """Kill the worker whose step waits at its kill-at-step failpoint, unless another step
+        """Kill the worker whose step waits at its kill-at-step failpoint (or a late random
+        kill's), unless another step
         in flight (with a pool) runs its last attempt: the kill would spend it too. The paused
         step waits meanwhile, and this is tried again as the others settle. True if killed."""
         step = watch.paused
         if self._last_attempt_in_flight(watch, besides=watch.id_of(step)):
             return False
-        self._pending_pauses.discard(step)
         watch.paused = None
-        self._kill(child, watch, f"kill-at-{self.s.terms.unit}", step)
+        if step in self._pending_pauses:
+            self._pending_pauses.discard(step)
+            self._kill(child, watch, f"kill-at-{self.s.terms.unit}", step)
+        else:  # a random kill whose drawn moment had not come by this unit
+            self._late_kills[step] = self._late_kills.get(step, 0) + 1
+            watch.random_kill = replace(watch.random_kill, kind=f"mid-{self.s.terms.unit}")
+            watch.kill_deadline = None
+            self._kill(child, watch, watch.random_kill.kind, step)
         return True
 
     def _on_step(self, event: dict[str, Any], watch: Watch) -> None:
@@ -520,6 +576,7 @@ class Supervisor:
             watch.started(promise_id, step, event.get("attempt") or 0, now)
         elif kind == progress.KIND_RETRYING:  # the attempt ended; the next waits its backoff
             watch.retrying(promise_id)
+            self._events.add("retry", unit=step, attempt=event.get("attempt"), error=event.get("error"))
             if watch.unplaced_pool_kills:  # the step whose pool process we killed, most likely
                 watch.unplaced_pool_kills.pop(0).step = step
         elif kind == progress.KIND_RESOLVED:
@@ -547,9 +604,14 @@ class Supervisor:
         watch.report.executed.append(step)
         if watch.timed_kill_after and watch.timed_kill_after == len(watch.report.executed):
             watch.kill_deadline = now + watch.timed_kill_delay * self._step_seconds
-        if self._live is not None:
-            done = watch.steps_done_before + len(watch.report.executed)
-            self._live.update(done, self._step_count, self.report)
+        self._show_progress(watch)
+
+    def _show_progress(self, watch: Watch) -> None:
+        """The display's numbers: units done of all, those run by this run, restarts, kills."""
+        done = watch.steps_done_before + len(watch.report.executed)
+        new = sum(len(c.executed) for c in self.report.children if c is not watch.report)
+        self._display.update(done, self._step_count, new + len(watch.report.executed),
+                             self.report.restarts, len(self.report.kills))
 
     def _kill(self, child: Child, watch: Watch, kind: str, step: int | None) -> None:
         child.signal_group(signal.SIGKILL)
@@ -564,9 +626,22 @@ class Supervisor:
         child.signal_group(signal.SIGKILL)
         watch.stall = StallReport(child.pid, watch.step_in_flight(), round(silent, 3))
 
+    def _record_end(self, end: ChildEnd, watch: Watch, ours: KillReport | None) -> None:
+        """The worker's end in the event log, after the kill or stall that ended it, if any."""
+        if ours is not None:
+            self._events.add("kill", pid=ours.pid, kind=ours.kind, unit=ours.step, worker=None)
+        elif watch.stall is not None and end.signal is signal.SIGKILL:
+            self._events.add("stall", pid=end.pid, unit=watch.stall.step, silent_s=watch.stall.silent_s)
+        self._events.add("exit", pid=end.pid, exit=end.describe(), ran=len(watch.report.executed),
+                         replayed=watch.report.replayed)
+
     def _log_end(self, end: ChildEnd, watch: Watch, ours: KillReport | None) -> None:
+        """One line per worker's end; the reason it gave is on it when the run goes on (a
+        restartable end), else it is the run's error, printed once at its end."""
         why = f" ({ours.kind} kill of ours)" if ours else " (stalled)" if watch.stall else ""
-        log.info("worker %d %s%s: ran %d %s, replayed %d", end.pid, end.describe(), why,
+        goes_on = watch.report.error and end.returncode in exitcodes.RESTARTABLE
+        reason = f" ({watch.report.error})" if goes_on else ""
+        log.info("worker %d %s%s%s: ran %d %s, replayed %d", end.pid, end.describe(), why, reason,
                  len(watch.report.executed), self.s.terms.units_maybe, watch.report.replayed)
 
     # -- store and signals ---------------------------------------------------------------

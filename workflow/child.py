@@ -5,8 +5,9 @@ current directory first on sys.path, FUNCTION (a generator workflow, or a plain 
 one step) is run by a Runner over a JSON-lines store opened exclusively (one driver per store),
 and the result is printed as JSON on stdout. It knows nothing of kills. For a supervisor it writes
 step events on `--progress-fd` (workflow/progress.py), stops between steps on SIGTERM/SIGINT, and
-ends with an exit status from workflow/exitcodes.py: a one-line `error:` on stderr, and no
-traceback, for every end a restart cannot change.
+ends with an exit status from workflow/exitcodes.py and, for every end a restart cannot change,
+a one-line reason and no traceback: on the progress pipe (the `ended` event: the supervisor
+prints it), or, run alone, as an `error:` line on stderr.
 
 `--setup MODULE:FUNCTION` names the application's hook `setup(run: RunInfo)`, a context manager
 giving the Runner's dependencies (entered again in each step process of a `--workers` pool, so
@@ -46,7 +47,7 @@ from store.fsutil import make_dirs
 from store.owners import DEFAULT_LEASE_S
 
 from . import exitcodes
-from .errors import EngineError, PermanentError, StepError, WorkflowInterrupted
+from .errors import EngineError, PermanentError, StepError, WorkflowCancelled, WorkflowInterrupted
 from .ids import check_root_id
 from .pool import die_with_parent
 from .progress import ENDED, FINISHED, STARTED, Progress
@@ -194,12 +195,17 @@ def pg_store_url(text: str) -> str:
     return text
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: any whole number, with a message a person understands when it is not."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
@@ -213,9 +219,16 @@ def worker_count(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a finite number of seconds above 0."""
-    value = float(text)
+    value = _number(text)
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
     return value
@@ -223,7 +236,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number of seconds, 0 or more."""
-    value = float(text)
+    value = _number(text)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, not {text}")
     return value
@@ -248,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, progress, stop)
     except WorkflowInterrupted as exc:
         return _end(progress, exitcodes.INTERRUPTED, str(exc))
+    except WorkflowCancelled as exc:  # an outcome asked for, not an error
+        return _end(progress, exitcodes.CANCELLED, str(exc), said="cancelled")
     except StepError as exc:
         return _end(progress, exitcodes.FAILED, str(exc))
     except (StoreLockedError, WorkflowBusyError) as exc:
@@ -405,8 +420,11 @@ def _open_store(args: argparse.Namespace, state_dir: Path) -> AbstractContextMan
         raise StoreError(str(exc)) from exc
 
 
-def _end(progress: Progress, code: int, message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+def _end(progress: Progress, code: int, message: str, said: str = "error") -> int:
+    """End with `code`, saying why once: to the supervisor that reads the progress pipe (it
+    prints the error, or restarts), or, run alone, as a `said:` line on stderr."""
+    if not progress.listened:
+        print(f"{said}: {message}", file=sys.stderr)
     progress.send(ENDED, pid=os.getpid(), code=code, error=message)
     return code
 

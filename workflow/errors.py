@@ -21,6 +21,18 @@ def failure_record(exc: BaseException, attempts: int = 0) -> dict[str, Any]:
     return error
 
 
+def cancellation_record() -> dict[str, Any]:
+    """How a cancelled workflow is kept: its root rejected with this error, which `retry` reopens
+    like any rejection, and which `is_cancellation` tells apart from a failure."""
+    return {"type": WorkflowCancelled.__name__, "message": "cancelled on request", "cancelled": True}
+
+
+def is_cancellation(error: Any) -> bool:
+    """Whether a rejected promise's error says that it was cancelled, not that it failed."""
+    return (isinstance(error, dict) and error.get("type") == WorkflowCancelled.__name__
+            and error.get("cancelled") is True)
+
+
 class StepError(Exception):
     """A durable call that ended rejected; the same error is raised on every replay."""
 
@@ -114,6 +126,15 @@ class WorkflowConflictError(EngineError):
 
 class WorkflowInterrupted(EngineError):
     """The run was asked to stop between two steps; the next run resumes where this one stopped."""
+
+
+class WorkflowCancelled(EngineError):
+    """The workflow was cancelled (an operator's request, seen between two steps): its root is
+    rejected with `cancellation_record()`; a retry reopens it, and its steps done stay done."""
+
+    def __init__(self, root_id: str) -> None:
+        super().__init__(f"workflow {root_id} is cancelled; retry it to resume it")
+        self.root_id = root_id
 
 
 def _describe(param: Any) -> str:

@@ -11,6 +11,7 @@ FATAL = 3  # a restart cannot help: bad target or input, another workflow under 
 FAILED = 4  # the workflow ended rejected (a step failed for good); `retry` reopens it
 INTERRUPTED = 5  # stopped on request (SIGTERM/SIGINT) between two steps; the next run resumes
 BUSY = 6  # another process holds the store or drives this workflow: wait, or stop it first
+CANCELLED = 7  # the workflow is cancelled (now, or before this run); `retry` reopens it
 
 # INTERRUPTED is worth a restart too when the supervisor did not ask for the stop (a signal
 # from elsewhere); when it did, it checks its own stop request first.

@@ -31,7 +31,7 @@ from store.pg import FencedError, PgStore
 from store.pg_tasks import Claim
 
 from . import exitcodes
-from .errors import PermanentError, StepError, WorkflowInterrupted
+from .errors import PermanentError, StepError, WorkflowCancelled, WorkflowInterrupted, is_cancellation
 from .fleet import Executor, Fleet
 from .progress import Progress
 from .retry import RetryPolicy
@@ -116,6 +116,8 @@ class Participant:
         self._warn_if_too_few_connections(standby)
         with self._executors, standby as store:
             settled = self._drive_or_stand_by(store, fn, args)
+        if settled.state is State.REJECTED and is_cancellation(settled.error):
+            raise WorkflowCancelled(self.root_id)
         if settled.state is State.REJECTED:
             raise StepError(self.root_id, settled.param["fn"], settled.error)
         return settled.value

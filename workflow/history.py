@@ -12,6 +12,7 @@ from typing import Any
 
 from store import Promise, PromiseStore, State
 
+from .errors import is_cancellation
 from .ids import children_prefix, is_root, step_index
 from .registry import describe
 
@@ -33,6 +34,14 @@ def recorded_call(promise: Promise) -> RecordedCall | None:
         return None
     return RecordedCall(param["fn"], param.get("v", 1), list(param.get("args", [])),
                         dict(param.get("kwargs", {})))
+
+
+def state_of(promise: Promise) -> str:
+    """A workflow's state in words: pending, resolved, rejected, or cancelled (a root rejected
+    by a cancel, which `retry` resumes like a failure)."""
+    if promise.state is State.REJECTED and is_cancellation(promise.error):
+        return "cancelled"
+    return promise.state.value
 
 
 def records_call_of(promise: Promise, fn: Callable[..., Any]) -> bool:

@@ -94,3 +94,26 @@ def step_index(root_id: str, promise_id: str) -> int | None:
     if parsed is None or parsed[0] != root_id:
         return None
     return parsed[1]
+
+
+def top_step(root_id: str, promise_id: str) -> int | None:
+    """n of the direct step `<root_id>.<n>` that `promise_id` is or is under; None for anything
+    else (the root, a patch marker, another root's id)."""
+    prefix = children_prefix(root_id)
+    if not promise_id.startswith(prefix):
+        return None
+    first = promise_id[len(prefix):].split(SEPARATOR, 1)[0]
+    return int(first) if _is_count(first) else None
+
+
+def moved(promise_id: str, old_root: str, new_root: str) -> str:
+    """The id `promise_id` (the root `old_root` or under it) has under `new_root` instead."""
+    if promise_id != old_root and not promise_id.startswith(children_prefix(old_root)):
+        raise ValueError(f"{promise_id!r} is not {old_root!r} nor under it")
+    return new_root + promise_id[len(old_root):]
+
+
+def patch_marker_name(workflow_id: str, promise_id: str) -> str | None:
+    """The patch name of a marker `patch_marker_id(workflow_id, name)`; None for any other id."""
+    prefix = f"{children_prefix(workflow_id)}{PATCH_MARKER}"
+    return promise_id[len(prefix):] if promise_id.startswith(prefix) else None

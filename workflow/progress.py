@@ -63,6 +63,11 @@ class Progress:
         self._lock = threading.Lock()
         self.stalled: Callable[[float], list[int]] = lambda _limit: []  # silent step processes
 
+    @property
+    def listened(self) -> bool:
+        """Whether a supervisor reads these events (it then reports the child's end itself)."""
+        return self._fd is not None
+
     def send(self, event: str, **fields: Any) -> None:
         if self._fd is None:
             return

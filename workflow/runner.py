@@ -24,6 +24,7 @@ from store import (
     PromiseStore,
     State,
     StoreError,
+    WorkflowBusyError,
     failpoints,
     normalize,
     same_json,
@@ -35,13 +36,16 @@ from .errors import (
     NonDeterminismError,
     StepError,
     VersionNotRegisteredError,
+    WorkflowCancelled,
     WorkflowConflictError,
     WorkflowInterrupted,
     WorkflowUsageError,
+    cancellation_record,
     failure_record,
+    is_cancellation,
 )
 from .executor import StepExecutor, StepProcessLost, call_as_step
-from .ids import check_root_id, child_id, children_prefix, patch_marker_id
+from .ids import check_root_id, child_id, children_prefix, is_root, patch_marker_id
 from .patches import Patch
 from .pool import ProcessPool, Setup
 from .registry import Registered, describe, registered, versions
@@ -64,6 +68,7 @@ class StepEvent:
 
 
 _STOP_POLL_S = 0.1
+_CANCEL_POLL_S = 0.2  # how often a run asks the store whether it was cancelled (between steps)
 _PRUNE_BEGUN_AT = 64  # begun calls a workflow keeps track of before it forgets the ended ones
 _RECOVER_TRIES = 3  # looks for a dead attempt's effect, each in a step process that may be killed
 
@@ -82,7 +87,9 @@ class Runner:
 
     `dependencies` are handed to steps through `current_step().dependency(name)`;
     `on_event` receives a StepEvent per step transition; `should_stop` is asked before each new
-    step and, when true, ends the run with WorkflowInterrupted (nothing is settled).
+    step and, when true, ends the run with WorkflowInterrupted (nothing is settled). A cancel
+    request in the store (`cancel`) is looked for there too (at most every 0.2 s): the steps in
+    flight end, no new one starts, and the root is rejected as cancelled (WorkflowCancelled).
 
     `workers` > 1 runs the calls a workflow begins concurrently (`ctx.begin`, `ctx.map`) in a
     pool of that many step processes (pool.py), each with the dependencies `setup` gives it
@@ -131,9 +138,20 @@ class Runner:
         with (
             self.store.own(root_id),  # one driver per workflow, before anything runs
             self._driver_dependencies() as dependencies,
-            self._step_processes(_RunState(dependencies)),
+            self._step_processes(_RunState(dependencies, _CancelWatch(self.store, root_id))),
         ):
-            return self._call(Call(root_id, fn, args, kwargs, None), root=True)
+            try:
+                result = self._call(Call(root_id, fn, args, kwargs, None), root=True)
+            except WorkflowCancelled:  # seen between steps: those in flight have ended
+                self._settle_cancelled(root_id)
+                raise
+            except StepError as exc:
+                if exc.promise_id == root_id and is_cancellation(exc.error):
+                    raise WorkflowCancelled(root_id) from None
+                raise
+            if self.store.cancel_requested(root_id):  # it finished before it saw the request
+                self.store.withdraw_cancel(root_id)
+            return result
 
     @contextlib.contextmanager
     def _driver_dependencies(self) -> Iterator[dict[str, Any]]:
@@ -185,12 +203,14 @@ class Runner:
         self._runs.in_step_thread = True
 
     def retry(self, root_id: str) -> list[str]:
-        """Make a failed workflow runnable again; return the reopened ids (the root last).
+        """Make a failed (or cancelled) workflow runnable again; return the reopened ids (the
+        root last).
 
         The rejected calls under `root_id` and the root itself become pending with a fresh
         attempt budget (their errors stay in the store's history); resolved calls stay final,
-        so the next `run` replays them and resumes at the first reopened call. It is the same
-        operation as `python -m supervisor retry`.
+        so the next `run` replays them and resumes at the first reopened call. A cancel request
+        is withdrawn first (until the root is reopened, a crash leaves it cancelled). It is the
+        same operation as `python -m supervisor retry`.
         """
         with self.store.own(root_id):
             root = self.store.get(root_id)
@@ -200,11 +220,52 @@ class Runner:
                 raise PromiseConflictError(
                     root_id, f"is {root.state.value}; only a failed (rejected) workflow can be retried"
                 )
+            self.store.withdraw_cancel(root_id)
             reopened = [p.id for p in self.store.list(children_prefix(root_id)) if p.state is State.REJECTED]
             reopened.append(root_id)
             for promise_id in reopened:  # the root last: until then, a crash leaves it failed
                 self.store.reopen(promise_id, "retry")
         return reopened
+
+    def cancel(self, root_id: str) -> bool:
+        """Cancel the workflow `root_id`: record the request in the store, and settle the root as
+        cancelled now if no one drives it (True); else its driver does at its next step boundary
+        (False). A cancelled workflow is cancelled again without a word; a finished or failed
+        one is a PromiseConflictError, an unknown one a PromiseNotFoundError.
+        """
+        check_root_id(root_id)
+        root = self.store.get(root_id)
+        if root is None:
+            raise PromiseNotFoundError(root_id)
+        if root.state is State.REJECTED and is_cancellation(root.error):
+            return True
+        if root.state is not State.PENDING:
+            done = "finished" if root.state is State.RESOLVED else "failed (retry it instead)"
+            raise PromiseConflictError(root_id, f"is {root.state.value}: it {done}; only a pending "
+                                       "workflow can be cancelled")
+        self.store.request_cancel(root_id)
+        try:
+            with self.store.own(root_id):
+                self._settle_cancelled(root_id)
+        except WorkflowBusyError:
+            return False
+        return True
+
+    def _settle_cancelled(self, root_id: str) -> None:
+        """Reject a pending root as cancelled, durably (the request stays until a retry)."""
+        root = self.store.get(root_id)
+        if root is not None and root.state is State.PENDING:
+            self.store.reject(root_id, cancellation_record())
+
+    def _raise_if_stopping(self, before: str | None = None) -> None:
+        """Between steps (before the step `before`, or in a retry backoff): end the run if it was
+        asked to stop (a signal), or cancelled."""
+        if self._should_stop is not None and self._should_stop():
+            where = "during a retry backoff" if before is None else f"before {before}"
+            raise WorkflowInterrupted(f"stopped {where}; run again to resume")
+        cancel = self._run.cancel
+        if cancel is not None and cancel.requested():
+            raise WorkflowCancelled(cancel.root_id)
 
     # -- one durable call ------------------------------------------------------------------
 
@@ -237,8 +298,7 @@ class Runner:
             raise StepError(call.promise_id, entry.name, promise.error)
         if entry.is_workflow:
             return self._drive(call, entry)
-        if self._should_stop is not None and self._should_stop():
-            raise WorkflowInterrupted(f"stopped before {call.promise_id}; run again to resume")
+        self._raise_if_stopping(call.promise_id)
         return self._execute_step(call, entry, promise)
 
     def _version_to_drive(
@@ -644,10 +704,10 @@ class Runner:
     # -- settling --------------------------------------------------------------------------
 
     def _resolve(self, call: Call, entry: Registered, value: Any) -> Any:
+        defer = self._defer(entry.recover is not None)
+        hold = not defer and self._may_hold(call.promise_id)
         try:
-            promise = self.store.resolve(
-                call.promise_id, value, defer_sync=self._defer(entry.recover is not None)
-            )
+            promise = self.store.resolve(call.promise_id, value, defer_sync=defer, hold=hold)
         except TypeError as exc:  # the result cannot be stored: a bug in the step, not retried
             self._fail(call, entry, exc)
         self._emit("resolved", call, entry)
@@ -674,6 +734,13 @@ class Runner:
             return True
         return False
 
+    def _may_hold(self, promise_id: str) -> bool:
+        """Whether a settle may wait a moment for the store's next write (the contract's `hold`):
+        the driving thread's, whose next step's creation most often comes at once; never the
+        root's, which the run returns."""
+        return (self.store.holds_settles and not is_root(promise_id)
+                and not getattr(self._runs, "in_step_thread", False))
+
     def _sync_owed(self) -> None:
         """Sync the settles deferred by a group or by step threads, before the workflow sees
         their values: the ones that ended together share this one sync (group commit)."""
@@ -690,14 +757,14 @@ class Runner:
                 raise ObserverError(f"the on_event observer failed at {call.promise_id}: {exc!r}") from exc
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
-        """The backoff between attempts; a stop request ends it (and the run) at once."""
+        """The backoff between attempts; a stop request (or a cancel) ends it, and the run."""
+        self._raise_if_stopping()
         if self._should_stop is None:
             self._sleep(seconds)
             return
         left = seconds
         while left > 0:
-            if self._should_stop():
-                raise WorkflowInterrupted("stopped during a retry backoff; run again to resume")
+            self._raise_if_stopping()
             self._sleep(min(left, _STOP_POLL_S))
             left -= _STOP_POLL_S
 
@@ -746,12 +813,31 @@ class _Outcome:
         return self._value
 
 
-class _RunState:
-    """What one run of a Runner holds: its steps' dependencies, its pool and step threads, and
-    (without a pool) the calls begun but not run yet and the group being settled."""
+class _CancelWatch:
+    """Whether the run's workflow was cancelled, asked of the store at most every
+    _CANCEL_POLL_S (a file's presence, or a row): a step boundary costs no store round trip."""
 
-    def __init__(self, dependencies: Mapping[str, Any]) -> None:
+    def __init__(self, store: PromiseStore, root_id: str) -> None:
+        self.root_id = root_id
+        self._store = store
+        self._seen = False
+        self._next_look = 0.0
+
+    def requested(self) -> bool:
+        if not self._seen and time.monotonic() >= self._next_look:
+            self._next_look = time.monotonic() + _CANCEL_POLL_S
+            self._seen = self._store.cancel_requested(self.root_id)
+        return self._seen
+
+
+class _RunState:
+    """What one run of a Runner holds: its steps' dependencies, its cancel watch, its pool and
+    step threads, and (without a pool) the calls begun but not run yet and the group being
+    settled."""
+
+    def __init__(self, dependencies: Mapping[str, Any], cancel: _CancelWatch | None = None) -> None:
         self.dependencies = dependencies
+        self.cancel = cancel
         self.pool: StepExecutor | None = None
         self.threads: ThreadPoolExecutor | None = None
         self.queued: list[tuple[Handle, Call, Registered, Promise]] = []

@@ -107,6 +107,24 @@ def test_resolve_settles_with_the_value(store: PromiseStore) -> None:
     assert store.get("a") == promise
 
 
+def test_a_held_resolve_is_settled_at_once_for_its_owner_and_for_all_after_the_next_write(
+    backend: str, place: Path | str
+) -> None:
+    with BACKENDS[backend](place) as store, store.own("w"):
+        store.create("w.0", None)
+        store.start_attempt("w.0")
+        held = store.resolve("w.0", [1, 2], hold=True)
+        assert (held.state, held.value) == (State.RESOLVED, [1, 2]) and store.get("w.0") == held
+        assert store.resolve("w.0", [1, 2], hold=True) == held  # the same value again: a no-op
+        with pytest.raises(PromiseConflictError):
+            store.resolve("w.0", [3])
+        store.create("w.1", None)
+        store.start_attempt("w.1")
+    if backend != "memory":  # a new memory store is empty: no second look
+        with BACKENDS[backend](place) as store:
+            assert store.get("w.0").value == [1, 2]
+
+
 @pytest.mark.parametrize(("settle", "outcome"), [
     ("resolve", {"rows": 11}),
     ("reject", {"type": "ValueError", "message": "late"}),
@@ -339,3 +357,42 @@ def test_a_closed_store_refuses_every_call(backend: str, place: Path | str) -> N
                  lambda: store.start_attempt("a"), lambda: store.resolve("a", 2)):
         with pytest.raises(StoreError, match="is closed"):
             call()
+
+
+def test_a_cancel_request_is_recorded_seen_and_withdrawn(store: PromiseStore) -> None:
+    store.create("root", 1)
+    assert not store.cancel_requested("root")
+    store.request_cancel("root")
+    store.request_cancel("root")  # idempotent
+    assert store.cancel_requested("root")
+    assert not store.cancel_requested("another")
+    assert store.get("root").state is State.PENDING  # a request settles nothing
+    store.withdraw_cancel("root")
+    store.withdraw_cancel("root")  # idempotent
+    assert not store.cancel_requested("root")
+
+
+@pytest.mark.parametrize("backend", ["jsonl-exclusive", "postgresql"])
+def test_a_cancel_request_reaches_the_driver_from_another_opener(
+    store: PromiseStore, backend: str, place: Path | str
+) -> None:
+    """Made from another process's store (read-only for a file) while this one holds the store
+    and drives the workflow; it outlives the store objects."""
+    url = place if backend == "postgresql" else place / "promises.jsonl"
+    with store.own("root"):
+        store.create("root", 1)
+        with open_store(url, readonly=True) as operator:
+            operator.request_cancel("root")
+        assert store.cancel_requested("root")
+    store.close()
+    with open_store(url, readonly=True) as later:
+        assert later.cancel_requested("root")
+        later.withdraw_cancel("root")
+    with open_store(url, readonly=True) as again:
+        assert not again.cancel_requested("root")
+
+
+@pytest.mark.parametrize("call", ["request_cancel", "cancel_requested", "withdraw_cancel"])
+def test_cancel_requests_refuse_an_id_that_is_not_a_str(store: PromiseStore, call: str) -> None:
+    with pytest.raises(TypeError, match="non-empty str"):
+        getattr(store, call)(123)

@@ -146,12 +146,17 @@ def test_a_writing_owner_stopped_past_its_lease_writes_nothing_after_a_takeover(
             new.create(f"{ROOT}.new", None)
             new.start_attempt(f"{ROOT}.new")
             new.resolve(f"{ROOT}.new", "by the new owner")
-            before = snapshot(pg_url)
+            before = but_our_renewals(snapshot(pg_url))
             child.signal(signal.SIGCONT)
             assert child.finish() == 3, child.describe()
-            assert snapshot(pg_url) == before
+            assert but_our_renewals(snapshot(pg_url)) == before
         assert child.events[-1]["type"] == "FencedError", child.describe()
         assert new.get(f"{ROOT}.new").value == "by the new owner"
+
+
+def but_our_renewals(rows: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """A snapshot less the leases' expiry, which the new owner's own heartbeat moves on."""
+    return {**rows, "leases": [row[:-1] for row in rows["leases"]]}
 
 
 def test_a_writing_owner_stopped_past_its_lease_with_no_one_else_writes_nothing(pg_url: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,6 +14,7 @@ from supervisor_helpers import (
     assert_finished,
     batch_attempts,
     batch_promises,
+    child_env,
     executions,
     root_id,
     run_cli,
@@ -39,14 +42,14 @@ SIZES = ("--records", str(RECORDS), "--batch-size", str(BATCH_SIZE))
     (("--kill-at-batch", "-1"), "--kill-at-batch: must not be negative"),
     (("--bogus",), "unrecognized arguments: --bogus"),
     (("--input", "records.csv", "--records", "5"), "--records: not allowed with argument --input"),
-    (("--records", "ten"), "invalid"),
+    (("--records", "ten"), "argument --records: not a whole number: 'ten'"),
     (("--id", "import/a.b"), "without '.'"),
     (("--kill-random", "1000000000"), "--kill-random: at most 1,000 random kills"),
     (("--records", str(10**13)), "--records: at most 1,000,000,000,000 records"),
     (("--batch-size", str(10**21)), "--batch-size: batch size must be a whole number from 1 to 10,000,000"),
     (("--workers", "0"), "--workers: must be at least 1, not 0"),
     (("--workers", "65"), "--workers: at most 64, not 65"),
-    (("--workers", "two"), "--workers: must be a whole number, not 'two'"),
+    (("--workers", "two"), "--workers: not a whole number: 'two'"),
 ], ids=["batch-size-0", "batch-size-negative", "kill-beyond-last", "one-kill-beyond-last",
         "fail-beyond-last", "kill-negative", "unknown-flag", "input-and-records", "records-not-a-number",
         "id-with-a-dot", "kill-random-beyond-the-cap", "records-beyond-the-cap",
@@ -200,3 +203,23 @@ def test_an_import_whose_stored_result_is_not_a_summary_is_shown_not_a_traceback
     for done in (again, status):
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.describe()
         assert 'a result that is not an import summary: "just text"' in done.stdout
+
+
+@pytest.mark.parametrize("invoked, usage", [
+    (["durable-import"], "usage: durable-import run "),
+    ([sys.executable, "-m", "supervisor"], "usage: python -m supervisor run "),
+], ids=["console-script", "module"])
+def test_usage_names_the_command_as_invoked(tmp_path: Path, invoked: list[str], usage: str) -> None:
+    if invoked[0] == "durable-import":  # the console script installed beside this interpreter
+        script = Path(sys.executable).parent / "durable-import"
+        if not script.exists():
+            pytest.skip("the package is not installed (pip install -e .)")
+        invoked = [str(script)]
+    helped = subprocess.run([*invoked, "run", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                            env=child_env(), check=False, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith(usage), helped.stdout[:200]
+    refused = subprocess.run([*invoked, "run", "--records", "abc"], capture_output=True, text=True,
+                             cwd=tmp_path, env=child_env(), check=False, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].endswith("argument --records: not a whole number: 'abc'")

@@ -120,11 +120,16 @@ def test_a_new_users_loop_fail_fix_retry_resume(tmp_path: Path) -> None:
     assert logged[-2:] == [(f"{ROOT}.2", 3), (f"{ROOT}.3", 1)]  # a fresh budget for step 2
 
     status = supervisor(tmp_path, "status", "--id", ROOT, "--state-dir", STATE, "--json")
-    assert json.loads(status.stdout) == {
+    s = json.loads(status.stdout)
+    steps = s.pop("steps")
+    assert s.pop("last_activity").endswith("+00:00")
+    assert s == {
         "id": ROOT, "state": "resolved", "code": "squares v1", "steps_done": 4, "step_count": None,
-        "steps_failed": 0,
-        "pending_step": None, "attempts": 6, "last_error": None, "result": [0, 1, 4, 9],
+        "steps_failed": 0, "pending_step": None, "attempts": 6, "last_error": None,
+        "in_flight": [], "rate_per_s": None, "eta_s": None, "result": [0, 1, 4, 9],
     }
+    assert [(r["step"], r["id"], r["state"], r["attempts"], r["executions"], r["error"]) for r in steps] == [
+        (n, f"{ROOT}.{n}", "resolved", 3 if n == 2 else 1, [], None) for n in range(4)]
 
 
 def test_a_store_given_by_url_serves_exec_status_and_retry(tmp_path: Path) -> None:

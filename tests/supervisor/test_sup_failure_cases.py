@@ -94,11 +94,13 @@ def assert_one_line_error(done: Finished, *names: str) -> str:
 
 
 def assert_error_line(done: Finished, *names: str) -> str:
-    """Exit 1 and stderr ending in one `error: ...` line naming every one of `names` (what the
-    worker printed before may be relayed above it), the same error in the --json report."""
+    """Exit 1 and stderr ending in one `error: ...` line naming every one of `names`, the only
+    one (the worker that hit the error does not print it too), the same error in the --json
+    report."""
     assert done.returncode == 1, done.describe()
     line = done.last_error_line
     assert line.startswith("error: "), done.describe()
+    assert sum(x.startswith("error: ") for x in done.stderr.splitlines()) == 1, done.describe()
     for name in names:
         assert name in line, f"{name!r} not in the error line: {line}"
     assert done.report is not None, done.describe()

@@ -10,7 +10,7 @@ import pytest
 
 from store import MemoryStore
 from supervisor.import_command import IMPORT_TERMS
-from supervisor.status import status_of
+from supervisor.inspect import status_of
 from workflow import Runner, StepEvent, WorkflowInterrupted
 from workflow.history import read_history
 from workflow.importer import Sink, file_source, import_records, synthetic_source

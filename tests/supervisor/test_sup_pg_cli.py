@@ -4,6 +4,7 @@ refusals of `join` and `run` a user meets first."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -45,13 +46,39 @@ def test_list_and_status_read_the_database(tmp_path: Path, pg_url: str) -> None:
     listing = supervisor(tmp_path, "list", "--store", pg_url, "--json")
     assert listing.returncode == 0, listing.describe()
     [row] = json.loads(listing.stdout)
-    assert (row["id"], row["state"], row["done"], row["total"]) == (IMPORT, "resolved", 20, 20)
-    assert row["records"] == 2000
+    progress = (row["id"], row["state"], row["batches_done"], row["batches_total"], row["records"])
+    assert progress == (IMPORT, "resolved", 20, 20, 2000)
+    assert 0 <= time.time() - datetime.datetime.fromisoformat(row["last_activity"]).timestamp() < 120
     text = supervisor(tmp_path, "list", "--store", pg_url)
     assert IMPORT in text.stdout and "20/20 batches" in text.stdout and "2,000" in text.stdout
     status = supervisor(tmp_path, "status", "--id", IMPORT, "--store", pg_url)
     assert status.returncode == 0, status.describe()
     assert f"{IMPORT}: resolved, 20/20 batches done" in status.stdout
+
+
+def test_status_shows_the_executions_of_a_killed_batch_from_the_database(tmp_path: Path, pg_url: str) -> None:
+    done = run_import(tmp_path, pg_url, "--kill-at-batch", "3", "--json")
+    assert done.returncode == 0, done.describe()
+    s = json.loads(supervisor(tmp_path, "status", "--store", pg_url, "--json").stdout)  # the only one
+    assert s["id"] == IMPORT and len(s["batches"]) == 20
+    with psycopg.connect(pg_url) as db:
+        in_sink = db.execute("SELECT count(*) FROM executions").fetchone()[0]
+    assert sum(len(b["executions"]) for b in s["batches"]) == in_sink
+    outcomes = [[(e["pid"], e["outcome"]) for e in b["executions"]] for b in s["batches"]]
+    killed = outcomes[3][0][0]  # the executor process that ran batch 3 when its worker was killed
+    assert outcomes[3][0][1] is None and outcomes[3][-1][1] == "committed"
+    assert all([o for _, o in runs] == ["committed"] for n, runs in enumerate(outcomes) if n != 3)
+    text = supervisor(tmp_path, "status", "--store", pg_url).stdout
+    assert f"attempt 1  pid {killed}  killed/failed" in text and "    0-2: resolved (1 attempt each)" in text
+
+
+def test_compact_and_gc_say_in_one_line_that_they_do_not_apply(tmp_path: Path, pg_url: str) -> None:
+    assert run_import(tmp_path, pg_url).returncode == 0
+    compact = supervisor(tmp_path, "compact", "--id", IMPORT, "--store", pg_url)
+    assert compact.returncode == 0, compact.describe()
+    assert compact.stdout.count("\n") == 1 and "compaction does not apply" in compact.stdout
+    gc = supervisor(tmp_path, "gc", "--store", pg_url)
+    assert gc.returncode == 0 and gc.stdout.count("\n") == 1 and "nothing to collect" in gc.stdout
 
 
 def test_join_refuses_a_workflow_never_started_there_and_a_store_that_is_not_postgresql(

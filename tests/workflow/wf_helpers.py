@@ -350,6 +350,15 @@ class ChildEnded:
         return [e["step"] for e in self.events
                 if e["event"] == "step" and e["kind"] == kind and e["step"] is not None]
 
+    @property
+    def error_line(self) -> str:
+        """Why the child ended, as its `ended` event says (and a supervisor prints it): with a
+        progress pipe, a child does not print its `error:` line on stderr too."""
+        ended = [e for e in self.events if e["event"] == "ended"]
+        assert len(ended) == 1, self.events
+        assert "error: " not in self.stderr, self.stderr  # said once: to the pipe only
+        return f"error: {ended[0]['error']}"
+
 
 def run_workflow_child(
     cwd: Path,

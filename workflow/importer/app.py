@@ -17,7 +17,8 @@ import os
 from collections import Counter, deque
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from store import Durability, failpoints, parse_store_url
 
@@ -27,6 +28,9 @@ from ..errors import PermanentError
 from ..registry import register
 from .sink import Sink
 from .sources import check_source, plan_batches, plan_segment, read_batch, verify_source
+
+if TYPE_CHECKING:
+    from .pg_sink import PgSink
 
 SINK_FILE = "import.db"  # the SQLite sink's file in a state dir
 
@@ -52,16 +56,21 @@ def setup(run: RunInfo) -> Iterator[dict[str, Any]]:
             verify_source(run.args[0])
     except ValueError as exc:
         raise ImportArgumentsError(str(exc)) from exc
-    if run.store_url is not None and parse_store_url(run.store_url)[0] == "postgresql":
-        from .pg_sink import PgSink  # psycopg is loaded only on PostgreSQL
-
-        sink: Sink | PgSink = PgSink(run.store_url)
-    else:
-        sink = Sink(run.state_dir / SINK_FILE, durable=run.durability is Durability.FULL)
+    sink = open_sink(run.state_dir, run.store_url, durable=run.durability is Durability.FULL)
     try:
         yield {"sink": sink}
     finally:
         sink.close()
+
+
+def open_sink(state_dir: Path, store_url: str | None, *, durable: bool = True) -> Sink | PgSink:
+    """The import's sink: SQLite in the state dir, or, when the store is in PostgreSQL, the
+    same database."""
+    if store_url is not None and parse_store_url(store_url)[0] == "postgresql":
+        from .pg_sink import PgSink  # psycopg is loaded only on PostgreSQL
+
+        return PgSink(store_url)
+    return Sink(state_dir / SINK_FILE, durable=durable)
 
 
 @register(name="import_records", version=2)

@@ -5,7 +5,7 @@ shared by the SQLite and the PostgreSQL sink, so that both classify and count al
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -37,12 +37,16 @@ def skipped_row(import_id: str, batch: int, row: Row, reason: str) -> tuple[Any,
     return (import_id, row.position, batch, row.line, row.record_id, reason)
 
 
-def ignored(import_id: str, good: list[Row], holders: Mapping[str, tuple[str, int]]) -> list[Skip]:
+def ignored(
+    import_id: str, good: list[Row], holders: Mapping[str, tuple[str, int]], kin: Iterable[str] = ()
+) -> list[Skip]:
     """The rows an insert that keeps the first of each id ignored, given who holds each id now
-    ({id: (import_id, position)}): another position of this input (`duplicate_id`), or another
-    import into this database (`already_imported`)."""
+    ({id: (import_id, position)}): another position of this input (`duplicate_id`; the input
+    of a fork is its ancestors' too, `kin`), or another import into this database
+    (`already_imported`)."""
+    ours = {import_id, *kin}
     return [
-        (r, records.DUPLICATE_ID if holder[0] == import_id else records.ALREADY_IMPORTED)
+        (r, records.DUPLICATE_ID if holder[0] in ours else records.ALREADY_IMPORTED)
         for r in good
         if (holder := holders[r.record_id]) != (import_id, r.position)
     ]

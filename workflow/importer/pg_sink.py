@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ..context import current_step
-from . import batch_rows, records
+from . import batch_rows, forks, records
 from .batch_rows import Skip, record_row, skipped_row
 from .sink import SinkError, SinkStorageError
 from .sources import Row
@@ -75,6 +75,7 @@ MIGRATIONS = (
         code text
     )
     """,
+    forks.TABLE,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The advisory lock that processes opening one database at once make its schema under, in turn.
@@ -247,7 +248,8 @@ class PgSink:
             else:
                 skipped.append((row, records.UNSTORABLE_VALUE))
         with self._faults(db, f"committing batch {batch}"):
-            duplicates = self._insert_records(db, import_id, batch, good, halfway)
+            kin = self._take_over(db, import_id, batch)
+            duplicates = self._insert_records(db, import_id, batch, good, halfway, kin)
             skipped += duplicates
             summary = batch_rows.summary(batch, len(rows), len(good) - len(duplicates), skipped)
             try:
@@ -263,9 +265,28 @@ class PgSink:
             db.execute(_SET_OUTCOME, ("committed", execution))
         return summary
 
+    def _take_over(self, db: psycopg.Connection, import_id: str, batch: int) -> list[str]:
+        """In a fork's batch transaction: delete what its ancestors wrote for the batch (see
+        forks.py); return the ancestors (none for an import that is no fork)."""
+        ancestors = [a for (a,) in db.execute(forks.ancestors_sql("%s"), (import_id,))]
+        for statement in forks.take_over_sql("%s", len(ancestors)) if ancestors else []:
+            db.execute(statement, (batch, *ancestors))
+        return ancestors
+
+    def record_fork(self, import_id: str, parent_id: str, from_batch: int) -> None:
+        """Record that `import_id` is a fork of `parent_id` from batch `from_batch` (committed
+        before the fork's first batch can run); a SinkError if it was recorded otherwise."""
+        db = self._own()
+        with self._faults(db, f"recording the fork {import_id}"):
+            db.execute(forks.record_sql("%s"), (import_id, parent_id, from_batch))
+            why = forks.refused(import_id, db.execute(forks.parent_sql("%s"), (import_id,)).fetchone(),
+                                (parent_id, from_batch))
+        if why is not None:
+            raise SinkError(f"{self.where}: {why}")
+
     def _insert_records(
         self, db: psycopg.Connection, import_id: str, batch: int, good: list[Row],
-        halfway: Callable[[], None],
+        halfway: Callable[[], None], kin: list[str],
     ) -> list[Skip]:
         """Insert the importable rows, half, `halfway()`, then the rest; return the ignored ones
         with their reason. Rows go in by id: batches in flight at once that share ids then wait
@@ -284,7 +305,7 @@ class PgSink:
         ids = list(dict.fromkeys(r.record_id for r in good))
         holders = {rid: (imp, pos) for rid, imp, pos in db.execute(
             "SELECT id, import_id, position FROM records WHERE id = ANY(%s)", (ids,))}
-        return batch_rows.ignored(import_id, good, holders)
+        return batch_rows.ignored(import_id, good, holders, kin)
 
 
 def _step_transaction() -> psycopg.Connection:

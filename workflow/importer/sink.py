@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from ..errors import PermanentError
-from . import batch_rows
+from . import batch_rows, forks
 from .batch_rows import record_row, skipped_row
 from .sources import Row
 
@@ -72,8 +72,8 @@ CREATE TABLE IF NOT EXISTS executions (
     outcome TEXT,
     code TEXT
 );
-"""
-TABLES = ("records", "skipped", "batch_commits", "executions")
+""" + forks.TABLE
+TABLES = ("records", "skipped", "batch_commits", "executions", "forks")
 # Columns added since a table was first created: (table, column, declaration).
 ADDED_COLUMNS = [("executions", "code", "TEXT")]
 
@@ -353,13 +353,14 @@ class Sink:
             if committed is not None:
                 self._set_outcome(execution, "found_commit")
                 return committed
+            kin = self._take_over(import_id, batch)
             before = self._db.total_changes
             self._db.executemany(INSERT_RECORD, inserts[:half])
             halfway()
             self._db.executemany(INSERT_RECORD, inserts[half:])
             duplicates = []
             if self._db.total_changes - before != len(good):
-                duplicates = batch_rows.ignored(import_id, good, self._holders(good))
+                duplicates = batch_rows.ignored(import_id, good, self._holders(good), kin)
                 skipped += duplicates
             self._db.executemany(
                 INSERT_SKIPPED, [skipped_row(import_id, batch, r, why) for r, why in skipped]
@@ -371,6 +372,26 @@ class Sink:
             )
             self._set_outcome(execution, "committed")
         return summary
+
+    def _take_over(self, import_id: str, batch: int) -> list[str]:
+        """In a fork's batch transaction: delete what its ancestors wrote for the batch (see
+        forks.py); return the ancestors (none for an import that is no fork)."""
+        ancestors = [a for (a,) in self._db.execute(forks.ancestors_sql("?"), (import_id,))]
+        for statement in forks.take_over_sql("?", len(ancestors)) if ancestors else []:
+            self._db.execute(statement, (batch, *ancestors))
+        return ancestors
+
+    def record_fork(self, import_id: str, parent_id: str, from_batch: int) -> None:
+        """Record that `import_id` is a fork of `parent_id` from batch `from_batch` (durably,
+        before the fork's first batch can run); a SinkError if it was recorded otherwise."""
+        with self._storage_faults(f"recording the fork {import_id}"), self._write():
+            self._db.execute(forks.record_sql("?"), (import_id, parent_id, from_batch))
+            why = forks.refused(import_id, self._db.execute(forks.parent_sql("?"), (import_id,)).fetchone(),
+                                (parent_id, from_batch))
+            if why is not None:
+                raise SinkError(f"{self.path}: {why}")
+        if self._durable:
+            self._sync_wal()
 
     def _holders(self, good: list[Row]) -> dict[str, tuple[str, int]]:
         """Who holds the ids of `good` now: {id: (import_id, position)}."""

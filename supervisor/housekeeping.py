@@ -1,0 +1,105 @@
+"""`compact` and `gc`: the JSON-lines store's upkeep, from the command line.
+
+Both take the store's lock for as long as they work, as a worker does, so they never run beside
+one: a store a worker holds is refused in one line (exit 3, as every busy refusal), and one of
+them is run again once the import has stopped. A PostgreSQL store has nothing of either kind:
+a promise is a row there, and no file is set aside.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from store import JsonlStore, StoreError, StoreLockedError, parse_store_url
+from store.backends import redact
+from store.jsonl import collect_set_aside, set_aside_files
+
+from . import exits
+from .commands import refuse
+from .location import StoreLocation
+from .status import TermsFor, one_root
+
+LOCK_TIMEOUT_S = 1.0  # how long to wait for a store another process holds before refusing
+
+
+def compact_store(location: StoreLocation, root_id: str | None, *, as_json: bool,
+                  terms_for: TermsFor) -> int:
+    """Rewrite the store holding `root_id` with one line per promise (every workflow in that
+    file is compacted with it), and say how many bytes it took before and after."""
+    path = _store_file(location, "compaction does not apply: a promise is one row there (and one "
+                       "more once settled), and PostgreSQL's autovacuum reclaims what is deleted", as_json)
+    if not isinstance(path, Path):
+        return path
+    try:
+        store = JsonlStore(path, exclusive=True, lock_timeout=LOCK_TIMEOUT_S)
+    except StoreLockedError as exc:
+        return refuse(f"{exc}; compact it once its supervisor (or worker) has stopped", exits.BUSY, as_json)
+    except StoreError as exc:
+        return refuse(str(exc), exits.FAILED, as_json)
+    with store:
+        root_id, refused = one_root(store, location, root_id, terms_for)
+        if refused is not None:
+            return refused
+        before = path.stat().st_size
+        try:
+            store.compact()
+        except StoreError as exc:
+            return refuse(str(exc), exits.FAILED, as_json)
+        after = path.stat().st_size
+        promises = len(store.list())
+    if as_json:
+        _json({"id": root_id, "store": str(path), "bytes_before": before, "bytes_after": after})
+    else:
+        print(f"compacted {path} (the store of {root_id}): {before:,} -> {after:,} bytes, "
+              f"one line for each of its {promises:,} promises")
+    return exits.OK
+
+
+def collect_garbage(location: StoreLocation, *, keep: bool, as_json: bool) -> int:
+    """Delete the files the store set aside when it recovered (torn tails, a compaction cut
+    short) that predate an open of it made now; with `keep`, only list them."""
+    path = _store_file(location, "nothing to collect: PostgreSQL sets no file aside", as_json)
+    if not isinstance(path, Path):
+        return path
+    if keep:
+        files = set_aside_files(path)
+    else:
+        try:
+            files = collect_set_aside(path, lock_timeout=LOCK_TIMEOUT_S)
+        except StoreLockedError as exc:
+            return refuse(f"{exc}; run gc once its supervisor (or worker) has stopped", exits.BUSY, as_json)
+        except StoreError as exc:
+            return refuse(str(exc), exits.FAILED, as_json)
+    if as_json:
+        _json({"store": str(path), "kept" if keep else "deleted": [str(f) for f in files]})
+        return exits.OK
+    for f in files:
+        print(f"{'kept' if keep else 'deleted'} {f}")
+    if keep:
+        print(f"{len(files)} file(s) set aside; `gc` without --keep deletes them")
+    else:
+        print(f"{len(files)} file(s) deleted")
+    return exits.OK
+
+
+def _store_file(location: StoreLocation, not_a_file: str, as_json: bool) -> Path | int:
+    """The JSON-lines file of the location; else the exit status, after saying why there is none."""
+    backend, where = parse_store_url(location.url)
+    if backend != "jsonl":
+        if as_json:
+            _json({"store": redact(location.url), "skipped": not_a_file})
+        else:
+            print(f"{redact(location.url)}: {not_a_file}")
+        return exits.OK
+    path = Path(where)
+    if not path.is_file():
+        return refuse(f"{path}: no store there (nothing has run in this state dir)", exits.FAILED, as_json)
+    return path
+
+
+def _json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")
