@@ -57,11 +57,14 @@ def cancel_workflow(location: StoreLocation, root_id: str, *, as_json: bool, ter
         store.request_cancel(root_id)  # made even while a worker holds the store
     try:
         settled = _settle_unless_driven(location, root_id)
+        ended = not settled and _resolved_before_request(location, root_id)
     except PromiseConflictError:  # it ended meanwhile, before it looked for the request
-        return refuse(f"{terms.noun} {root_id} ended before the cancel took effect (see `status`)",
-                      exits.FAILED, as_json)
+        ended = True
     except StoreError as exc:
         return refuse(str(exc), exits.FAILED, as_json)
+    if ended:
+        return refuse(f"{terms.noun} {root_id} ended before the cancel took effect (see `status`)",
+                      exits.FAILED, as_json)
     return _say(location, root_id, terms, settled, as_json)
 
 
@@ -85,6 +88,21 @@ def _settle_unless_driven(location: StoreLocation, root_id: str) -> bool:
         return False
     with store:
         return Runner(store).cancel(root_id)
+
+
+def _resolved_before_request(location: StoreLocation, root_id: str) -> bool:
+    """Whether a driven workflow was resolved by the time its cancel request was recorded (its
+    driver looks for the request once more at its end, before it resolves the root; any later
+    request is one it never sees): then the request is withdrawn, as that driver would have."""
+    store = location.open_readonly()
+    if store is None:
+        return False
+    with store:
+        root = store.get(root_id)
+        if root is None or root.state is not State.RESOLVED:
+            return False
+        store.withdraw_cancel(root_id)
+    return True
 
 
 def _say(location: StoreLocation, root_id: str, terms: Terms, settled: bool, as_json: bool) -> int:

@@ -88,8 +88,9 @@ class Runner:
     `dependencies` are handed to steps through `current_step().dependency(name)`;
     `on_event` receives a StepEvent per step transition; `should_stop` is asked before each new
     step and, when true, ends the run with WorkflowInterrupted (nothing is settled). A cancel
-    request in the store (`cancel`) is looked for there too (at most every 0.2 s): the steps in
-    flight end, no new one starts, and the root is rejected as cancelled (WorkflowCancelled).
+    request in the store (`cancel`) is looked for there too (at most every 0.2 s), and once more
+    at the root's end, after the calls it began have ended and before it is resolved: the steps
+    in flight end, no new one starts, and the root is rejected as cancelled (WorkflowCancelled).
 
     `workers` > 1 runs the calls a workflow begins concurrently (`ctx.begin`, `ctx.map`) in a
     pool of that many step processes (pool.py), each with the dependencies `setup` gives it
@@ -267,6 +268,13 @@ class Runner:
         if cancel is not None and cancel.requested():
             raise WorkflowCancelled(cancel.root_id)
 
+    def _raise_if_cancelled_at_end(self, promise_id: str) -> None:
+        """The root's end, once the calls it began have ended, is a step boundary too: a cancel
+        requested by then (asked of the store now, not at the watch's last look) cancels it."""
+        cancel = self._run.cancel
+        if cancel is not None and promise_id == cancel.root_id and cancel.requested(now=True):
+            raise WorkflowCancelled(promise_id)
+
     # -- one durable call ------------------------------------------------------------------
 
     def _call(self, call: Call, root: bool = False) -> Any:
@@ -356,6 +364,7 @@ class Runner:
                 except StopIteration as done:
                     self._check_ended_cleanly(call, entry, ctx)
                     self._wait(begun)
+                    self._raise_if_cancelled_at_end(call.promise_id)
                     return self._resolve(call, entry, done.value)
                 except Exception as exc:  # the body raised, or let a StepError through
                     if isinstance(exc, EngineError | StoreError):
@@ -823,8 +832,9 @@ class _CancelWatch:
         self._seen = False
         self._next_look = 0.0
 
-    def requested(self) -> bool:
-        if not self._seen and time.monotonic() >= self._next_look:
+    def requested(self, *, now: bool = False) -> bool:
+        """Whether a cancel is requested; `now`: asked of the store even if it was a moment ago."""
+        if not self._seen and (now or time.monotonic() >= self._next_look):
             self._next_look = time.monotonic() + _CANCEL_POLL_S
             self._seen = self._store.cancel_requested(self.root_id)
         return self._seen

@@ -152,3 +152,34 @@ def test_cancel_refuses_a_finished_or_unknown_import(tmp_path: Path) -> None:
     unknown = run_cli("cancel", state_dir, "--id", "import/none")
     assert unknown.returncode == 1 and "no workflow 'import/none'" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_cancel_while_the_last_batch_runs_cancels_at_the_end(
+    tmp_path: Path, audit: ModuleType, workers: int
+) -> None:
+    """The request lands while only the last batch runs (it lingers 2 s), after the last batch
+    boundary: the import's end is a boundary too, so it ends cancelled with every batch done, and
+    `retry` then `run` resolves it without running any batch again."""
+    state_dir = tmp_path / "state"
+    last = BATCHES - 1
+    slow_last = [{"name": "batch.mid", "key": str(last), "action": "delay", "seconds": 2}]
+    sup = start_import(state_dir, *SIZES, "--workers", str(workers),
+                       env={"DURABLE_FAILPOINTS": json.dumps(slow_last)})
+    try:
+        wait_until(lambda: batch_attempts(audit, state_dir, ROOT, last) >= 1
+                   and len(resolved_batches(audit, state_dir, ROOT)) == last, "only the last batch runs")
+        asked = run_cli("cancel", state_dir, "--id", ROOT)
+        ended = sup.finish()
+    finally:
+        sup.close()
+
+    assert asked.returncode == 0, asked.describe()
+    assert "stops at its next batch boundary" in asked.stdout
+    assert ended.returncode == CANCELLED, ended.describe()
+    assert ended.report["cancelled"] is True
+    done = resolved_batches(audit, state_dir, ROOT)
+    assert done == set(range(BATCHES))  # the batch in flight ended, and stays done
+    assert store_promises(audit, state_dir)[ROOT]["state"] == "rejected"
+    _assert_committed_once_each(state_dir, done)
+    _resume_and_finish(audit, state_dir, done, workers)
