@@ -19,6 +19,7 @@ import orjson
 from store import (
     PromiseConflictError,
     PromiseNotFoundError,
+    State,
     StoreError,
     StoreLockedError,
     WorkflowBusyError,
@@ -34,6 +35,7 @@ from . import exits
 from .commands import refuse
 from .import_command import IMPORT_TERMS, is_import, record_fork
 from .location import StoreLocation
+from .report import ranges
 
 LOCK_TIMEOUT_S = 1.0  # the store of a running import is not waited for: it is refused
 
@@ -107,11 +109,21 @@ def _say(location: StoreLocation, history: History, new_id: str, from_batch: int
                                        "from_batch": from_batch, "copied": copied,
                                        "run": run}).decode() + "\n")
         return exits.OK
-    reused = f"batches 0-{from_batch - 1} and their plan" if from_batch else "the plan before batch 0"
+    reused = _reused_batches(history, from_batch)
+    after = reused[-1] + 1 if reused else 0  # the first batch after the last one reused
+    again = sorted(set(range(after)) - set(reused))  # not done by the original: run again too
+    what = f"batches {ranges(reused)} and their plan" if reused else "no batch, only the plan"
+    runs = f"batches {ranges(again)} and {after} onward" if again else f"batches {after} onward"
     print(f"forked import {history.root.id} from batch {from_batch} as {new_id}: {copied} stored "
-          f"result(s) reused ({reused}); batches {from_batch} onward run again and take over the "
-          f"rows the original wrote for them; run it with:\n  {run}")
+          f"result(s) reused ({what}); {runs} run again and take over the rows the original "
+          f"wrote for them; run it with:\n  {run}")
     return exits.OK
+
+
+def _reused_batches(history: History, from_batch: int) -> list[int]:
+    """The batches before `from_batch` that the fork reuses: those the original had done."""
+    steps = IMPORT_TERMS.units_of(history).steps
+    return [b for b, n in enumerate(sorted(steps)) if b < from_batch and steps[n].state is State.RESOLVED]
 
 
 def _source_flags(history: History) -> str:

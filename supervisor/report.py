@@ -152,7 +152,7 @@ class RunReport:
                 explained = True
             lines.append(
                 f"  worker {c.pid}: {c.exit}; ran {len(c.executed)} {t.units_maybe}"
-                f"{' ' + _ranges(c.executed) if c.executed else ''}, {replayed}"
+                f"{' ' + ranges(c.executed) if c.executed else ''}, {replayed}"
             )
         for k in self.kills:
             where = f" during {t.unit} {k.step}" if k.step is not None else ""
@@ -177,7 +177,7 @@ class RunReport:
         return "\n".join(lines)
 
 
-def _ranges(steps: list[int]) -> str:
+def ranges(steps: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'"""
     parts: list[list[int]] = []
     for b in sorted(steps):

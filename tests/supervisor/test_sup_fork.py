@@ -1,6 +1,7 @@
 """`fork --id ID --from-batch K`: a new import that reuses ID's stored batches before K (never run
 again) and runs K onward, taking over the rows ID wrote for them; on the JSON-lines store and on
-PostgreSQL. Refusals: K beyond the last batch, an unknown id, an existing new id."""
+PostgreSQL. Refusals: K beyond the last batch, an unknown id, an existing new id. A K past the
+batches done reuses (and names) only those done."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from types import ModuleType
 
 import psycopg
 import pytest
-from supervisor_helpers import executions, root_id, run_cli, run_import
+from supervisor_helpers import (
+    executions,
+    resolved_batches,
+    root_id,
+    run_cli,
+    run_import,
+    sigterm_while_batch_lingers,
+)
 from test_sup_exec import supervisor
 
 from workflow.importer.sink import open_read_only
@@ -67,6 +75,26 @@ def test_a_fork_reuses_the_batches_before_k_and_runs_k_onward(tmp_path: Path, au
     finally:
         db.close()
     _check_rows(rows, skipped)
+
+
+def test_a_fork_from_past_the_batches_done_names_only_those_reused(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    """ID was stopped in batch 3 (0-3 done, the batch in flight ends): a fork from batch 8
+    reuses 0-3 and says so."""
+    state_dir = tmp_path / "state"
+    stopped = sigterm_while_batch_lingers(audit, state_dir, 3, 1, *SIZES)
+    assert stopped.returncode == 143, stopped.describe()
+    assert resolved_batches(audit, state_dir, ORIGINAL) == {0, 1, 2, 3}
+    made = run_cli("fork", state_dir, "--id", ORIGINAL, "--from-batch", "8")
+    assert made.returncode == 0, made.describe()
+    assert ("reused (batches 0-3 and their plan); batches 4 onward run again and take over"
+            in made.stdout), made.stdout
+    forked = f"{ORIGINAL}~fork-8"
+    ran = run_cli("run", state_dir, "--id", forked, *SIZES, "--json")
+    assert ran.returncode == 0, ran.describe()
+    [child] = ran.report["children"]
+    assert (child["replayed"], child["executed"]) == (4, list(range(4, BATCHES)))
 
 
 def test_fork_refuses_k_beyond_the_last_batch_an_unknown_id_and_an_existing_new_id(tmp_path: Path) -> None:
