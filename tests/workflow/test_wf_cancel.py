@@ -128,3 +128,33 @@ def test_a_request_the_workflow_finished_before_seeing_is_withdrawn(store: Promi
     store.request_cancel(ROOT)  # too late: it is done
     assert runner(store, ran, "memory:").run(ROOT, steps, 1) == [0]
     assert not store.cancel_requested(ROOT) and store.get(ROOT).state is State.RESOLVED
+
+
+@register(name="tc.asks_cancel")
+def asks_cancel(url: str) -> str:
+    """The last step asks for a cancel of its own workflow and ends at once: no boundary is
+    left but the workflow's end, which the runner's look-up interval has not come round to."""
+    with open_store(url, readonly=True) as operator:
+        operator.request_cancel(ROOT)
+    return "asked"
+
+
+@register(name="tc.ends_with_a_cancel")
+def ends_with_a_cancel(ctx: Context, url: str) -> Generator[Any, Any, list[Any]]:
+    first = yield ctx.run(step, 0)
+    last = yield ctx.begin(asks_cancel, url)
+    return [first, (yield last)]
+
+
+def test_a_cancel_during_the_last_step_cancels_at_the_workflow_end(tmp_path: Path) -> None:
+    url = str(tmp_path / "store.jsonl")
+    ran: list[int] = []
+    with JsonlStore(url, exclusive=True) as store:
+        with pytest.raises(WorkflowCancelled):
+            runner(store, ran, url).run(ROOT, ends_with_a_cancel, url)
+        root = store.get(ROOT)
+        assert root.state is State.REJECTED and state_of(root) == "cancelled"
+        assert [p.state for p in store.list(f"{ROOT}.")] == [State.RESOLVED] * 2  # both done
+        Runner(store).retry(ROOT)
+        assert runner(store, ran, url).run(ROOT, ends_with_a_cancel, url) == [0, "asked"]
+    assert ran == [0]  # nothing ran again
