@@ -33,6 +33,7 @@ from workflow.child import (
 )
 from workflow.retry import RetryPolicy
 
+from . import exits
 from .cancel_command import cancel_workflow
 from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
@@ -210,6 +211,18 @@ def _inspection(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that closes stdout early (`status | head`) ends it quietly,
+    with the status a shell gives a process SIGPIPE killed (141)."""
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes there
+        return exits.BROKEN_PIPE
+    return code
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="supervisor: %(message)s")
