@@ -122,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", help="reopen a failed (or cancelled) workflow so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
-    compact = commands.add_parser("compact", help="rewrite the JSON-lines store holding a workflow with "
-                                  "one line per promise (no worker may hold it)")
-    _inspection(compact)
+    compact = commands.add_parser("compact", help="rewrite the JSON-lines store of a state dir with one "
+                                  "line per promise, every workflow in it (no worker may hold it)")
+    _location(compact, store=True)
+    compact.add_argument("--id", type=root_id, help="compact only if the store holds this workflow "
+                         "(the whole file is compacted all the same)")
+    compact.add_argument("--json", action="store_true", help="print the report as one JSON object")
     gc = commands.add_parser("gc", help="delete the files a store set aside when it recovered (torn tails, "
                              "a compaction cut short), once it has been opened again since")
     _location(gc, store=True)
