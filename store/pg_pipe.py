@@ -1,6 +1,8 @@
 """One thread's pipelined connection for the owner's hot path: a step costs one round trip.
 
-A step's creation and first attempt are sent (with the lease's fence) and committed by the
+A step's creation and first attempt go with the settle of the step before it, when the owner
+held that one back (pg.py): one statement, one synchronous commit, waited for before the step
+runs. A creation with no settle to carry is sent (with the lease's fence) and committed by the
 server asynchronously, without the owner waiting for the answer; the step's settle is sent
 after it on the same connection and waits for both answers. The server runs them in order, so
 the creation is committed before the settle, and it is committed even if this process dies
@@ -8,9 +10,6 @@ right after sending it: like a write of the JSON-lines store, it survives a kill
 at once, and reaches the disk with the next synchronous commit. What the server answered to
 the creation is checked with the settle's answer (a creation refused by the fence makes the
 settle refused too).
-
-A settle the owner held back (pg.py) goes with the next step's creation instead: one statement,
-one synchronous commit, waited for before that step runs.
 
 Statements are prepared once per connection (libpq's pipeline mode, through psycopg's `pq`).
 """

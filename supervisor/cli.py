@@ -33,6 +33,7 @@ from workflow.child import (
 )
 from workflow.retry import RetryPolicy
 
+from . import exits
 from .cancel_command import cancel_workflow
 from .commands import exec_command, join_command
 from .faults import MAX_RANDOM_KILLS
@@ -121,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", help="reopen a failed (or cancelled) workflow so that the same "
                                 "`exec` or `run` resumes it")
     _inspection(retry)
-    compact = commands.add_parser("compact", help="rewrite the JSON-lines store holding a workflow with "
-                                  "one line per promise (no worker may hold it)")
-    _inspection(compact)
+    compact = commands.add_parser("compact", help="rewrite the JSON-lines store of a state dir with one "
+                                  "line per promise, every workflow in it (no worker may hold it)")
+    _location(compact, store=True)
+    compact.add_argument("--id", type=root_id, help="compact only if the store holds this workflow "
+                         "(the whole file is compacted all the same)")
+    compact.add_argument("--json", action="store_true", help="print the report as one JSON object")
     gc = commands.add_parser("gc", help="delete the files a store set aside when it recovered (torn tails, "
                              "a compaction cut short), once it has been opened again since")
     _location(gc, store=True)
@@ -210,6 +214,18 @@ def _inspection(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that closes stdout early (`status | head`) ends it quietly,
+    with the status a shell gives a process SIGPIPE killed (141)."""
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes there
+        return exits.BROKEN_PIPE
+    return code
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="supervisor: %(message)s")

@@ -17,6 +17,7 @@ import orjson
 from store import JsonlStore, StoreError, StoreLockedError, parse_store_url
 from store.backends import redact
 from store.jsonl import collect_set_aside, set_aside_files
+from workflow.history import root_ids
 
 from . import exits
 from .commands import refuse
@@ -28,8 +29,10 @@ LOCK_TIMEOUT_S = 1.0  # how long to wait for a store another process holds befor
 
 def compact_store(location: StoreLocation, root_id: str | None, *, as_json: bool,
                   terms_for: TermsFor) -> int:
-    """Rewrite the store holding `root_id` with one line per promise (every workflow in that
-    file is compacted with it), and say how many bytes it took before and after."""
+    """Rewrite the store file of the location with one line per promise: every workflow in it
+    is compacted (with `root_id`, only once the file is found to hold that one). Say how many
+    lines and bytes it took before and after; a file that is not smaller is said to be so (it
+    is valid all the same: see NOT_SMALLER)."""
     path = _store_file(location, "compaction does not apply: a promise is one row there (and one "
                        "more once settled), and PostgreSQL's autovacuum reclaims what is deleted", as_json)
     if not isinstance(path, Path):
@@ -41,22 +44,35 @@ def compact_store(location: StoreLocation, root_id: str | None, *, as_json: bool
     except StoreError as exc:
         return refuse(str(exc), exits.FAILED, as_json)
     with store:
-        root_id, refused = one_root(store, location, root_id, terms_for)
-        if refused is not None:
-            return refused
-        before = path.stat().st_size
+        if root_id is not None:
+            _, refused = one_root(store, location, root_id, terms_for)
+            if refused is not None:
+                return refused
+        workflows = root_ids(store)
+        before, lines_before = path.stat().st_size, _line_count(path)
         try:
             store.compact()
         except StoreError as exc:
             return refuse(str(exc), exits.FAILED, as_json)
-        after = path.stat().st_size
-        promises = len(store.list())
+        after, lines_after = path.stat().st_size, len(store.list())  # one line per promise now
     if as_json:
-        _json({"id": root_id, "store": str(path), "bytes_before": before, "bytes_after": after})
-    else:
-        print(f"compacted {path} (the store of {root_id}): {before:,} -> {after:,} bytes, "
-              f"one line for each of its {promises:,} promises")
+        _json({"store": str(path), "workflows": workflows, "lines_before": lines_before,
+               "lines_after": lines_after, "bytes_before": before, "bytes_after": after})
+        return exits.OK
+    held = f"{len(workflows)} workflow{'' if len(workflows) == 1 else 's'}"
+    print(f"compacted {path}, the store of {held}: {lines_before:,} -> {lines_after:,} lines (one per "
+          f"promise), {before:,} -> {after:,} bytes" + ("" if after < before else f" ({NOT_SMALLER})"))
     return exits.OK
+
+
+NOT_SMALLER = ("not smaller: a promise's creation and settlement become one line that carries both, "
+               "so compaction saves only the lines of retried, killed or reopened steps; the file is "
+               "valid all the same")
+
+
+def _line_count(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def collect_garbage(location: StoreLocation, *, keep: bool, as_json: bool) -> int:

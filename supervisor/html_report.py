@@ -69,6 +69,8 @@ def _totals(p: RunPicture) -> str:
              ("kills", f"{t.kills}"), ("restarts", f"{t.restarts}"), ("wall time", f"{t.wall_s:.2f} s")]
     if t.stalls:
         cells.insert(6, ("stalls", f"{t.stalls}"))
+    if t.reused:
+        cells.insert(4, ("reused batches", f"{t.reused:,}"))
     return "".join(f'<div class="total" data-total="{_e(k)}"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
                    for k, v in cells)
 

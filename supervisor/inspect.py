@@ -29,6 +29,7 @@ DETAILED_RESOLVED = 20  # resolved units shown in full (retried, killed); the re
 UNFINISHED_LAST = {State.PENDING.value: "no outcome yet (running, or killed)",
                    State.REJECTED.value: "failed"}
 UNFINISHED = "killed/failed"
+CANCELLED, CANCELLING = "cancelled", "cancelling"
 
 
 def timestamp(t: float) -> str:
@@ -43,13 +44,26 @@ def last_activity(history: History) -> float:
     return max(max(p.created_at, p.settled_at or 0.0) for p in [history.root, *history.calls])
 
 
+def state_in_words(root: Promise, cancel_requested: bool) -> str:
+    """The workflow's state as `list` and `status` show it: its state (workflow/history.py's
+    words), or CANCELLING while it is pending with a cancel request stored that no worker has
+    acted on yet (it is running, or nothing runs it and the next run marks it cancelled)."""
+    if cancel_requested and root.state is State.PENDING:
+        return CANCELLING
+    return state_of(root)
+
+
 def status_of(history: History, terms: Terms, executions: Sequence[dict[str, Any]] = (),
-              now: float | None = None) -> dict[str, Any]:
+              now: float | None = None, cancel_requested: bool = False) -> dict[str, Any]:
     """The status report; its keys name the units in the workflow's own words (`batches_done`),
-    and count only them (an import's batches, not its plan steps). The last error is any step's."""
+    and count only them (an import's batches, not its plan steps). The last error is any step's,
+    or the root's unless it is a cancellation (asked for, not an error: `cancelled_at` says when)."""
     root, unit, units = history.root, terms.unit, terms.units
     counted = terms.units_of(history)
-    pending, error, call = counted.first_pending, history.last_error, recorded_call(root)
+    state = state_in_words(root, cancel_requested)
+    cancelled = state == CANCELLED
+    error = _last_step_error(history) if cancelled else history.last_error
+    pending, call = counted.first_pending, recorded_call(root)
     total = terms.step_count(history)
     done = len(counted.in_state(State.RESOLVED))
     rows = unit_rows(counted, unit, executions)
@@ -58,7 +72,8 @@ def status_of(history: History, terms: Terms, executions: Sequence[dict[str, Any
     remaining = None if total is None else total - done
     return {
         "id": root.id,
-        "state": state_of(root),
+        "state": state,
+        "cancelled_at": timestamp(root.settled_at) if cancelled and root.settled_at else None,
         "code": None if call is None else f"{call.fn} v{call.version}",  # which code it runs
         f"{units}_done": done,
         f"{unit}_count": total,
@@ -73,6 +88,10 @@ def status_of(history: History, terms: Terms, executions: Sequence[dict[str, Any
         "result": None if root.state is not State.RESOLVED else terms.summary(root.value),
         units: rows,
     }
+
+
+def _last_step_error(history: History) -> dict[str, Any] | None:
+    return next((p.error for p in reversed(history.steps.values()) if p.error), None)
 
 
 def unit_rows(counted: History, unit: str, executions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,10 +156,16 @@ def status_text(s: dict[str, Any], terms: Terms, now: float, retry_hint: str | N
                      f"the last {units} done; it assumes the run goes on)")
     if s[f"{units}_failed"]:
         lines.append(f"  failed {units}: {s[f'{units}_failed']}")
+    if s["state"] == CANCELLING:
+        lines.append(f"  cancelling: a cancel request is stored; the worker running it stops at its next "
+                     f"{unit} boundary, or, if nothing runs it, the next run marks it cancelled at once")
+    if s["cancelled_at"]:
+        lines.append(f"  cancelled on request at {s['cancelled_at']} (not an error)")
     if s["last_error"]:
         lines.append(f"  last error: {s['last_error']}")
     if retry_hint:
-        lines.append(f"  retry it: {retry_hint}")
+        verb = "resume it" if s["state"] == CANCELLED else "retry it"
+        lines.append(f"  {verb}: {retry_hint}")
     if s["state"] == State.RESOLVED.value:
         lines.append(f"  result: {terms.result_text(s['result'])}")
     if s[units]:

@@ -10,7 +10,10 @@ An execution with an empty outcome is `failed` when something ended it (a kill o
 a retry of its attempt, its batch's rejection, its worker's end, or a later execution of its
 batch), else `unfinished` (the import is still pending: in flight, or its end went unseen).
 "Replayed" batches are no executions: a restarted worker found them resolved in the store and
-did not run them; each worker's count is in its `exit` event.
+did not run them; each worker's count is in its `exit` event. Nor are the batches a fork reused
+(the sink's `forks` table says from which batch it runs): their results were copied from its
+parent in the store, and their rows keep the id of the import that wrote them, so the totals
+add them from the store, as the fork's result does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from store import State
 from workflow.history import History
+from workflow.importer import forks
 
 COMMITTED, FOUND_COMMIT, FAILED, UNFINISHED = "committed", "found_commit", "failed", "unfinished"
 
@@ -41,13 +45,14 @@ class Totals:
     records: int | None
     imported: int
     skipped: int
-    batches_done: int
+    batches_done: int  # those the import committed, and those a fork reused
     batch_count: int | None
     executions: int
     kills: int
     stalls: int
     restarts: int
     wall_s: float
+    reused: int = 0  # batches a fork took from its parent's results (counted in the totals above)
 
 
 @dataclass
@@ -72,6 +77,8 @@ def gather(batches: History, step_count: int | None, db: Any, events: list[dict[
                   "WHERE promise_id LIKE %s ESCAPE '!' ORDER BY started_at, id", (_children(root_id),))
     counts = {table: _query(db, f"SELECT count(*) FROM {table} WHERE import_id = %s", (root_id,))[0][0]
               for table in ("records", "skipped", "batch_commits")}
+    parent = _query(db, forks.parent_sql("%s"), (root_id,))
+    reused = _reused(batches, parent[0][1]) if parent else []
     rejected = {n: p.error for n, p in enumerate(batches.steps.values()) if p.state is State.REJECTED}
     executions = _classify(rows, events, batches.root.state is State.PENDING, rejected)
     times = [e["t"] for e in events] + [x.started for x in executions] + [
@@ -82,24 +89,38 @@ def gather(batches: History, step_count: int | None, db: Any, events: list[dict[
     value = root.value if root.state is State.RESOLVED and isinstance(root.value, dict) else {}
     totals = Totals(
         records=value.get("total_records"),
-        imported=counts["records"],
-        skipped=counts["skipped"],
-        batches_done=counts["batch_commits"],
+        imported=counts["records"] + sum(r["processed"] for r in reused),
+        skipped=counts["skipped"] + sum(r["skipped"] for r in reused),
+        batches_done=counts["batch_commits"] + len(reused),
         batch_count=step_count,
         executions=len(executions),
         kills=kinds.count("kill"),
         stalls=kinds.count("stall"),
         restarts=kinds.count("restart"),
         wall_s=end - start,
+        reused=len(reused),
     )
     error = root.error if root.state is State.REJECTED else None
     picture = RunPicture(root_id, root.state.value, totals, executions, events,
                          None if error is None else f"{error.get('type')}: {error.get('message')}",
                          start, end)
+    if parent:
+        parent_id, from_batch = parent[0]
+        picture.notes.append(
+            f"a fork of import {parent_id} from batch {from_batch}: {len(reused)} batch(es) before it "
+            "reused from its stored results, not run again (no executions; their rows keep the id of "
+            "the import that wrote them); the totals count them")
     if not events:
         picture.notes.append("no supervisor events recorded for this import (run without a state "
                              "dir, or by a version that kept none): kills and restarts are not shown")
     return picture
+
+
+def _reused(batches: History, from_batch: int) -> list[dict[str, Any]]:
+    """The summaries of a fork's batches before `from_batch` that its store holds resolved:
+    copied from its parent's, never run by it (so none of its sink's rows are theirs)."""
+    return [p.value for n, p in enumerate(batches.steps.values())
+            if n < from_batch and p.state is State.RESOLVED and isinstance(p.value, dict)]
 
 
 def _children(root_id: str) -> str:

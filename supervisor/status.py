@@ -22,10 +22,10 @@ import orjson
 from store import Promise, PromiseStore, State, StoreError, StoreLockedError, open_store
 from store.backends import redact
 from workflow import Runner
-from workflow.history import read_history, root_ids, state_of
+from workflow.history import read_history, root_ids
 
 from . import exits
-from .inspect import is_final, last_activity, status_of, status_text, timestamp
+from .inspect import is_final, last_activity, state_in_words, status_of, status_text, timestamp
 from .location import StoreLocation
 from .redraw import Redraw
 from .report import Terms
@@ -55,7 +55,8 @@ def show_status(location: StoreLocation, root_id: str | None, *, as_json: bool, 
             while True:
                 history = read_history(store, root_id)
                 now = time.time()
-                status = status_of(history, terms, terms.executions(location, root_id), now)
+                status = status_of(history, terms, terms.executions(location, root_id), now,
+                                   store.cancel_requested(root_id))
                 if as_json:
                     sys.stdout.write(orjson.dumps(status).decode() + "\n")
                     sys.stdout.flush()
@@ -97,7 +98,7 @@ def one_root(store: PromiseStore, location: StoreLocation, root_id: str | None,
 
 
 def _retry_hint(root: Promise, location: StoreLocation) -> str | None:
-    """The command that reopens a failed workflow, flags for its location included."""
+    """The command that reopens a failed (or cancelled) workflow, flags for its location included."""
     if root.state is not State.REJECTED:
         return None
     return f"python -m supervisor retry --id {shlex.quote(root.id)}{location.cli_flags()}"
@@ -179,7 +180,7 @@ def _rows(store: PromiseStore, terms_for: TermsFor) -> list[Listing]:
         terms = terms_for(history.root)
         rows.append(Listing(
             id=root_id,
-            state=state_of(history.root),
+            state=state_in_words(history.root, store.cancel_requested(root_id)),
             units=terms.units,
             done=len(terms.units_of(history).in_state(State.RESOLVED)),
             total=terms.step_count(history),

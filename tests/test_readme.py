@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -110,3 +111,22 @@ def test_the_readme_loop_of_a_new_user_break_fix_retry_resume(tmp_path: Path) ->
     assert "reopened hello/2.1 (was: ValueError: no bob)" in fixed.stdout
     assert "ran 1 step(s) 1, replayed 1" in fixed.stdout  # ann's step was not run again
     assert 'done: ["hello ann","hello bob"];' in fixed.stdout
+
+
+def test_the_usage_summary_lists_every_option_of_each_command() -> None:
+    """The block under "The supervised import" names each option `--help` shows (e.g. `run
+    --retry-initial`, which the report example uses), and no option a command lacks."""
+    from supervisor.cli import build_parser
+
+    section = _section("The supervised import")
+    [summary] = re.findall(r"```\n(python -m supervisor run .*?)\n```", section, re.S)
+    listed: dict[str, set[str]] = {}
+    for line in summary.splitlines():
+        if line.startswith("python -m supervisor "):
+            command = line.split()[3]
+        listed.setdefault(command, set()).update(re.findall(r"--[a-z-]+", line))
+    [commands] = [a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command, flags in listed.items():
+        options = {o for a in commands[command]._actions for o in a.option_strings
+                   if o.startswith("--") and o != "--help" and a.help != "==SUPPRESS=="}
+        assert flags == options - {"--dry-run"}, command  # gc's --dry-run is --keep's other name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from supervisor_helpers import (
     batch_attempts,
     batch_promises,
     child_env,
+    command,
     executions,
     root_id,
     run_cli,
@@ -26,6 +28,7 @@ from supervisor_helpers import (
 )
 
 from store.codec import decode, encode
+from supervisor import exits
 
 RECORDS = 200
 BATCH_SIZE = 50
@@ -223,3 +226,21 @@ def test_usage_names_the_command_as_invoked(tmp_path: Path, invoked: list[str], 
                              cwd=tmp_path, env=child_env(), check=False, timeout=60)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].endswith("argument --records: not a whole number: 'abc'")
+
+
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("list",)])
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """`status | head -1`: a real pipe whose read end is closed before the command writes. It
+    exits 141 (128 + SIGPIPE, as a shell reports), with nothing on stderr (no traceback)."""
+    state_dir = tmp_path / "state"
+    assert_finished(run_import(state_dir, *SIZES), RECORDS, BATCH_SIZE)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(command(args[0], state_dir, *args[1:]), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=child_env(), timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (exits.BROKEN_PIPE, "")

@@ -124,7 +124,8 @@ def test_a_new_users_loop_fail_fix_retry_resume(tmp_path: Path) -> None:
     steps = s.pop("steps")
     assert s.pop("last_activity").endswith("+00:00")
     assert s == {
-        "id": ROOT, "state": "resolved", "code": "squares v1", "steps_done": 4, "step_count": None,
+        "id": ROOT, "state": "resolved", "cancelled_at": None, "code": "squares v1", "steps_done": 4,
+        "step_count": None,
         "steps_failed": 0, "pending_step": None, "attempts": 6, "last_error": None,
         "in_flight": [], "rate_per_s": None, "eta_s": None, "result": [0, 1, 4, 9],
     }

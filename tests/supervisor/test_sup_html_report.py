@@ -9,6 +9,7 @@ fails and says how to install it (`.ci/run` does): a browser test that skips pro
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from supervisor_helpers import REPO, SINK_FILE, child_env, run_import
+from supervisor_helpers import REPO, SINK_FILE, child_env, run_cli, run_import
 from test_sup_exec import ROOT, exec_squares, install_squares
 
 from supervisor.events import EVENTS_FILE, EventLog, read_events
@@ -239,3 +240,37 @@ def test_a_store_that_is_not_postgresql_is_a_usage_error(tmp_path: Path) -> None
     assert made.returncode == 2
     assert made.stderr.strip().splitlines()[-1].endswith(
         "an import's sink is in its state dir (--state-dir) or in PostgreSQL; give a postgresql://... URL")
+
+
+def page_totals(page_file: Path) -> dict[str, str]:
+    """The cards of the page, {data-total: shown value}, read without a browser."""
+    return dict(re.findall(r'<div class="total" data-total="([^"]+)"><b>([^<]*)</b>',
+                           page_file.read_text()))
+
+
+def test_the_totals_of_a_fork_count_its_reused_batches_as_its_result_does(tmp_path: Path) -> None:
+    """A fork runs batches K onward; those before K are its parent's results, reused (their rows
+    keep the parent's id). Its page counts them, so its totals are its result's, and says so;
+    the same for a fork of that fork."""
+    state_dir = tmp_path / "state"
+    sizes = ("--records", "1000", "--batch-size", "100")
+    assert run_import(state_dir, *sizes, "--id", IMPORT_ID).returncode == 0
+    for parent, k in ((IMPORT_ID, 4), (f"{IMPORT_ID}~fork-4", 2)):
+        fork_id = f"{parent}~fork-{k}"
+        made = run_cli("fork", state_dir, "--id", parent, "--from-batch", str(k))
+        assert made.returncode == 0, made.describe()
+        run = run_import(state_dir, *sizes, "--id", fork_id)
+        assert run.returncode == 0, run.describe()
+        page_file = tmp_path / f"{k}.html"
+        assert report_cli(page_file, state_dir, fork_id).returncode == 0
+
+        totals = page_totals(page_file)
+        assert (totals["imported"], totals["skipped"]) == (f"{run.report['total_processed']:,}",
+                                                           f"{run.report['total_skipped']:,}")
+        assert (totals["batches"], totals["reused batches"]) == ("10/10", str(k))
+        assert totals["executions"] == str(len(sink_executions(state_dir, fork_id))) == str(10 - k)
+        assert (f"a fork of import {parent} from batch {k}: {k} batch(es) before it reused from its "
+                "stored results") in page_file.read_text()
+    original = tmp_path / "original.html"
+    assert report_cli(original, state_dir).returncode == 0
+    assert "reused batches" not in page_totals(original) and "a fork of" not in original.read_text()

@@ -322,3 +322,41 @@ def test_watch_of_an_import_nothing_runs_stops_on_ctrl_c(tmp_path: Path, audit: 
             if watch.poll() is None:
                 watch.kill()
     assert (watch.returncode, err) == (130, "")
+
+
+def test_a_cancel_nothing_acted_on_shows_cancelling_and_a_cancel_is_no_error(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    """The cancel request is stored while batch 2 is in flight, then the supervisor is SIGKILLed
+    (its worker dies with it) before a batch boundary: `list` and `status` show `cancelling`, not
+    `pending`. The next run marks it cancelled (exit 4); `status` then shows when it was
+    cancelled and how to resume it, and no `last error`."""
+    state_dir = tmp_path / "state"
+    sup = start_import(state_dir, *LEFT, env=linger_at(2, 60))
+    try:
+        wait_until(lambda: batch_attempts(audit, state_dir, LEFT_ROOT, 2) >= 1, "batch 2 starts")
+        asked = run_cli("cancel", state_dir, "--id", LEFT_ROOT, "--json")
+        assert json.loads(asked.stdout)["state"] == "cancelling", asked.describe()
+        worker = worker_of(sup.process.pid)
+        sup.process.send_signal(signal.SIGKILL)
+        wait_until(lambda: is_gone(worker), "the worker dies with its supervisor")
+    finally:
+        sup.close()
+
+    assert [r["state"] for r in json.loads(run_cli("list", state_dir, "--json").stdout)] == ["cancelling"]
+    assert f"{LEFT_ROOT}  cancelling  2/6 batches" in run_cli("list", state_dir).stdout
+    text = run_cli("status", state_dir).stdout
+    assert text.startswith(f"{LEFT_ROOT}: cancelling, 2/6 batches done")
+    assert "  cancelling: a cancel request is stored; the worker running it stops at its next batch " \
+           "boundary, or, if nothing runs it, the next run marks it cancelled at once" in text
+
+    again = run_import(state_dir, *LEFT)
+    assert again.returncode == 4, again.describe()  # exits.CANCELLED
+    status = json.loads(run_cli("status", state_dir, "--json").stdout)
+    assert (status["state"], status["last_error"]) == ("cancelled", None)
+    assert status["cancelled_at"] is not None
+    text = run_cli("status", state_dir).stdout
+    assert f"  cancelled on request at {status['cancelled_at']} (not an error)" in text
+    resume = f"python -m supervisor retry --id {LEFT_ROOT} --state-dir {state_dir.resolve()}"
+    assert f"  resume it: {resume}" in text
+    assert "error" not in text.replace("(not an error)", "")
