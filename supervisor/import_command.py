@@ -42,6 +42,7 @@ from workflow.importer import setup as import_setup
 from workflow.importer.app import open_sink
 from workflow.importer.executions import read_executions
 from workflow.importer.file_format import FormatError, column_map, delimiter_char, encoding_name
+from workflow.importer.forks import parent_sql as fork_parent_sql  # noqa: F401 (report's, through here)
 from workflow.importer.identity import ImportMismatchError, ImportToRun, import_to_run
 from workflow.importer.sink import SinkError, open_read_only
 from workflow.registry import describe

@@ -24,7 +24,6 @@ from typing import Any
 
 from store import State
 from workflow.history import History
-from workflow.importer import forks
 
 COMMITTED, FOUND_COMMIT, FAILED, UNFINISHED = "committed", "found_commit", "failed", "unfinished"
 
@@ -77,7 +76,9 @@ def gather(batches: History, step_count: int | None, db: Any, events: list[dict[
                   "WHERE promise_id LIKE %s ESCAPE '!' ORDER BY started_at, id", (_children(root_id),))
     counts = {table: _query(db, f"SELECT count(*) FROM {table} WHERE import_id = %s", (root_id,))[0][0]
               for table in ("records", "skipped", "batch_commits")}
-    parent = _query(db, forks.parent_sql("%s"), (root_id,))
+    from .import_command import fork_parent_sql  # the import application: loaded by `report` only
+
+    parent = _query(db, fork_parent_sql("%s"), (root_id,))
     reused = _reused(batches, parent[0][1]) if parent else []
     rejected = {n: p.error for n, p in enumerate(batches.steps.values()) if p.state is State.REJECTED}
     executions = _classify(rows, events, batches.root.state is State.PENDING, rejected)
