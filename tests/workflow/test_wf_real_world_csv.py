@@ -178,8 +178,8 @@ def test_a_file_invalid_in_its_encoding_names_file_line_and_the_flag(tmp_path: P
     path = write(tmp_path / "in.csv", LATIN, "latin-1")
     with pytest.raises(SourceError) as caught:
         plan_batches(file_source(path), 2)
-    assert str(caught.value) == (f"{path}:2: not valid UTF-8 (invalid continuation byte at byte 5 of the "
-                                 "line); give the file's encoding with --encoding latin-1")
+    assert str(caught.value) == (f"{path}:2: not valid UTF-8 (byte 0xe9 at byte 5 of the line: invalid "
+                                 "continuation byte); give the file's encoding with --encoding latin-1")
 
 
 @pytest.mark.parametrize(("name", "message"),
