@@ -312,7 +312,7 @@ def test_bad_line_beyond_the_first_plan_segment_rejects_the_import_keeping_its_b
 
     line = assert_one_line_error(done, f"{path}:{SEGMENT_BATCHES + 12}: malformed CSV",
                                  "fix the file and import it under a new id (add --id NEW")
-    assert line.startswith(f"error: {path}:") and "Error:" not in line and "retry" not in line  # the input error alone: no retry gets past it
+    assert line.startswith(f"error: {path}:") and "Error:" not in line and "retry" not in line
     assert query(state_dir, "SELECT COUNT(*) FROM batch_commits") == [(SEGMENT_BATCHES,)]
     assert query(state_dir, "SELECT MAX(position) FROM records") == [(SEGMENT_BATCHES - 1,)]
     root = next(pid for pid in audit.load_store(state_dir / STORE) if "." not in pid)
