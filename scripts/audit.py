@@ -290,6 +290,7 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
         "imported": len(imported),
         "skipped": len(skipped),
         "duplicate_rows": len(dupes),
+        "forks_taking_over": lineage.taken_over,  # {fork: first batch}: its rows count here too
         "lost": max(0, expected_records - len(seen)) if finished else None,
     }
 
@@ -338,6 +339,7 @@ def audit_pg(url: str, root: str, expected_records: int, finished: bool = True,
         "imported": len(imported),
         "skipped": len(skipped),
         "duplicate_rows": sum(1 for n in seen.values() if n > 1),
+        "forks_taking_over": lineage.taken_over,
         "lost": max(0, expected_records - len(seen)) if finished else None,
     }
 

@@ -104,3 +104,4 @@ def test_audit_follows_a_forks_lineage(tmp_path: Path, audit: ModuleType) -> Non
         verdict = audit.audit(state_dir, root, 2000)
         assert verdict["ok"], (root, verdict["violations"])
         assert (verdict["imported"], verdict["skipped"], verdict["lost"]) == (1900, 100, 0), verdict
+    assert audit.audit(state_dir, original, 2000)["forks_taking_over"] == {fork: 5}
