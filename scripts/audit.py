@@ -15,6 +15,11 @@ promises are checked against them too, when the store's tables are there (`_prom
 batch's promise is resolved exactly when it has a commit row, with its summary, no batch runs
 after its resolve, and the root's result is the sink's totals.
 
+A fork (`supervisor fork`) is audited along its lineage, the sink's `forks` table: its batches
+before its first are its parent's (rows and commit rows under the parent's id), and the rows a
+fork took over from an import are counted for that import too. `--input` is read as the import's
+source descriptor in the store says (gzip, encoding, delimiter), by this script's own reader.
+
 `--workers N` is the import's own: with N above 1 each worker ran its batches in a pool of
 processes, which the sink's executions name (not the worker), so the checks that follow one
 process through its batches in order give way to one that holds for any pool: no more than N
@@ -24,7 +29,9 @@ batch executions ever ran at the same time.
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
+import gzip
 import itertools
 import json
 import sqlite3
@@ -94,6 +101,77 @@ def batch_promises(promises: dict[str, dict[str, Any]], root: str) -> dict[int, 
             and p["param"].get("fn") == "process_batch"}
 
 
+class Lineage:
+    """An import and the imports it was forked from (the sink's `forks`), nearest first, each
+    with the first batch it ran itself: a fork's batches before that are its parent's, whose
+    rows, commit rows and executions keep the parent's import id (and promise ids). The audit
+    of a fork reads each batch from the import that wrote it, under the fork's promise ids.
+    Forks of the import (`taken_over`: {fork: its first batch}) take over its rows of the
+    batches they run again: those rows are counted where they are now."""
+
+    def __init__(self, db: Any, root: str, mark: str, has_forks: bool) -> None:
+        self.root = root
+        self.chain: list[tuple[str, int]] = []
+        current = root
+        while True:
+            row = db.execute(f"SELECT parent_id, from_batch FROM forks WHERE import_id = {mark}",
+                             (current,)).fetchone() if has_forks else None
+            if row is None or row[0] == current or any(row[0] == a for a, _ in self.chain):
+                self.chain.append((current, 0))
+                break
+            self.chain.append((current, row[1]))
+            current = row[0]
+        self.taken_over: dict[str, int] = {}
+        found = {root}
+        while has_forks:
+            more = [(f, k) for f, parent, k in db.execute(
+                "SELECT import_id, parent_id, from_batch FROM forks").fetchall()
+                if parent in found and f not in found]
+            if not more:
+                break
+            self.taken_over.update(more)
+            found.update(f for f, _ in more)
+        self.ids = [a for a, _ in self.chain]
+        self.marks = ", ".join([mark] * len(self.ids))
+        self.row_ids = self.ids + list(self.taken_over)
+        self.row_marks = ", ".join([mark] * len(self.row_ids))
+
+    def wrote(self, import_id: str, batch: int) -> bool:
+        """Whether `import_id` is the one of the lineage whose rows batch `batch` has."""
+        return next(a for a, first in self.chain if batch >= first) == import_id
+
+    def as_root(self, promise_id: str, import_id: str) -> str:
+        """An ancestor's batch promise id as the fork's (a fork copies them by number)."""
+        return self.root + promise_id[len(import_id):]
+
+    def rows(self, db: Any, table: str) -> list[tuple[int, int]]:
+        """(position, batch) of the `records` or `skipped` rows of the import's batches, those
+        its forks took over included."""
+        return [(position, batch) for position, batch, import_id in db.execute(
+            f"SELECT position, batch, import_id FROM {table} WHERE import_id IN ({self.row_marks})",
+            self.row_ids).fetchall()
+            if batch >= self.taken_over.get(import_id, batch + 1) or self.wrote(import_id, batch)]
+
+    def commits(self, db: Any) -> list[tuple[str, int, Any]]:
+        """(promise id, batch, summary) of the commit rows of the import's batches."""
+        return [(self.as_root(pid, import_id), batch, summary)
+                for pid, batch, summary, import_id in db.execute(
+                    "SELECT promise_id, batch, summary, import_id FROM batch_commits "
+                    f"WHERE import_id IN ({self.marks})", self.ids).fetchall()
+                if self.wrote(import_id, batch)]
+
+    def executions(self, db: Any, prefix_sql: str) -> list[tuple[Any, ...]]:
+        """The executions of the import's batches, in the order they started: `prefix_sql`
+        selects those of one import's batch promises (its parameter: `ID.`)."""
+        execs = []
+        for import_id in self.ids:
+            execs += [(self.as_root(r[0], import_id), *r[1:]) for r in db.execute(
+                "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome "
+                f"FROM executions WHERE {prefix_sql} ORDER BY started_at, id",
+                (import_id + ".",)).fetchall() if self.wrote(import_id, r[1])]
+        return sorted(execs, key=lambda r: r[4])
+
+
 CSV_FIELD_LIMIT = 64 * 1024 * 1024  # the importer's (workflow/importer/sources.py): a longer
 # field is a skipped row there, not an unreadable file
 
@@ -102,36 +180,63 @@ class InputError(Exception):
     """The input file cannot be counted (the import refuses it too): names file and line."""
 
 
-def count_input(records: int | None, input_path: Path | None) -> int:
-    """The records the input holds (for a CSV, its non-blank rows after the header), streamed."""
+def count_input(records: int | None, input_path: Path | None,
+                source: dict[str, Any] | None = None) -> int:
+    """The records the input holds (for a CSV or TSV, its non-blank rows after the header),
+    streamed, read as the import's source descriptor says (`source`: gzip, encoding, delimiter;
+    without it, as the file's name says, in UTF-8)."""
     if input_path is None:
         return records or 0
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(input_path, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f) if input_path.suffix == ".csv" else (line for line in f if line.strip())
+    name = Path(input_path.name.lower().removesuffix(".gz"))
+    if source is None:
+        source = {"kind": "csv" if name.suffix in (".csv", ".tsv") else "jsonl",
+                  "delimiter": "\t" if name.suffix == ".tsv" else ","}
+        if input_path.name.lower().endswith(".gz"):
+            source["compression"] = "gzip"
+    encoding = source.get("encoding", "utf-8")
+    opener = gzip.open if source.get("compression") == "gzip" else open
+    is_csv = source["kind"] == "csv"
+    with opener(input_path, "rt", newline="",
+                encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding) as f:
+        rows = (csv.reader(f, delimiter=source.get("delimiter", ",")) if is_csv
+                else (line for line in f if line.strip()))
         count = 0
         try:
             for row in rows:
                 count += bool(row)
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except (csv.Error, UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
             where = f":{rows.line_num}" if getattr(rows, "line_num", 0) else ""
             raise InputError(f"{input_path}{where}: cannot count its records ({exc})") from None
-    return max(0, count - 1) if input_path.suffix == ".csv" else count
+    return max(0, count - 1) if is_csv else count
+
+
+def recorded_source(store: Path | str, root: str) -> dict[str, Any] | None:
+    """The source descriptor the import was started with (its first argument), read from its
+    store file or its PostgreSQL database; None if the store does not hold the import."""
+    if isinstance(store, Path):
+        path = store / "store.jsonl"
+        param = load_store(path).get(root, {}).get("param") if path.is_file() else None
+    else:
+        import psycopg
+
+        with psycopg.connect(store) as db:
+            row = db.execute("SELECT param FROM promise_states WHERE id = %s", (root,)).fetchone()
+        param = None if row is None else row[0]
+    args = (param or {}).get("args") or [None]
+    return args[0] if isinstance(args[0], dict) and args[0].get("kind") in ("csv", "jsonl") else None
 
 
 def audit(state_dir: Path, root: str, expected_records: int, finished: bool = True,
           workers: int = 1) -> dict[str, Any]:
     violations: list[str] = []
     promises = load_store(state_dir / "store.jsonl")
-    prefix = root + "."
     batches = batch_promises(promises, root)
     db = read_sink(state_dir / "import.db")
-    execs = db.execute(
-        "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
-        "WHERE substr(promise_id, 1, ?) = ? ORDER BY started_at, id",  # not LIKE: `_` is a wildcard
-        (len(prefix), prefix)).fetchall()
-    commits = Counter(r[0] for r in db.execute(
-        "SELECT promise_id FROM batch_commits WHERE import_id = ?", (root,)))
+    has_forks = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'forks'").fetchone() is not None
+    lineage = Lineage(db, root, "?", has_forks)
+    execs = lineage.executions(db, "instr(promise_id, ?) = 1")  # not LIKE: `_` is a wildcard
+    commits = Counter(pid for pid, _, _ in lineage.commits(db))
 
     # 1. Nothing done twice: no execution of a batch starts after its promise was resolved,
     #    and each batch commits once.
@@ -145,9 +250,9 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
             violations.append(f"{promise_id} has {n} committed executions")
 
     # 2 and 5. Nothing lost, nothing duplicated: every input position is imported or skipped once.
-    imported = db.execute("SELECT position FROM records WHERE import_id = ?", (root,)).fetchall()
-    skipped = db.execute("SELECT position FROM skipped WHERE import_id = ?", (root,)).fetchall()
-    seen = Counter(p for (p,) in imported + skipped)
+    imported = lineage.rows(db, "records")
+    skipped = lineage.rows(db, "skipped")
+    seen = Counter(p for p, _ in imported + skipped)
     dupes = [p for p, n in seen.items() if n > 1]
     violations += _position_violations(seen, expected_records, finished)
     if finished:
@@ -185,6 +290,7 @@ def audit(state_dir: Path, root: str, expected_records: int, finished: bool = Tr
         "imported": len(imported),
         "skipped": len(skipped),
         "duplicate_rows": len(dupes),
+        "forks_taking_over": lineage.taken_over,  # {fork: first batch}: its rows count here too
         "lost": max(0, expected_records - len(seen)) if finished else None,
     }
 
@@ -200,13 +306,12 @@ def audit_pg(url: str, root: str, expected_records: int, finished: bool = True,
         db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         if not db.execute("SELECT to_regclass('batch_commits') IS NOT NULL").fetchone()[0]:
             raise FileNotFoundError(f"{url}: no import tables there")
-        execs = db.execute(
-            "SELECT promise_id, batch, attempt, pid, started_at, finished_at, outcome FROM executions "
-            "WHERE starts_with(promise_id, %s) ORDER BY started_at, id", (root + ".",)).fetchall()
-        commits = db.execute("SELECT promise_id, batch, summary FROM batch_commits WHERE import_id = %s",
-                             (root,)).fetchall()
-        imported = db.execute("SELECT position, batch FROM records WHERE import_id = %s", (root,)).fetchall()
-        skipped = db.execute("SELECT position, batch FROM skipped WHERE import_id = %s", (root,)).fetchall()
+        has_forks = db.execute("SELECT to_regclass('forks') IS NOT NULL").fetchone()[0]
+        lineage = Lineage(db, root, "%s", has_forks)
+        execs = lineage.executions(db, "starts_with(promise_id, %s)")
+        commits = lineage.commits(db)
+        imported = lineage.rows(db, "records")
+        skipped = lineage.rows(db, "skipped")
         violations = _commit_violations(execs, commits)
         violations += _rows_match_commits(commits, imported, skipped)
         seen = Counter(position for position, _ in imported + skipped)
@@ -234,6 +339,7 @@ def audit_pg(url: str, root: str, expected_records: int, finished: bool = True,
         "imported": len(imported),
         "skipped": len(skipped),
         "duplicate_rows": sum(1 for n in seen.values() if n > 1),
+        "forks_taking_over": lineage.taken_over,
         "lost": max(0, expected_records - len(seen)) if finished else None,
     }
 
@@ -425,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.store is not None and not args.store.startswith(("postgresql://", "postgres://")):
         p.error(f"--store takes a postgresql:// URL, not {args.store!r}")
     try:
-        expected = count_input(args.records, args.input)
+        source = None if args.input is None else recorded_source(
+            args.state_dir if args.store is None else args.store, args.id)
+        expected = count_input(args.records, args.input, source)
     except InputError as exc:
         print(f"audit: {exc}", file=sys.stderr)
         return 2

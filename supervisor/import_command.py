@@ -41,7 +41,13 @@ from workflow.importer import (
 from workflow.importer import setup as import_setup
 from workflow.importer.app import open_sink
 from workflow.importer.executions import read_executions
-from workflow.importer.file_format import FormatError, column_map, delimiter_char, encoding_name
+from workflow.importer.file_format import (
+    FormatError,
+    LateInputError,
+    column_map,
+    delimiter_char,
+    encoding_name,
+)
 from workflow.importer.forks import parent_sql as fork_parent_sql  # noqa: F401 (report's, through here)
 from workflow.importer.identity import ImportMismatchError, ImportToRun, import_to_run
 from workflow.importer.sink import SinkError, open_read_only
@@ -87,6 +93,15 @@ class ImportTerms(Terms):
         reasons = ", ".join(f"{k} {v}" for k, v in result["skipped_reasons"].items()) or "none"
         return (f"{result['total_records']} records in {result['batch_count']} batches: "
                 f"{result['total_processed']} imported, {result['total_skipped']} skipped ({reasons})")
+
+    def failure_text(self, error: str, retry: str) -> str:
+        """An input error alone, without the steps it failed through; one found after batches
+        committed (LateInputError) says itself how to import the file again, as no retry can."""
+        _, late, cause = error.rpartition(f"{LateInputError.__name__}: ")
+        if late:
+            return cause
+        _, found, cause = error.rpartition(f"{SourceError.__name__}: ")
+        return super().failure_text(cause if found else error, retry)
 
     def step_count(self, history: History) -> int | None:
         """The import's batch count: in its summary once it is done, from its arguments for a

@@ -55,6 +55,11 @@ class Terms:
             text = text[:RESULT_TEXT_CHARS] + f"... ({len(text)} characters; --json shows it all)"
         return text
 
+    def failure_text(self, error: str, retry: str) -> str:
+        """The one line a failed run ends with: its error, and how to go on once the cause is
+        fixed (`retry`: the command that reopens it)."""
+        return f"{error}; fix the cause, then `{retry}` and run the same command again to resume"
+
     def step_count(self, history: History) -> int | None:
         """How many units the workflow has in all; None while only its run can tell."""
         return None

@@ -260,10 +260,9 @@ class Supervisor:
         self.report.error = watch.report.error or child.last_error() or end.describe()
         self.report.busy = end.returncode == exitcodes.BUSY
         if end.returncode == exitcodes.FAILED:
-            self.report.error += (
-                f"; fix the cause, then `python -m supervisor retry --id {self.s.root_id}"
-                f"{self.s.location.cli_flags()}` and run the same command again to resume"
-            )
+            self.report.error = self.s.terms.failure_text(
+                self.report.error,
+                f"python -m supervisor retry --id {self.s.root_id}{self.s.location.cli_flags()}")
 
     def _cancelled(self, end: ChildEnd) -> None:
         """The worker ended the workflow as cancelled (or found it so): checked in the store."""

@@ -222,12 +222,13 @@ FILE_PROBLEMS: list[tuple[str, str, Any, str, int | None]] = [
     ("csv-malformed-quote", "in.csv", (HEADER + GOOD_ROW + '2,"Bo"x,bo@example.com\n').encode(),
      "malformed CSV", 3),
     ("csv-unclosed-quote", "in.csv", (HEADER + GOOD_ROW + '2,"Bo,bo@example.com\n3,Cy,cy@x.io\n').encode(),
-     "malformed CSV", 4),
+     "malformed CSV (a quoted field that starts on this line is never closed)", 3),
     ("csv-invalid-utf8", "in.csv", (HEADER + GOOD_ROW).encode() + b"2,\xff\xfe,bo@example.com\n",
      "not valid UTF-8", 3),
     ("csv-latin-1", "in.csv", (HEADER + GOOD_ROW + "2,Jos\xe9,jose@example.com\n").encode("latin-1"),
      "not valid UTF-8", 3),
-    ("csv-utf-16", "in.csv", (HEADER + GOOD_ROW).encode("utf-16"), "not valid UTF-8", 1),
+    ("csv-utf-16", "in.csv", (HEADER + GOOD_ROW).encode("utf-16"),
+     "UTF-16 files are not supported", 1),
     ("jsonl-invalid-utf8", "in.jsonl",
      b'{"id": 1, "name": "Ann", "email": "ann@example.com"}\n\n{"id": "\xc3\x28"}\n', "not valid UTF-8", 3),
 ]
@@ -309,11 +310,39 @@ def test_bad_line_beyond_the_first_plan_segment_rejects_the_import_keeping_its_b
 
     done = run(state_dir, "--input", str(path), "--batch-size", "1")
 
-    assert_one_line_error(done, f"SourceError: {path}:{SEGMENT_BATCHES + 12}: malformed CSV")
+    line = assert_one_line_error(done, f"{path}:{SEGMENT_BATCHES + 12}: malformed CSV",
+                                 "fix the file and import it under a new id (add --id NEW")
+    assert line.startswith(f"error: {path}:") and "Error:" not in line and "retry" not in line
     assert query(state_dir, "SELECT COUNT(*) FROM batch_commits") == [(SEGMENT_BATCHES,)]
     assert query(state_dir, "SELECT MAX(position) FROM records") == [(SEGMENT_BATCHES - 1,)]
     root = next(pid for pid in audit.load_store(state_dir / STORE) if "." not in pid)
     assert audit.audit(state_dir, root, SEGMENT_BATCHES, finished=False)["ok"]
+
+
+def test_bad_byte_beyond_the_first_plan_segment_says_how_to_import_the_file_again(
+    tmp_path: Path, audit: ModuleType
+) -> None:
+    """A latin-1 byte found after batches committed: the import cannot change its encoding, so
+    the error names the byte and the command that works, which then imports the rest."""
+    state_dir = tmp_path / "state"
+    count = SEGMENT_BATCHES + 20
+    rows = [f"{i},Name {i},user{i}@example.com\n".encode() for i in range(count)]
+    rows[SEGMENT_BATCHES + 10] = f"{SEGMENT_BATCHES + 10},Jos\xe9,jose@example.com\n".encode("latin-1")
+    path = tmp_path.resolve() / "people.csv"
+    path.write_bytes(HEADER.encode() + b"".join(rows))
+
+    done = run(state_dir, "--input", str(path), "--batch-size", "1")
+
+    line = assert_one_line_error(
+        done, f"{path}:{SEGMENT_BATCHES + 12}: not valid UTF-8 (byte 0xe9 at byte ",
+        "import it again under a new id with --encoding latin-1 --id NEW")
+    assert line.startswith(f"error: {path}:") and "Error:" not in line and "retry" not in line
+    again = run(state_dir, "--input", str(path), "--batch-size", "1", "--encoding", "latin-1",
+                "--id", "import/again")
+    assert again.returncode == 0, again.describe()
+    assert query(state_dir, "SELECT COUNT(*) FROM records") == [(count,)]
+    assert query(state_dir, "SELECT name FROM records WHERE position = ? AND import_id = ?",
+                 SEGMENT_BATCHES + 10, "import/again") == [("Jos\xe9",)]
 
 
 def test_csv_field_beyond_the_parsers_limit_is_a_one_line_error(tmp_path: Path) -> None:

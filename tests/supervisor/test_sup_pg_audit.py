@@ -5,6 +5,8 @@ the sink's totals."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -68,3 +70,22 @@ def test_a_root_result_other_than_the_sinks_totals_is_a_violation(imported: str,
     _set_in_value(imported, ROOT, "total_processed", 7)
     verdict = audit.audit_pg(imported, ROOT, RECORDS)
     assert "summary total_processed is 7, the sink says 285" in verdict["violations"]
+
+
+def test_a_fork_and_its_original_audit_clean_along_the_lineage(imported: str, tmp_path: Path,
+                                                              audit: ModuleType) -> None:
+    """The fork's batch 0 keeps the original's rows, commit row and execution (under the
+    original's ids); the fork takes over the rows of batches 1 onward: each import counts every
+    record once."""
+    fork = f"{ROOT}~fork-1"
+    made = subprocess.run([sys.executable, "-m", "supervisor", "fork", "--id", ROOT, "--from-batch", "1",
+                           "--store", imported], capture_output=True, text=True, check=False, timeout=60)
+    assert made.returncode == 0, made.stderr
+    ran = run_import(tmp_path / "state", "--store", imported, "--id", fork, "--records", str(RECORDS),
+                     "--batch-size", str(BATCH_SIZE))
+    assert ran.returncode == 0, ran.describe()
+
+    for root in (fork, ROOT):
+        verdict = audit.audit_pg(imported, root, RECORDS)
+        assert verdict["ok"], (root, verdict["violations"])
+        assert verdict["lost"] == 0 and verdict["imported"] + verdict["skipped"] == RECORDS

@@ -1,7 +1,10 @@
-"""scripts/audit.py on a state dir shared by imports whose ids differ only where LIKE has wildcards."""
+"""scripts/audit.py: imports whose ids differ only where LIKE has wildcards, a pool's executions,
+inputs it cannot count or must read as the import did (gzip), and forks."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +14,7 @@ from types import ModuleType
 from wf_helpers import run_worker_plain
 
 from workflow import exitcodes
-from workflow.importer import synthetic_source
+from workflow.importer import file_source, synthetic_source
 
 
 def test_audit_keeps_imports_apart_whose_ids_match_as_like_patterns(
@@ -56,3 +59,49 @@ def test_an_input_the_audit_cannot_count_is_one_line_and_exit_2(tmp_path: Path) 
     assert done.returncode == 2
     assert done.stderr.startswith(f"audit: {bad}: cannot count its records")
     assert "Traceback" not in done.stderr
+
+
+AUDIT_PY = Path(__file__).resolve().parents[2] / "scripts" / "audit.py"
+
+
+def supervisor(command: str, state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", command, "--state-dir", str(state_dir), *args],
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_audit_counts_a_gzip_input_read_as_the_import_recorded_it(tmp_path: Path) -> None:
+    """A `.csv.gz` whose delimiter the import sniffed (`;`): the audit reads the file as the
+    source descriptor in the store says."""
+    path = tmp_path / "people.csv.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("id;name;email\n" + "".join(f"{i};N{i};u{i}@example.com\n" for i in range(250)))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    assert run_worker_plain(state_dir, "imp", file_source(path), 100).returncode == exitcodes.OK
+
+    done = subprocess.run([sys.executable, str(AUDIT_PY), "--state-dir", str(state_dir), "--id", "imp",
+                           "--input", str(path)], capture_output=True, text=True, check=False)
+
+    assert done.returncode == 0, done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["ok"] and verdict["imported"] == 250, verdict
+
+
+def test_audit_follows_a_forks_lineage(tmp_path: Path, audit: ModuleType) -> None:
+    """A fork's batches before its first keep the original's rows and commit rows (its
+    import_id), and the fork takes over the original's rows of the batches it runs again: both
+    imports audit clean, each counting every record once."""
+    state_dir = tmp_path / "state"
+    original, fork = "import/synthetic-2000", "import/synthetic-2000~fork-5"
+    ran = supervisor("run", state_dir, "--records", "2000", "--batch-size", "100")
+    assert ran.returncode == 0, ran.stderr
+    forked = supervisor("fork", state_dir, "--id", original, "--from-batch", "5")
+    assert forked.returncode == 0, forked.stderr
+    ran = supervisor("run", state_dir, "--id", fork, "--records", "2000", "--batch-size", "100")
+    assert ran.returncode == 0, ran.stderr
+
+    for root in (fork, original):
+        verdict = audit.audit(state_dir, root, 2000)
+        assert verdict["ok"], (root, verdict["violations"])
+        assert (verdict["imported"], verdict["skipped"], verdict["lost"]) == (1900, 100, 0), verdict
+    assert audit.audit(state_dir, original, 2000)["forks_taking_over"] == {fork: 5}

@@ -257,9 +257,9 @@ def test_file_level_error_rejects_the_import_before_the_batches_of_its_segment(
     path = write_csv(tmp_path / "broken.csv", rows)
     with pytest.raises(StepError) as raised:
         runner(store, sink).run(ROOT, import_records, file_source(path), 2)
-    assert f"SourceError: {path}:22: malformed CSV" in raised.value.error["message"]
+    assert f"ContentError: {path}:22: malformed CSV" in raised.value.error["message"]
     [plan] = store.list(ROOT + ".")
-    assert plan.param["fn"] == "plan_segment" and plan.error["type"] == "SourceError"
+    assert plan.param["fn"] == "plan_segment" and plan.error["type"] == "ContentError"
     assert plan.attempts == 1  # no retry can fix the file
     assert query(tmp_path / SINK_FILE, "SELECT COUNT(*) FROM batch_commits") == [(0,)]
     assert query(tmp_path / SINK_FILE, "SELECT COUNT(*) FROM records") == [(0,)]

@@ -174,12 +174,22 @@ def test_a_latin1_file_reads_with_its_encoding(tmp_path: Path) -> None:
     assert [r.record["name"] for r in read_rows(source)] == ["José Müller", "Zoë"]
 
 
+def test_a_utf8_byte_order_mark_read_as_latin1_is_named_not_taken_for_a_missing_column(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,name,email\n1,Jos\xe9,j@example.com\n")
+    with pytest.raises(SourceError, match=re.escape(f"{path}:1: starts with a UTF-8 byte-order mark "
+                                                    "but is read with --encoding iso8859-1")):
+        plan_segment(file_source(path, encoding=encoding_name("latin-1")), 2)
+
+
 def test_a_file_invalid_in_its_encoding_names_file_line_and_the_flag(tmp_path: Path) -> None:
     path = write(tmp_path / "in.csv", LATIN, "latin-1")
     with pytest.raises(SourceError) as caught:
         plan_batches(file_source(path), 2)
-    assert str(caught.value) == (f"{path}:2: not valid UTF-8 (invalid continuation byte at byte 5 of the "
-                                 "line); give the file's encoding with --encoding latin-1")
+    assert str(caught.value) == (f"{path}:2: not valid UTF-8 (byte 0xe9 at byte 5 of the line: invalid "
+                                 "continuation byte); give the file's encoding with --encoding latin-1")
 
 
 @pytest.mark.parametrize(("name", "message"),

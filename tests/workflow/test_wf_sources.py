@@ -186,7 +186,7 @@ FILE_PROBLEMS: dict[str, tuple[str, str | bytes | None, str, int | None]] = {
     "missing header column": ("in.csv", "id,name\n1,a\n", "header lacks the column(s) email", 1),
     "repeated header column": ("in.csv", "id,name,email,id\n", "header repeats the column(s) id", 1),
     "malformed quote": ("in.csv", GOOD + "0,a,a@b.io\n" + '1,"a"b,c@d.io\n', "malformed CSV", 3),
-    "unclosed quote": ("in.csv", GOOD + '1,"abc,c@d.io\n2,b,b@c.io\n', "malformed CSV", 3),
+    "unclosed quote": ("in.csv", GOOD + '1,"abc,c@d.io\n2,b,b@c.io\n', "never closed", 2),
     "invalid UTF-8 in CSV": ("in.csv", GOOD.encode() + b"1,\xff\xfe,a@b.io\n", "not valid UTF-8", 2),
     "invalid UTF-8 in JSON lines": (
         "in.jsonl", b'{"id": 1}\n\n{"id": "\xc3\x28"}\n', "not valid UTF-8", 3

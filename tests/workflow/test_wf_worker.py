@@ -209,7 +209,7 @@ def test_broken_quoting_found_by_planning_rejects_the_import_naming_file_and_lin
     done = run_worker_plain(state, ROOT, file_source(path), 1)
     assert done.returncode == exitcodes.FAILED
     broken_line = len(rows) + 2
-    assert f"SourceError: {path}:{broken_line}: malformed CSV" in done.stderr.splitlines()[-1]
+    assert f"LateInputError: {path}:{broken_line}: malformed CSV" in done.stderr.splitlines()[-1]
     with sqlite3.connect(state / SINK_FILE) as db:
         assert db.execute("SELECT COUNT(*) FROM batch_commits").fetchone() == (SEGMENT_BATCHES,)
     with read_store(state / STORE_FILE) as store:

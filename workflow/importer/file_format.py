@@ -49,6 +49,31 @@ class SourceError(PermanentError):
         super().__init__(f"{where}: {message}")
 
 
+class ContentError(SourceError):
+    """A problem in the file's content (bytes invalid in its encoding, broken CSV quoting, a
+    damaged gzip stream). Found before anything is written, `remedy` says how to run the import
+    instead; found by a later plan segment, after batches before it committed, it becomes a
+    LateInputError (`found_late`), which says how to import the file again."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], problem: str, line: int | None, *,
+        remedy: str | None = None, late_remedy: str = "fix the file and import it under a new id "
+        "(add --id NEW; without --id, the fixed file gets an id of its own)",
+    ) -> None:
+        super().__init__(path, f"{problem}; {remedy}" if remedy else problem, line)
+        self.path, self.problem, self.line, self.late_remedy = path, problem, line, late_remedy
+
+    def found_late(self) -> LateInputError:
+        where = "it" if self.line is None else f"line {self.line}"
+        return LateInputError(self.path, f"{self.problem}; the batches before {where} are committed "
+                              f"and this import cannot go past it: {self.late_remedy}", self.line)
+
+
+class LateInputError(SourceError):
+    """A ContentError found after batches before it committed: no retry of the import can get
+    past it, so its message says how to import the file again (supervisor: shown alone)."""
+
+
 class FormatError(ValueError):
     """A reading option (encoding, delimiter, column map) that cannot apply: a usage error."""
 
@@ -188,7 +213,7 @@ def read_gzip_safely(path: str | os.PathLike[str], read: Callable[[], T], line: 
     try:
         return read()
     except GZIP_ERRORS as exc:
-        raise SourceError(path, f"not a valid gzip file ({exc})", line) from None
+        raise ContentError(path, f"not a valid gzip file ({exc})", line) from None
 
 
 @contextmanager
@@ -239,9 +264,14 @@ class _GzipReaders:
 _gzip_readers = _GzipReaders()
 
 
-def decode_error_message(encoding: str, exc: UnicodeDecodeError) -> str:
-    """What a line that is not valid in the file's encoding is refused with."""
-    hint = "--encoding latin-1" if encoding == DEFAULT_ENCODING else "--encoding ENCODING"
+def undecodable(path: str, line: int, encoding: str, exc: UnicodeDecodeError) -> ContentError:
+    """What a line that is not valid in the file's encoding is refused with: the byte, and the
+    --encoding to give (with a new id, once batches of the import committed)."""
+    flag = "--encoding latin-1" if encoding == DEFAULT_ENCODING else "--encoding ENCODING"
     shown = "UTF-8" if encoding == DEFAULT_ENCODING else encoding
-    return (f"not valid {shown} ({exc.reason} at byte {exc.start} of the line); "
-            f"give the file's encoding with {hint}")
+    byte = exc.object[exc.start]
+    return ContentError(
+        path, f"not valid {shown} (byte 0x{byte:02x} at byte {exc.start} of the line: {exc.reason})",
+        line, remedy=f"give the file's encoding with {flag}",
+        late_remedy=f"import it again under a new id with {flag} --id NEW (an import keeps its "
+        "encoding; the new one skips the rows this one imported, as already_imported)")

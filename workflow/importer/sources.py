@@ -23,6 +23,7 @@ there, keeping the batches committed before it. Row-level problems become skippe
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -40,10 +41,10 @@ import orjson
 from ..registry import register
 from . import records
 from .file_format import (
+    ContentError,
     Format,
     FormatError,
     SourceError,
-    decode_error_message,
     format_fields,
     format_of,
     kind_of,
@@ -51,6 +52,7 @@ from .file_format import (
     positioned,
     read_gzip_safely,
     sniff_delimiter,
+    undecodable,
     valid_format_fields,
 )
 from .header import HeaderError, field_names
@@ -203,7 +205,12 @@ def plan_segment(
         _check_batch_count(source, batch_size)
         return _plan_synthetic(source, batch_size, 0 if cursor is None else cursor["start"])
     identity = _check_unchanged(source, None if cursor is None else cursor["identity"])
-    batches, after = _plan_file(source, batch_size, cursor, SEGMENT_BATCHES)
+    try:
+        batches, after = _plan_file(source, batch_size, cursor, SEGMENT_BATCHES)
+    except ContentError as exc:
+        if cursor is None:  # `run` finds it before anything is written
+            raise
+        raise exc.found_late() from None
     for batch in batches:
         batch["identity"] = identity
     if after is not None:
@@ -394,11 +401,23 @@ class _Lines:
         at_start = self.pos == 0
         self.pos += len(raw)
         self.line += 1
+        if at_start:
+            self._check_byte_order_mark(raw)
         try:
             text = raw.decode(self._encoding)
             return text.removeprefix("\ufeff") if at_start else text
         except UnicodeDecodeError as exc:
-            raise SourceError(self._path, decode_error_message(self._encoding, exc), self.line) from None
+            raise undecodable(self._path, self.line, self._encoding, exc) from None
+
+    def _check_byte_order_mark(self, raw: bytes) -> None:
+        """Refuse a file whose first bytes say it is in another encoding than it is read in."""
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise SourceError(self._path, "starts with a UTF-16 byte-order mark: UTF-16 files are not "
+                              "supported; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)", 1)
+        if raw.startswith(codecs.BOM_UTF8) and self._encoding != "utf-8":
+            raise SourceError(self._path, "starts with a UTF-8 byte-order mark but is read with "
+                              f"--encoding {self._encoding}: drop --encoding if the file is UTF-8, "
+                              "or remove the mark", 1)
 
 
 
@@ -454,7 +473,7 @@ def _csv_header(source: dict[str, Any]) -> tuple[list[str], int, int]:
         reader = _csv_reader(lines, fmt)
         header: list[str] | None = []
         while header == []:  # blank lines before the header are not the header
-            header = _next_csv_record(reader, lines, path)
+            header = _next_csv_record(reader, lines, path, lines.line + 1)
     if header is None:
         raise SourceError(path, "has no header line (expected the columns id,name,email)")
     try:
@@ -475,7 +494,7 @@ def _csv_records(
     path = source["path"]
     while True:
         start, first_line = lines.pos, lines.line + 1
-        cells = _next_csv_record(reader, lines, path)
+        cells = _next_csv_record(reader, lines, path, first_line)
         if cells is None:
             return
         if cells:  # a blank line is not a record
@@ -492,13 +511,21 @@ def _csv_rows(
             position += 1
 
 
-def _next_csv_record(reader: Any, lines: _Lines, path: str) -> list[str] | None:
+def _next_csv_record(reader: Any, lines: _Lines, path: str, first_line: int) -> list[str] | None:
+    """The next record's cells (None at the end); a parse error names the line it is on, or for
+    a quoted field never closed, the line where the record (and the quote) starts."""
     try:
         return next(reader)
     except StopIteration:
         return None
     except csv.Error as exc:
-        raise SourceError(path, f"malformed CSV ({exc})", lines.line) from None
+        if str(exc) == _UNCLOSED_QUOTE:
+            raise ContentError(path, "malformed CSV (a quoted field that starts on this line is "
+                               "never closed)", first_line) from None
+        raise ContentError(path, f"malformed CSV ({exc})", lines.line) from None
+
+
+_UNCLOSED_QUOTE = "unexpected end of data"  # the csv module's error at the end inside a quote
 
 
 def _csv_row(names: list[str], cells: list[str], position: int, line: int) -> Row:
