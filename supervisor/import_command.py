@@ -97,11 +97,16 @@ class ImportTerms(Terms):
     def failure_text(self, error: str, retry: str) -> str:
         """An input error alone, without the steps it failed through; one found after batches
         committed (LateInputError) says itself how to import the file again, as no retry can."""
-        _, late, cause = error.rpartition(f"{LateInputError.__name__}: ")
-        if late:
-            return cause
+        late = self.unretryable(error)
+        if late is not None:
+            return late
         _, found, cause = error.rpartition(f"{SourceError.__name__}: ")
         return super().failure_text(cause if found else error, retry)
+
+    def unretryable(self, error: str) -> str | None:
+        """An input error found after batches committed: the same import cannot get past it."""
+        _, late, cause = error.rpartition(f"{LateInputError.__name__}: ")
+        return cause if late else None
 
     def step_count(self, history: History) -> int | None:
         """The import's batch count: in its summary once it is done, from its arguments for a

@@ -60,6 +60,11 @@ class Terms:
         fixed (`retry`: the command that reopens it)."""
         return f"{error}; fix the cause, then `{retry}` and run the same command again to resume"
 
+    def unretryable(self, error: str) -> str | None:
+        """Why a failure with this error (`type: message`) is one no `retry` can resume, saying
+        itself what to do instead; None if a retry may."""
+        return None
+
     def step_count(self, history: History) -> int | None:
         """How many units the workflow has in all; None while only its run can tell."""
         return None

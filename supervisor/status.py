@@ -22,10 +22,10 @@ import orjson
 from store import Promise, PromiseStore, State, StoreError, StoreLockedError, open_store
 from store.backends import redact
 from workflow import Runner
-from workflow.history import read_history, root_ids
+from workflow.history import History, read_history, root_ids
 
 from . import exits
-from .inspect import is_final, last_activity, state_in_words, status_of, status_text, timestamp
+from .inspect import error_text, is_final, last_activity, state_in_words, status_of, status_text, timestamp
 from .location import StoreLocation
 from .redraw import Redraw
 from .report import Terms
@@ -61,7 +61,7 @@ def show_status(location: StoreLocation, root_id: str | None, *, as_json: bool, 
                     sys.stdout.write(orjson.dumps(status).decode() + "\n")
                     sys.stdout.flush()
                 else:
-                    text = status_text(status, terms, now, _retry_hint(history.root, location))
+                    text = status_text(status, terms, now, _retry_hint(history, terms, location))
                     if screen is None:
                         print(text)
                     else:
@@ -97,9 +97,12 @@ def one_root(store: PromiseStore, location: StoreLocation, root_id: str | None,
     return "", exits.USAGE
 
 
-def _retry_hint(root: Promise, location: StoreLocation) -> str | None:
-    """The command that reopens a failed (or cancelled) workflow, flags for its location included."""
-    if root.state is not State.REJECTED:
+def _retry_hint(history: History, terms: Terms, location: StoreLocation) -> str | None:
+    """The command that reopens a failed (or cancelled) workflow, flags for its location
+    included; none for a failure no retry can resume (its error says what to do)."""
+    root = history.root
+    if root.state is not State.REJECTED or any(
+            terms.unretryable(error_text(p.error)) for p in history.in_state(State.REJECTED)):
         return None
     return f"python -m supervisor retry --id {shlex.quote(root.id)}{location.cli_flags()}"
 
@@ -124,6 +127,9 @@ def retry_failed(location: StoreLocation, root_id: str | None, *, as_json: bool,
             return _error(f"{terms.noun} {root_id} is {root.state.value}; only a failed {terms.noun} "
                           "can be retried", exits.FAILED)
         errors = {p.id: p.error for p in read_history(store, root_id).in_state(State.REJECTED)}
+        why = next(filter(None, (terms.unretryable(error_text(e)) for e in errors.values())), None)
+        if why is not None:
+            return _error(f"{terms.noun} {root_id} cannot be resumed by a retry: {why}", exits.FAILED)
         reopened = Runner(store).retry(root_id)
     if as_json:
         sys.stdout.write(orjson.dumps({"id": root_id, "reopened": reopened}).decode() + "\n")

@@ -337,6 +337,11 @@ def test_bad_byte_beyond_the_first_plan_segment_says_how_to_import_the_file_agai
         done, f"{path}:{SEGMENT_BATCHES + 12}: not valid UTF-8 (byte 0xe9 at byte ",
         "import it again under a new id with --encoding latin-1 --id NEW")
     assert line.startswith(f"error: {path}:") and "Error:" not in line and "retry" not in line
+    status = cli("status", state_dir)  # no retry offered: none gets past that line
+    assert status.returncode == 0 and "retry" not in status.stdout, status.stdout
+    retried = cli("retry", state_dir)
+    assert retried.returncode == 1 and "cannot be resumed by a retry" in retried.stderr, retried.stderr
+    assert "--encoding latin-1 --id NEW" in retried.stderr
     again = run(state_dir, "--input", str(path), "--batch-size", "1", "--encoding", "latin-1",
                 "--id", "import/again")
     assert again.returncode == 0, again.describe()
