@@ -103,6 +103,7 @@ def _state(store, promise_id: str) -> State | None:
     return None if promise is None else promise.state
 
 
+@pytest.mark.usefixtures("held_long")  # the flusher, not this test, covers a slow machine's gaps
 def test_a_run_writes_each_settle_in_the_transaction_of_the_next_creation(
     pg_url: str, tmp_path: Path
 ) -> None:
