@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from supervisor_helpers import (
@@ -59,18 +61,26 @@ def _resume_and_finish(audit: ModuleType, state_dir: Path, done_before: set[int]
     assert verdict["imported"] + verdict["skipped"] == RECORDS
 
 
+def _cancel_once(state_dir: Path, workers: int, env: dict[str, str], ready: Callable[[], bool],
+                 what: str) -> tuple[Any, Any]:
+    """Start the import, `cancel` it once `ready()`, and let its supervisor end: both answers."""
+    sup = start_import(state_dir, *SIZES, "--workers", str(workers), env=env)
+    try:
+        wait_until(ready, what)
+        asked = run_cli("cancel", state_dir, "--id", ROOT)
+        return asked, sup.finish()
+    finally:
+        sup.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cancel_stops_a_running_import_at_a_batch_boundary(
     tmp_path: Path, audit: ModuleType, workers: int
 ) -> None:
     state_dir = tmp_path / "state"
-    sup = start_import(state_dir, *SIZES, "--workers", str(workers), env=_slow_batches(0.05))
-    try:
-        wait_until(lambda: len(resolved_batches(audit, state_dir, ROOT)) >= 5, "5 batches are done")
-        asked = run_cli("cancel", state_dir, "--id", ROOT)
-        ended = sup.finish()
-    finally:
-        sup.close()
+    asked, ended = _cancel_once(state_dir, workers, _slow_batches(0.05),
+                                lambda: len(resolved_batches(audit, state_dir, ROOT)) >= 5,
+                                "5 batches are done")
 
     assert asked.returncode == 0, asked.describe()
     assert "stops at its next batch boundary" in asked.stdout
@@ -167,15 +177,10 @@ def test_a_cancel_while_the_last_batch_runs_cancels_at_the_end(
     state_dir = tmp_path / "state"
     last = BATCHES - 1
     slow_last = [{"name": "batch.mid", "key": str(last), "action": "delay", "seconds": 6}]
-    sup = start_import(state_dir, *SIZES, "--workers", str(workers),
-                       env={"DURABLE_FAILPOINTS": json.dumps(slow_last)})
-    try:
-        wait_until(lambda: batch_attempts(audit, state_dir, ROOT, last) >= 1
-                   and len(resolved_batches(audit, state_dir, ROOT)) == last, "only the last batch runs")
-        asked = run_cli("cancel", state_dir, "--id", ROOT)
-        ended = sup.finish()
-    finally:
-        sup.close()
+    asked, ended = _cancel_once(state_dir, workers, {"DURABLE_FAILPOINTS": json.dumps(slow_last)},
+                                lambda: batch_attempts(audit, state_dir, ROOT, last) >= 1
+                                and len(resolved_batches(audit, state_dir, ROOT)) == last,
+                                "only the last batch runs")
 
     assert asked.returncode == 0, asked.describe()
     assert "stops at its next batch boundary" in asked.stdout
